@@ -1,0 +1,203 @@
+"""Configuration of SCALOR: one read-only dataclass holding every hyperparameter and switch.
+
+Defaults are the reference implementation's Grand Central settings (JindongJiang/SCALOR,
+`common.py` + `parse.py`). Field names keep the reference's names so its users find them;
+`train.py` turns each field into a flag (`num_cell_h` -> `--num-cell-h`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent setting; the message names the field and the fix."""
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclass(frozen=True)
+class Config:
+    # ---- sizes -------------------------------------------------------------------------------
+    img_h: int = 128                      # input frame height (pixels)
+    img_w: int = 128                      # input frame width (pixels)
+    seq_len: int = 10                     # frames per training sequence
+    num_cell_h: int = 8                   # discovery grid rows
+    num_cell_w: int = 8                   # discovery grid columns
+    glimpse_size: int = 64                # side of an object glimpse (pixels)
+    max_num_obj: int = 45                 # training-time cap on objects per frame (tracked + new)
+    # ---- latent and network widths -----------------------------------------------------------
+    z_what_dim: int = 64                  # object appearance latent
+    z_where_scale_dim: int = 2            # box scale (x, y)
+    z_where_shift_dim: int = 2            # box centre (x, y)
+    z_pres_dim: int = 1                   # presence
+    z_depth_dim: int = 1                  # depth (ordering in the composite)
+    bg_what_dim: int = 10                 # background latent
+    img_encode_dim: int = 64              # channels of the image features per cell
+    conv_lstm_hid_dim: int = 64           # ConvLSTM channels (2 layers, 3x3)
+    z_what_enc_dim: int = 128             # glimpse-encoder feature width
+    propagate_encode_dim: int = 32        # channels of the propagated-alpha (mask) encoder
+    temporal_rnn_hid_dim: int = 128       # tracker GRU state
+    temporal_rnn_inp_dim: int = 128       # tracker GRU input
+    temporal_img_enc_hid_dim: int = 64    # attention conv channels
+    temporal_img_enc_dim: int = 128       # attention code
+    z_where_transit_bias_net_hid_dim: int = 128   # hidden width of the z_where transition
+    z_depth_transit_net_hid_dim: int = 128        # hidden width of the z_depth transition
+    z_pres_hid_dim: int = 64              # hidden width of the propagation z_pres net
+    z_what_from_temporal_hid_dim: int = 64        # hidden width of the tracker -> z_what net
+    z_what_gate_hid_dim: int = 64         # hidden width of the z_what gate net
+    prior_rnn_inp_dim: int = 128          # propagation-prior LSTM input
+    prior_rnn_hid_dim: int = 64           # propagation-prior LSTM state
+    bg_prior_rnn_hid_dim: int = 32        # background-prior GRU state
+    # ---- boxes ---------------------------------------------------------------------------------
+    size_anc: float = 0.1                 # box scale anchor (fraction of the image, half-extent)
+    var_s: float = 0.03                   # box scale range: size_anc +- var_s
+    ratio_anc: float = 2.5                # box aspect anchor (height / width)
+    var_anc: float = 0.5                  # aspect range: ratio_anc +- var_anc
+    where_update_scale: float = 0.2       # propagation: max centre move per frame (x tanh)
+    pres_logit_factor: float = 8.8        # z_pres logits = factor * tanh(.)
+    # ---- switches ------------------------------------------------------------------------------
+    phase_conv_lstm: bool = True          # ConvLSTM over the image features
+    phase_no_background: bool = False     # no background module (black background)
+    phase_rejection: bool = True          # reject proposals already explained by tracked objects
+    phase_obj_num_contrain: bool = True   # training-time cap of max_num_obj (reference spelling)
+    using_bg_sbd: bool = False            # weaker spatial-broadcast background decoder
+    phase_bg_alpha_curriculum: bool = False   # fix discovery alpha early so foreground learns
+    bg_alpha_curriculum_steps: int = 200  # ... for this many steps
+    bg_alpha_curriculum_value: float = 0.9    # ... at this value per cell
+    phase_do_remove_detach: bool = True   # stop detaching object state after remove_detach_step
+    remove_detach_step: int = 30000       # step from which gradients cross frames
+    # ---- thresholds -----------------------------------------------------------------------------
+    explained_ratio_threshold: float = 0.3    # reject a proposal this much inside tracked alpha
+    proposal_alpha_threshold: float = 0.3     # proposal pixel counts where its alpha > this
+    propagated_alpha_threshold: float = 0.1   # tracked alpha pixel counts where > this
+    z_pres_disc_threshold: float = 0.7    # a discovered object is tracked when z_pres > this
+    z_pres_stop_threshold: float = 0.6    # drop a tracked object when sum(1 - z_pres) >= this
+    z_pres_masked_prior: float = 1e-8     # z_pres prior of a rejected proposal
+    # ---- schedules -------------------------------------------------------------------------------
+    z_pres_anneal_start_value: float = 0.1    # discovery z_pres prior at step 0
+    z_pres_anneal_end_value: float = 1e-3     # ... annealed linearly to this
+    z_pres_anneal_start_step: int = 0
+    z_pres_anneal_end_step: int = 500
+    tau_end: float = 0.5                  # relaxed-Bernoulli temperature floor
+    tau_ep: float = 2e4                   # tau = exp(step * ln(tau_end) / tau_ep)
+    # ---- generation -----------------------------------------------------------------------------
+    observe_frames: int = 5               # generation: frames inferred before sampling priors
+    gen_disc_pres_probs: float = 0.1      # generation: discovery z_pres probability
+    # ---- objective and optimisation ---------------------------------------------------------
+    sigma: float = 0.1                    # std of the Gaussian pixel likelihood
+    batch_size: int = 20                  # sequences per step (per process)
+    lr: float = 4e-5                      # RMSprop learning rate
+    cp: float = 1.0                       # gradient-norm clip
+    seed: int = 666                       # random seed
+    # ---- logging ---------------------------------------------------------------------------------
+    num_img_summary: int = 3              # sequences shown in TensorBoard panels
+    color_num: int = 500                  # distinct id colours
+    print_freq: int = 100                 # log scalars and images every N steps
+    generate_freq: int = 500              # generation roll-out panel every N steps
+    save_freq: int = 5000                 # checkpoint every N steps
+    train_station_cropping_origin: int = 240  # Grand Central crop side (pixels, 720x480 frames)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived sizes ---------------------------------------------------------------------------
+    @property
+    def num_cells(self) -> int:
+        return self.num_cell_h * self.num_cell_w
+
+    @property
+    def z_where_dim(self) -> int:
+        return self.z_where_scale_dim + self.z_where_shift_dim
+
+    @property
+    def cell_size(self) -> int:
+        """Pixels per cell side (cells are square)."""
+        return self.img_h // self.num_cell_h
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}; this version of SCALOR does not have them")
+        return cls(**values)
+
+    def diff(self, other: "Config") -> dict:
+        """{field: (self value, other value)} for every field that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    def validate(self) -> None:
+        def fail(msg):
+            raise ConfigError(msg)
+
+        for name in ("img_h", "img_w", "seq_len", "num_cell_h", "num_cell_w", "glimpse_size",
+                     "max_num_obj", "z_what_dim", "bg_what_dim", "batch_size", "img_encode_dim"):
+            if getattr(self, name) < 1:
+                fail(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.z_where_scale_dim != 2 or self.z_where_shift_dim != 2:
+            fail("z_where_scale_dim and z_where_shift_dim must both be 2 (box scale x/y, centre x/y)")
+        if self.z_pres_dim != 1 or self.z_depth_dim != 1:
+            fail("z_pres_dim and z_depth_dim must be 1")
+        if self.img_h % self.num_cell_h or self.img_w % self.num_cell_w:
+            fail(f"image {self.img_h}x{self.img_w} is not divisible by the grid "
+                 f"{self.num_cell_h}x{self.num_cell_w}; choose num_cell_h/num_cell_w that divide it")
+        if self.img_h // self.num_cell_h != self.img_w // self.num_cell_w:
+            fail(f"cells must be square: img_h/num_cell_h={self.img_h // self.num_cell_h} but "
+                 f"img_w/num_cell_w={self.img_w // self.num_cell_w}; scale the grid with the image")
+        if not _is_pow2(self.cell_size) or self.cell_size < 4:
+            fail(f"cell side img_h/num_cell_h={self.cell_size} must be a power of two >= 4 "
+                 f"(e.g. 128x128 with an 8x8 grid)")
+        if self.num_cell_h % 2 or self.num_cell_w % 2:
+            fail(f"grid {self.num_cell_h}x{self.num_cell_w} must have even sides "
+                 f"(the tracker attends to a half-size window of it)")
+        short = min(self.img_h, self.img_w)
+        if not _is_pow2(short) or short < 16 or max(self.img_h, self.img_w) % short:
+            fail(f"image {self.img_h}x{self.img_w}: the shorter side must be a power of two >= 16 "
+                 f"that divides the longer side (e.g. 64x64, 128x128, 128x256)")
+        if not _is_pow2(self.glimpse_size) or self.glimpse_size < 16:
+            fail(f"glimpse_size={self.glimpse_size} must be a power of two >= 16 (32 or 64 as in the paper)")
+        if self.seq_len < 1:
+            fail("seq_len must be >= 1")
+        if not 0 < self.observe_frames < self.seq_len:
+            fail(f"observe_frames={self.observe_frames} must be between 1 and seq_len-1={self.seq_len - 1}")
+        if self.max_num_obj > self.num_cells:
+            fail(f"max_num_obj={self.max_num_obj} exceeds the {self.num_cells} cells of the "
+                 f"{self.num_cell_h}x{self.num_cell_w} grid; lower it or use more cells")
+        if not 0 < self.var_s < self.size_anc:
+            fail(f"need 0 < var_s < size_anc (got var_s={self.var_s}, size_anc={self.size_anc}): boxes must keep a positive size")
+        if not 0 <= self.var_anc < self.ratio_anc:
+            fail(f"need 0 <= var_anc < ratio_anc (got var_anc={self.var_anc}, ratio_anc={self.ratio_anc})")
+        if self.sigma <= 0:
+            fail(f"sigma={self.sigma} must be positive")
+        if self.lr <= 0:
+            fail(f"lr={self.lr} must be positive")
+        if not 0 < self.tau_end <= 1 or self.tau_ep <= 0:
+            fail(f"need 0 < tau_end <= 1 and tau_ep > 0 (got {self.tau_end}, {self.tau_ep})")
+        for name in ("explained_ratio_threshold", "z_pres_disc_threshold", "z_pres_anneal_start_value",
+                     "z_pres_anneal_end_value", "gen_disc_pres_probs"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                fail(f"{name}={v} must lie strictly between 0 and 1")
+        if self.z_pres_anneal_end_step < self.z_pres_anneal_start_step:
+            fail("z_pres_anneal_end_step must not precede z_pres_anneal_start_step")
+        if self.num_img_summary < 1 or self.color_num < 1:
+            fail("num_img_summary and color_num must be positive")
+
+
+def small_config(**changes) -> Config:
+    """The laptop preset: 64x64 frames, 4x4 cells, 32x32 glimpses, short sequences, few objects."""
+    base = dict(img_h=64, img_w=64, num_cell_h=4, num_cell_w=4, glimpse_size=32, seq_len=5,
+                max_num_obj=10, observe_frames=3, batch_size=8, lr=1e-4)
+    base.update(changes)
+    return Config(**base)

@@ -1,0 +1,143 @@
+"""Schedules, seeding and checkpoints.
+
+The step convention follows the reference: training step s (1-based, the number of optimizer
+steps taken including this one) uses temperature `tau_at(cfg, s - 1)` and the z_pres prior,
+detach rule and alpha curriculum of step s.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from common import Config, ConfigError
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules
+# ------------------------------------------------------------------------------------------------
+
+def linear_annealing(step: int, start_step: int, end_step: int, start_value: float, end_value: float) -> float:
+    """start_value until start_step, linear to end_value at end_step, end_value after."""
+    if start_step < step < end_step:
+        return start_value + (end_value - start_value) * (step - start_step) / (end_step - start_step)
+    if step >= end_step:
+        return end_value
+    return start_value
+
+
+def tau_at(cfg: Config, step: int) -> float:
+    """Relaxed-Bernoulli temperature: exp(step * ln(tau_end) / tau_ep), floored at tau_end."""
+    return max(math.exp(step * math.log(cfg.tau_end) / cfg.tau_ep), cfg.tau_end)
+
+
+def z_pres_prior_at(cfg: Config, step: int) -> float:
+    """Discovery z_pres prior probability: 0.1 -> z_pres_anneal_end_value over steps 0-500."""
+    return linear_annealing(step, cfg.z_pres_anneal_start_step, cfg.z_pres_anneal_end_step,
+                            cfg.z_pres_anneal_start_value, cfg.z_pres_anneal_end_value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeding and RNG state
+# ------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A file that is not a SCALOR checkpoint, or one that does not fit the model."""
+
+
+def save_checkpoint(path: str, model, optimizer=None, step: int = 0, cfg: Config | None = None, **extra) -> None:
+    """Write atomically: a temporary file in the same folder, flushed, fsynced, then renamed.
+
+    A crash (or a full disk) during the write leaves any previous file at `path` intact."""
+    cfg = cfg if cfg is not None else model.cfg
+    payload = {"format": "scalor-checkpoint-v1", "config": cfg.to_dict(), "step": step,
+               "model": model.state_dict(), **extra}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if getattr(e, "errno", None) == 28:
+            raise OSError(28, f"disk full while writing checkpoint '{path}'; the previous checkpoint is intact, free space and resume") from e
+        raise
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint file and check that it is one; returns its dict (config as a Config)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise CheckpointError(f"'{path}' is not a readable SCALOR checkpoint ({type(e).__name__}); "
+                              f"pass a .pt file written by train.py") from None
+    if not isinstance(payload, dict) or payload.get("format") != "scalor-checkpoint-v1":
+        raise CheckpointError(f"'{path}' is not a SCALOR checkpoint (no 'format' tag); pass a .pt file written by train.py")
+    try:
+        payload["config"] = Config.from_dict(payload["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint '{path}' holds an unusable config: {e}") from None
+    return payload
+
+
+def load_model_state(model, payload: dict, path: str = "checkpoint", allow_partial: bool = False) -> None:
+    """Load weights strictly: a config or key mismatch names what differs; never a silent partial load."""
+    diff = model.cfg.diff(payload["config"])
+    arch = {k: v for k, v in diff.items() if k in ARCHITECTURE_FIELDS}
+    if arch and not allow_partial:
+        listed = ", ".join(f"{k}: model {a!r} vs checkpoint {b!r}" for k, (a, b) in sorted(arch.items()))
+        raise CheckpointError(f"{path} was trained with another config ({listed}); "
+                              f"use its config or pass --allow-partial-load")
+    result = model.load_state_dict(payload["model"], strict=not allow_partial)
+    if allow_partial and (result.missing_keys or result.unexpected_keys):
+        print(f"partial load from {path}: {len(result.missing_keys)} missing, "
+              f"{len(result.unexpected_keys)} unexpected keys")
+
+
+# Fields that change the parameters' shapes or meaning.
+ARCHITECTURE_FIELDS = {
+    "img_h", "img_w", "num_cell_h", "num_cell_w", "glimpse_size", "z_what_dim", "bg_what_dim",
+    "img_encode_dim", "conv_lstm_hid_dim", "z_what_enc_dim", "propagate_encode_dim",
+    "temporal_rnn_hid_dim", "temporal_rnn_inp_dim", "temporal_img_enc_hid_dim", "temporal_img_enc_dim",
+    "z_where_transit_bias_net_hid_dim", "z_depth_transit_net_hid_dim", "z_pres_hid_dim",
+    "z_what_from_temporal_hid_dim", "z_what_gate_hid_dim", "prior_rnn_inp_dim", "prior_rnn_hid_dim",
+    "bg_prior_rnn_hid_dim", "phase_conv_lstm", "phase_no_background", "using_bg_sbd",
+}
