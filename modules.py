@@ -450,8 +450,10 @@ def place_windows(glimpses, z_where, img_h: int, img_w: int, win_h: int, win_w: 
     rows = row0[..., None] + torch.arange(win_h, device=dev)           # (B, K, h)
     xs = _base_coords(img_w, dev, dt)[cols]                            # (B, K, w)
     ys = _base_coords(img_h, dev, dt)[rows]                            # (B, K, h)
-    gx = (xs - tx[..., None]) / (sx[..., None] + 1e-9)                 # glimpse coordinates
-    gy = (ys - ty[..., None]) / (sy[..., None] + 1e-9)
+    # glimpse coordinates, with the inverse affine of `spatial_transform(..., inverse=True)`
+    inv_sx, inv_sy = 1 / (sx + 1e-9), 1 / (sy + 1e-9)
+    gx = xs * inv_sx[..., None] + (-tx / (sx + 1e-9))[..., None]
+    gy = ys * inv_sy[..., None] + (-ty / (sy + 1e-9))[..., None]
     grid = torch.stack(torch.broadcast_tensors(gx[..., None, :], gy[..., :, None]), dim=-1)  # (B,K,h,w,2)
     values = F.grid_sample(glimpses.reshape(B * K, C, G, G), grid.view(B * K, win_h, win_w, 2),
                            align_corners=False).view(B, K, C, win_h, win_w)

@@ -518,9 +518,12 @@ class SCALOR(nn.Module):
             if generate:
                 z_pres = z_pres * 0
             else:
-                ranked = torch.cat((z_pres.sort(dim=1, descending=True).values, z_pres.new_zeros(B, 1)), 1)
-                threshold = ranked.gather(1, free.clamp(0, C)[:, None])
-                z_pres = z_pres * (z_pres > threshold).to(z_pres.dtype)
+                # the `free` largest z_pres (the reference keeps z_pres > the free-th largest value,
+                # which keeps fewer on ties, e.g. none when many saturate at 1.0, and indexes out of
+                # range when free >= C)
+                order = torch.sort(z_pres, dim=1, descending=True, stable=True).indices
+                rank = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=order.device).expand(B, C))
+                z_pres = z_pres * ((rank < free[:, None]) & (z_pres > 0)).to(z_pres.dtype)
 
         w = z_pres_before                                                             # KL weights (B, C)
         q_depth_c = [v.view(B, C, 1) for v in q_depth]

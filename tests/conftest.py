@@ -1,0 +1,15 @@
+"""Test setup: the project root on sys.path, deterministic single-threaded CPU runs."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_cfg():
+    from common import small_config
+    return small_config(seq_len=3, batch_size=2, observe_frames=1)

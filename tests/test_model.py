@@ -1,0 +1,418 @@
+"""The model's rules, each checked against numbers: boxes, rejection, cap, hand-off, drop,
+KL weighting, schedules, detaching, compositing, background prior, generation, robustness."""
+import math
+
+import pytest
+import torch
+
+import scalor as scalor_mod
+from common import Config, ConfigError, small_config
+from modules import (crop, kl_bernoulli, kl_normal, kl_std_normal, place_windows, scatter_windows,
+                     spatial_transform, window_size)
+from scalor import SCALOR, Slots, anchor_box, compact
+from utils import tau_at, z_pres_prior_at
+
+
+def _seq(cfg, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, cfg.seq_len, 3, cfg.img_h, cfg.img_w, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes
+# ---------------------------------------------------------------------------------------------
+
+def test_anchor_box_formula():
+    cfg = Config()
+    raw = torch.tensor([[0.0, 0.0], [10.0, -10.0], [math.atanh(0.5), math.atanh(-0.2)]])
+    box = anchor_box(cfg, raw)
+    # raw 0: scale 0.1, ratio 2.5
+    assert box[0].tolist() == pytest.approx([0.1 / math.sqrt(2.5), 0.1 * math.sqrt(2.5)], rel=1e-6)
+    # saturated: scale 0.13, ratio 2.0
+    assert box[1].tolist() == pytest.approx([0.13 / math.sqrt(2.0), 0.13 * math.sqrt(2.0)], rel=1e-6)
+    s, r = 0.1 + 0.03 * 0.5, 2.5 - 0.5 * 0.2
+    assert box[2].tolist() == pytest.approx([s / math.sqrt(r), s * math.sqrt(r)], rel=1e-6)
+
+
+def test_discovery_box_centres_are_cell_centres_plus_tanh_offset(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg.replace(num_cell_h=4, num_cell_w=4)
+    m = SCALOR(cfg).train()
+    # z_where noise zero -> raw = mean; proposal net outputs zero where-mean -> centre offsets 0
+    with torch.no_grad():
+        for p in m.proposal.z_where_net.parameters():
+            p.zero_()
+    monkeypatch.setattr(scalor_mod, "normal_rsample", lambda mean, std: mean)
+    disc, _, _ = m._discover(torch.rand(1, 3, 64, 64), torch.rand(1, 64, 4, 4),
+                             torch.zeros(1, 1, 64, 64), 0, 1.0, 0.1, False, False, None)
+    centres = disc["z_where"][0, :, 2:]
+    # cell (row 1, col 2) of a 4x4 grid: x = 2/4*(2+0.5)-1 = 0.25, y = 2/4*(1+0.5)-1 = -0.25
+    assert centres[1 * 4 + 2].tolist() == pytest.approx([0.25, -0.25], abs=1e-6)
+    assert centres[0].tolist() == pytest.approx([-0.75, -0.75], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spatial transforms
+# ---------------------------------------------------------------------------------------------
+
+def _random_boxes(cfg, B, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(B, K, 2, generator=g) * 3
+    centre = (torch.rand(B, K, 2, generator=g) * 2.3 - 1.15)  # some boxes past the frame edge
+    return torch.cat((anchor_box(cfg, raw), centre), -1)
+
+
+@pytest.mark.parametrize("cfg", [Config(), small_config(), Config(size_anc=0.4, var_s=0.2)])
+def test_windowed_placement_equals_full_placement(cfg):
+    B, K, G = 2, 7, cfg.glimpse_size
+    z_where = _random_boxes(cfg, B, K, 1)
+    glimpses = torch.rand(B, K, 2, G, G)
+    values, index = place_windows(glimpses, z_where, cfg.img_h, cfg.img_w, *window_size(cfg))
+    fast = scatter_windows(values, index, cfg.img_h, cfg.img_w)
+    full = spatial_transform(glimpses.flatten(0, 1), z_where.flatten(0, 1), (B * K, 2, cfg.img_h, cfg.img_w), inverse=True)
+    plain = full.view(B, K, 2, cfg.img_h, cfg.img_w).sum(1)
+    assert torch.allclose(fast, plain, atol=1e-5)
+    assert plain.abs().sum() > 0
+
+
+def test_crop_equals_per_object_affine_grid():
+    cfg = Config()
+    B, K = 2, 5
+    z_where = _random_boxes(cfg, B, K, 2)
+    images = torch.rand(B, 3, 128, 128)
+    fast = crop(images, z_where, 64, 64)
+    plain = spatial_transform(images.repeat_interleave(K, 0), z_where.flatten(0, 1), (B * K, 3, 64, 64))
+    assert torch.allclose(fast.flatten(0, 1), plain, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery: rejection, cap, KL weighting
+# ---------------------------------------------------------------------------------------------
+
+def _discover(m, t, free, monkeypatch, explained=None, seed=0):
+    cfg = m.cfg
+    if explained is not None:
+        monkeypatch.setattr(m, "_explained_ratio", lambda *a: explained)
+    torch.manual_seed(seed)
+    x = torch.rand(explained.shape[0] if explained is not None else 2, 3, cfg.img_h, cfg.img_w)
+    img_enc = torch.randn(x.shape[0], cfg.img_encode_dim, cfg.num_cell_h, cfg.num_cell_w)
+    return m._discover(x, img_enc, torch.zeros(x.shape[0], 1, cfg.img_h, cfg.img_w), t, 0.5, 0.1, False, False, free)
+
+
+def test_rejection_threshold_and_only_from_second_frame(tiny_cfg, monkeypatch):
+    m = SCALOR(tiny_cfg).eval()
+    C = tiny_cfg.num_cells
+    explained = torch.zeros(1, C)
+    explained[0, :4] = torch.tensor([0.29, 0.2999, 0.3, 0.31])
+    explained[0, 4] = 1.0
+    disc0, kl0, _ = _discover(m, 0, None, monkeypatch, explained)
+    disc1, kl1, _ = _discover(m, 1, None, monkeypatch, explained)
+    z0, z1 = disc0["z_pres"][0, :, 0], disc1["z_pres"][0, :, 0]
+    assert (z0 > 0).all()                              # frame 0: nothing rejected
+    assert (z1[:2] == z0[:2]).all() and (z1[:2] > 0).all()   # below 0.3: kept
+    assert (z1[2:5] == 0).all()                        # 0.3 and above: rejected
+    assert (z1[5:] == z0[5:]).all()
+    # rejected proposals get the z_pres prior 1e-8; KL of what/where/depth keeps the pre-rejection weights
+    assert torch.allclose(kl1["what"], kl0["what"]) and torch.allclose(kl1["where"], kl0["where"])
+    assert torch.allclose(kl1["depth"], kl0["depth"])
+    assert not torch.allclose(kl1["pres"], kl0["pres"])
+
+
+def test_kl_weighted_by_pre_rejection_z_pres(tiny_cfg, monkeypatch):
+    m = SCALOR(tiny_cfg).eval()
+    explained = torch.ones(2, tiny_cfg.num_cells)        # everything rejected
+    calls = []
+    real = scalor_mod.normal_rsample
+    monkeypatch.setattr(scalor_mod, "normal_rsample", lambda mu, sd: calls.append((mu, sd)) or real(mu, sd))
+    disc, kl, _ = _discover(m, 1, None, monkeypatch, explained)
+    assert (disc["z_pres"] == 0).all()
+    # recompute: the z_pres before rejection = sigmoid of the sample; KL what = sum_c z_pres_c * KL_c
+    (depth_q, where_q, what_q) = calls
+    assert kl["what"].abs().sum() > 0
+    kl_cells = kl_std_normal(*what_q).sum(-1)          # (B, C)
+    ratio = kl["what"] / kl_cells.sum(1)
+    assert ((ratio > 0) & (ratio < 1)).all()           # a z_pres-weighted average, not zero
+
+
+def test_cap_keeps_free_slots_by_z_pres_in_training_only(tiny_cfg, monkeypatch):
+    m = SCALOR(tiny_cfg.replace(max_num_obj=16))
+    explained = torch.zeros(2, tiny_cfg.num_cells)
+    free = torch.tensor([3, 0])
+    disc, _, _ = _discover(m.train(), 1, free, monkeypatch, explained, seed=3)
+    z = disc["z_pres"][..., 0]
+    disc_nocap, _, _ = _discover(m, 1, None, monkeypatch, explained, seed=3)
+    z_all = disc_nocap["z_pres"][..., 0]
+    assert (z_all > 0).all()
+    assert int((z[0] > 0).sum()) == 3 and int((z[1] > 0).sum()) == 0
+    top3 = z_all[0].topk(3).indices
+    assert set(torch.nonzero(z[0]).flatten().tolist()) == set(top3.tolist())
+    assert torch.equal(z[0][top3], z_all[0][top3])
+    # a cap at least as large as the number of cells keeps everything (the reference indexes out of range)
+    disc_big, _, _ = _discover(m, 1, torch.tensor([16, 40]), monkeypatch, explained, seed=3)
+    assert torch.equal(disc_big["z_pres"][..., 0], z_all)
+
+
+def test_cap_reached_in_training_and_off_in_eval(tiny_cfg):
+    cfg = tiny_cfg.replace(max_num_obj=4, seq_len=3)
+    m = SCALOR(cfg)
+    with torch.no_grad():  # make every proposal confident
+        m.proposal.z_pres_net.bias.fill_(5.0)
+    torch.manual_seed(0)
+    out = m.train()(_seq(cfg), step=1, tau=0.5)
+    assert out.counts.max() == 4 and (out.counts <= 4).all()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out_eval = m.eval()(_seq(cfg), step=1, tau=0.5)
+    assert out_eval.counts.max() > 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-off and drop
+# ---------------------------------------------------------------------------------------------
+
+def test_hand_off_above_0_7(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg.replace(seq_len=2)
+    m = SCALOR(cfg).train()
+    C = cfg.num_cells
+    z = torch.full((2, C, 1), 0.0)
+    z[0, :4, 0] = torch.tensor([0.69, 0.7, 0.7001, 0.95])
+    z[1, :2, 0] = torch.tensor([0.71, 0.2])
+    real = m._discover
+
+    def fixed(x, img_enc, alpha_prop, t, *args):
+        disc, kl, imp = real(x, img_enc, alpha_prop, t, *args)
+        disc["z_pres"] = z if t == 0 else torch.zeros_like(z)
+        return disc, kl, imp
+
+    monkeypatch.setattr(m, "_discover", fixed)
+    out = m(_seq(cfg), step=1, tau=0.5, keep_records=True)
+    assert out.counts[:, 0].tolist() == [2, 1]
+    rec = out.records[0]
+    assert rec.ids[0][rec.z_pres[0] > 0].tolist() == [1, 2, 3, 4]    # consecutive ids per sequence
+
+
+def test_drop_when_running_absence_reaches_0_6(tiny_cfg, monkeypatch):
+    m = SCALOR(tiny_cfg).train()
+    cfg = tiny_cfg
+    s = Slots.empty(cfg, 1, 3, "cpu")
+    s.mask[:] = 1
+    s.z_pres[:] = 0.9
+    s.absence[:] = 0.3
+    s.z_where[..., :2] = 0.1
+    target = torch.tensor([0.7, 0.71, 0.6999])[None, :, None]            # new z_pres before the rule
+    monkeypatch.setattr(scalor_mod, "relaxed_bernoulli_rsample", lambda logits, tau: torch.logit(target.double()).float())
+    x = torch.rand(1, 3, 64, 64)
+    new, kl, _ = m.propagation(x, torch.randn(1, 64, 4, 4), s, m.glimpse_enc, 0.5, False, False)
+    # absence 0.3 + (1 - z_pres): 0.6 -> dropped; 0.59 -> kept; 0.6001 -> dropped
+    assert new.z_pres[0, :, 0].tolist() == pytest.approx([0.0, 0.71, 0.0], abs=1e-6)
+    assert new.absence[0, :, 0].tolist() == pytest.approx([0.6, 0.59, 0.6001], abs=1e-5)
+
+
+def test_compact_is_stable():
+    keep = torch.tensor([[False, True, False, True, True], [False, False, False, False, False]])
+    index, valid = compact(keep, 3)
+    assert index[0].tolist() == [1, 3, 4]
+    assert valid.tolist() == [[True, True, True], [False, False, False]]
+
+
+# ---------------------------------------------------------------------------------------------
+# KL terms and schedules
+# ---------------------------------------------------------------------------------------------
+
+def test_bernoulli_kl_by_hand():
+    got = kl_bernoulli(torch.tensor([0.3, 0.5]), torch.tensor([0.1, 0.5]))
+    want = 0.3 * math.log(0.3 / 0.1) + 0.7 * math.log(0.7 / 0.9)
+    assert got[0].item() == pytest.approx(want, rel=1e-5)
+    assert got[1].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_normal_kl_by_hand():
+    got = kl_normal(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.0), torch.tensor(1.0))
+    assert got.item() == pytest.approx(math.log(1 / 2) + (4 + 1) / 2 - 0.5, rel=1e-6)
+    assert kl_std_normal(torch.tensor(1.0), torch.tensor(2.0)).item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_schedules():
+    cfg = Config()
+    assert tau_at(cfg, 0) == 1.0
+    assert tau_at(cfg, 10000) == pytest.approx(math.sqrt(0.5))
+    assert tau_at(cfg, 20000) == pytest.approx(0.5)
+    assert tau_at(cfg, 50000) == 0.5
+    assert z_pres_prior_at(cfg, 0) == pytest.approx(0.1)
+    assert z_pres_prior_at(cfg, 250) == pytest.approx(0.1 + (1e-3 - 0.1) / 2)
+    assert z_pres_prior_at(cfg, 500) == pytest.approx(1e-3)
+    assert z_pres_prior_at(cfg, 10**6) == pytest.approx(1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detaching across frames
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("step,crosses", [(29_999, False), (30_000, True)])
+def test_gradient_crosses_frames_only_after_remove_detach_step(step, crosses):
+    # without ConvLSTM and background, frame 1 depends on frame 0 only through the object state
+    cfg = small_config(seq_len=2, observe_frames=1, phase_conv_lstm=False, phase_no_background=True)
+    m = SCALOR(cfg).train()
+    seq = _seq(cfg, B=2).requires_grad_()
+    torch.manual_seed(0)
+    out = m(seq, step=step, tau=1.0)
+    assert out.counts[:, 0].min() > 0
+    frame1 = out.log_like[:, 1].sum() - out.kl_total[:, 1].sum()
+    (grad,) = torch.autograd.grad(frame1, seq)
+    g0 = grad[:, 0].abs().sum().item()
+    assert (g0 > 0) == crosses
+    assert grad[:, 1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+class _ConstDecoder(torch.nn.Module):
+    def __init__(self, colours, alpha, G):
+        super().__init__()
+        self.colours, self.alpha, self.G = colours, alpha, G
+
+    def forward(self, z_what):                        # z_what (N, D); colour chosen by z_what[:, 0]
+        N = z_what.shape[0]
+        o = self.colours[z_what[:, 0].long()][..., None, None].expand(N, 3, self.G, self.G)
+        return o, torch.full((N, 1, self.G, self.G), self.alpha)
+
+
+def test_normalised_compositing_and_straight_through_clamp(tiny_cfg):
+    m = SCALOR(tiny_cfg)
+    G = tiny_cfg.glimpse_size
+    colours = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    m.glimpse_dec = _ConstDecoder(colours, 0.8, G)
+    z_pres = torch.tensor([[0.9, 0.6]], requires_grad=True)
+    depth = torch.tensor([[0.5, -1.0]])
+    box = torch.tensor([0.1, 0.25, 0.0, 0.0])
+    obj = dict(z_what=torch.tensor([[[0.0], [1.0]]]), z_where=box.expand(1, 2, 4), z_depth=depth[..., None],
+               z_pres=z_pres, propagated=torch.tensor([[True, False]]))
+    frame = m._render(obj, curriculum=False, num_cells=16)
+    w = torch.tensor([0.9, 0.6]) * 0.8 * torch.sigmoid(-depth[0])
+    inside = (31, 31)                                 # centre pixel: inside both boxes
+    fg = frame["foreground"][0, :, inside[0], inside[1]]
+    want = (w[:, None] * torch.tensor([0.9, 0.6])[:, None] * 0.8 * colours).sum(0) / w.sum()
+    assert torch.allclose(fg, want, atol=1e-5)
+    # alpha = 0.9*0.8 + 0.6*0.8 = 1.2 -> clamped to 1, but the gradient passes straight through
+    a = frame["alpha_map"][0, 0, inside[0], inside[1]]
+    assert a.item() == pytest.approx(1.0)
+    (g,) = torch.autograd.grad(a, z_pres)
+    assert g[0].tolist() == pytest.approx([0.8, 0.8], abs=1e-5)
+    assert frame["alpha_map"][0, 0, 0, 0].item() == pytest.approx(1e-15, rel=1e-3)  # outside: eps
+
+
+# ---------------------------------------------------------------------------------------------
+# Background prior and generation
+# ---------------------------------------------------------------------------------------------
+
+def _record_samples(monkeypatch):
+    calls = []
+    monkeypatch.setattr(scalor_mod, "normal_rsample", lambda mean, std: calls.append((mean, std)) or mean)
+    return calls
+
+
+def test_background_prior_mean_is_previous_latent_plus_offset(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg.replace(seq_len=2)
+    m = SCALOR(cfg).eval()
+    calls = _record_samples(monkeypatch)
+    with torch.no_grad():
+        m(_seq(cfg), step=1, tau=0.5, generate=True)    # observe 1 frame, then sample the priors
+    bg_calls = [c for c in calls if c[0].shape == (2, cfg.bg_what_dim)]
+    z_bg0 = bg_calls[0][0]                             # sample = mean (patched)
+    h1 = m.bg_prior_rnn(z_bg0, torch.zeros(2, cfg.bg_prior_rnn_hid_dim))
+    offset, std = m.bg_prior_net(h1).chunk(2, -1)
+    assert torch.allclose(bg_calls[1][0], z_bg0 + offset, atol=1e-6)
+    assert torch.allclose(bg_calls[1][1], torch.nn.functional.softplus(std), atol=1e-6)
+
+
+def test_generation_samples_priors_after_observe_frames(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg.replace(seq_len=4, observe_frames=2)
+    m = SCALOR(cfg).eval()
+    enc_calls = []
+    m.glimpse_enc.register_forward_hook(lambda mod, inp, out: enc_calls.append(inp[0].shape[0]))
+    pres_logits = []
+    real = scalor_mod.relaxed_bernoulli_rsample
+    monkeypatch.setattr(scalor_mod, "relaxed_bernoulli_rsample", lambda lg, tau: pres_logits.append(lg) or real(lg, tau))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = m(_seq(cfg), step=1, tau=0.5, generate=True)
+    # the glimpse encoder only sees observed frames: frame 0 (discovery), frame 1 (propagation + discovery)
+    assert len(enc_calls) == 3
+    disc_logits = [lg for lg in pres_logits if lg.dim() == 4]   # discovery: (B, 1, h, w)
+    assert len(disc_logits) == 4
+    assert torch.allclose(disc_logits[2], torch.full_like(disc_logits[2], math.log(0.1 / 0.9)))
+    assert not torch.allclose(disc_logits[1], torch.full_like(disc_logits[1], math.log(0.1 / 0.9)))
+    assert out.recon.shape == (2, 4, 3, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: any batch size, empty scenes, default config
+# ---------------------------------------------------------------------------------------------
+
+def _assert_trains(m, seq, step=1):
+    out = m(seq, step=step, tau=1.0)
+    loss = out.loss()
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    return out
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_forward_backward_any_batch(tiny_cfg, B):
+    out = _assert_trains(SCALOR(tiny_cfg).train(), _seq(tiny_cfg, B=B))
+    assert out.log_like.shape == (B, tiny_cfg.seq_len)
+
+
+def test_empty_scene_zero_objects(tiny_cfg):
+    m = SCALOR(tiny_cfg).train()
+    with torch.no_grad():
+        m.proposal.z_pres_net.bias.fill_(-100.0)      # no proposal is confident: nothing is tracked
+    out = _assert_trains(m, torch.zeros(2, tiny_cfg.seq_len, 3, 64, 64))
+    assert (out.counts == 0).all()
+    m.eval()
+    with torch.no_grad():
+        assert (m(torch.zeros(1, tiny_cfg.seq_len, 3, 64, 64), step=1).counts == 0).all()
+
+
+def test_default_config_forward_backward_cpu():
+    cfg = Config(seq_len=2, observe_frames=1)
+    out = _assert_trains(SCALOR(cfg).train(), torch.rand(1, 2, 3, 128, 128))
+    assert out.counts.max() <= 45
+
+
+def test_eval_nll_weights_finite(tiny_cfg):
+    m = SCALOR(tiny_cfg).eval()
+    with torch.no_grad():
+        out = m(_seq(tiny_cfg), step=1000, tau=0.5, nll=True)
+    assert torch.isfinite(out.log_imp).all() and (out.log_imp != 0).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(img_h=100), "not divisible by the grid"),
+    (dict(num_cell_h=4), "cells must be square"),
+    (dict(max_num_obj=65), "exceeds the 64 cells"),
+    (dict(max_num_obj=0), "max_num_obj=0 must be a positive"),
+    (dict(observe_frames=10), "observe_frames=10"),
+    (dict(glimpse_size=48), "glimpse_size=48"),
+    (dict(var_s=0.2), "var_s < size_anc"),
+])
+def test_config_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**changes)
+
+
+def test_cap_keeps_exactly_free_on_ties(tiny_cfg, monkeypatch):
+    """Saturated proposals (z_pres == 1.0 in fp32) still leave exactly `free` survivors."""
+    m = SCALOR(tiny_cfg).train()
+    monkeypatch.setattr(scalor_mod, "relaxed_bernoulli_rsample", lambda logits, tau: torch.full_like(logits, 40.0))
+    disc, _, _ = _discover(m, 1, torch.tensor([5, 2]), monkeypatch, torch.zeros(2, tiny_cfg.num_cells))
+    z = disc["z_pres"][..., 0]
+    assert (z > 0).sum(1).tolist() == [5, 2]
+    assert z[0, :5].tolist() == [1.0] * 5          # ties broken by cell order
