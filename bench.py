@@ -22,37 +22,24 @@ import torch
 
 from common import Config
 from data import bench_batches
+from engine import PRECISIONS, TrainStep, make_optimizer, set_precision
 from scalor import SCALOR
-from utils import seed_everything, tau_at
+from utils import seed_everything
 
 
-def build(cfg: Config, device, compile_model: bool, channels_last: bool):
+def build(cfg: Config, device, args):
     model = SCALOR(cfg).to(device).train()
-    if channels_last:
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
-    step_model = torch.compile(model) if compile_model else model
-    return model, step_model, optimizer
-
-
-def train_step(model, step_model, optimizer, seq, step: int, precision: str):
-    cfg = model.cfg
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        out = step_model(seq, step=step, tau=tau_at(cfg, step - 1))
-        loss = out.loss()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.cp)
-    optimizer.step()
-    return loss.detach(), out.counts.detach().mean()
+    optimizer = make_optimizer(model, cuda_graph=args.cuda_graph)
+    return model, TrainStep(model, optimizer, precision=args.precision, cuda_graph=args.cuda_graph)
 
 
 def run(cfg: Config, args, num_objects: int) -> dict:
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    set_precision(args.precision)
     seed_everything(cfg.seed)
-    model, step_model, optimizer = build(cfg, device, args.compile, args.channels_last)
+    model, step_fn = build(cfg, device, args)
     batches = [b.to(device) for b in bench_batches(4, cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w,
                                                    num_objects=num_objects, seed=0)]
     torch.cuda.synchronize()
@@ -61,10 +48,10 @@ def run(cfg: Config, args, num_objects: int) -> dict:
     for i in range(args.warmup + args.steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss, count = train_step(model, step_model, optimizer, batches[i % 4], i + 1, args.precision)
+        result = step_fn(batches[i % 4], i + 1)
         end.record()
-        losses.append(loss)
-        objects.append(count)
+        losses.append(result.loss.clone())
+        objects.append(result.counts.mean())
         if i >= args.warmup:
             times.append((start, end))
     torch.cuda.synchronize()
@@ -78,7 +65,7 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "objects_tracked_mean": round(float(torch.stack(objects[args.warmup:]).mean()), 2),
         "loss_first": [round(float(v), 3) for v in losses[:5]],
         "loss_last": round(float(losses[-1]), 3),
-        "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
+        "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
         "scene_objects": num_objects,
         "config": {k: getattr(cfg, k) for k in ("img_h", "num_cell_h", "glimpse_size", "max_num_obj", "batch_size",
                                                  "seq_len", "phase_conv_lstm")},
@@ -87,23 +74,20 @@ def run(cfg: Config, args, num_objects: int) -> dict:
 
 
 def sync_check(cfg: Config) -> dict:
-    """One training step with host synchronisations turned into errors (the loss read after)."""
-    device = torch.device("cuda")
-    model, _, optimizer = build(cfg, device, False, False)
-    seq = bench_batches(1, cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w, seed=0)[0].to(device)
-    train_step(model, model, optimizer, seq, 1, "fp32")           # warm-up (lazy init may sync)
+    """One eager training step with host synchronisations turned into errors (loss read after)."""
+    set_precision("fp32")
+    model = SCALOR(cfg).cuda().train()
+    step_fn = TrainStep(model, make_optimizer(model))
+    seq = bench_batches(1, cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w, seed=0)[0].cuda()
+    step_fn(seq, 1)                                   # warm-up (lazy initialisation may sync)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = model(seq, step=2, tau=tau_at(cfg, 1))
-        loss = out.loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        result = step_fn(seq, 2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return {"sync_check": "passed: forward+backward+step ran with set_sync_debug_mode('error')",
-            "loss": float(loss), "objects_tracked": out.counts.mean().item()}
+    return {"sync_check": "passed: forward+backward+clip+RMSprop ran under set_sync_debug_mode('error')",
+            "loss": float(result.loss), "objects_tracked": float(result.counts.mean())}
 
 
 def main(argv=None):
@@ -116,8 +100,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=10)
     p.add_argument("--num-objects", type=int, default=20, help="squares per sequence in the workload")
     p.add_argument("--no-conv-lstm", action="store_true")
-    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32: PyTorch defaults (cuDNN may use TF32 in convolutions); fp32-strict: no TF32")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)

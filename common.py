@@ -70,6 +70,8 @@ class Config:
     bg_alpha_curriculum_value: float = 0.9    # ... at this value per cell
     phase_do_remove_detach: bool = True   # stop detaching object state after remove_detach_step
     remove_detach_step: int = 30000       # step from which gradients cross frames
+    checkpoint_glimpses: bool = True      # recompute glimpse encoder/decoder activations in backward:
+                                          # far less memory, a little more time, the same numbers
     # ---- thresholds -----------------------------------------------------------------------------
     explained_ratio_threshold: float = 0.3    # reject a proposal this much inside tracked alpha
     proposal_alpha_threshold: float = 0.3     # proposal pixel counts where its alpha > this

@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from common import Config
@@ -468,3 +469,12 @@ def scatter_windows(values, index, img_h: int, img_w: int):
     idx = index.reshape(B, 1, -1).expand(-1, C, -1)
     out = values.new_zeros(B, C, img_h * img_w).scatter_add(2, idx, src)
     return out.view(B, C, img_h, img_w)
+
+
+def maybe_checkpoint(enabled: bool, fn, *args):
+    """fn(*args), recomputing its activations in backward when `enabled` and gradients are on.
+
+    The functions checkpointed here draw no random numbers, so the recomputation is exact."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)

@@ -32,7 +32,7 @@ from torch import nn
 from common import Config
 from modules import (BgDecoder, BgDecoderSBD, BgEncoder, GlimpseDecoder, GlimpseEncoder, ProposalNet,
                      SequenceEncoder, bernoulli_log_prob, crop, kl_bernoulli, kl_normal, kl_std_normal, normal_log_prob,
-                     normal_rsample, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
+                     maybe_checkpoint, normal_rsample, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
                      window_size)
 from utils import z_pres_prior_at
 
@@ -235,9 +235,8 @@ class Propagation(nn.Module):
         if generate:
             q_what = prior["what"]
         else:
-            glimpses = crop(x, z_where, cfg.glimpse_size, cfg.glimpse_size)          # (B, K, 3, G, G)
-            enc_mean, enc_std = glimpse_enc(glimpses.flatten(0, 1))
-            enc_mean, enc_std = enc_mean.view(B, K, -1), F.softplus(enc_std).view(B, K, -1)
+            enc_mean, enc_std = encode_glimpses(cfg, glimpse_enc, x, z_where)       # (B, K, z_what_dim)
+            enc_std = F.softplus(enc_std)
             q_what = (input_gate * enc_mean + forget_gate * tmp_mean,
                       F.softplus(input_gate * enc_std + forget_gate * F.softplus(tmp_std)))
         z_what = normal_rsample(*q_what)
@@ -274,6 +273,19 @@ class Propagation(nn.Module):
         return new, dict(what=kl_what, where=kl_where, depth=kl_depth, pres=kl_pres), log_imp
 
 
+def encode_glimpses(cfg: Config, glimpse_enc, x, z_where):
+    """Crop glimpses of frames x (B, 3, H, W) at boxes z_where (B, K, 4) and encode them:
+    z_what mean and pre-softplus std, (B, K, z_what_dim) each."""
+    B, K = z_where.shape[:2]
+
+    def run(x, z_where):
+        glimpses = crop(x, z_where, cfg.glimpse_size, cfg.glimpse_size)             # (B, K, 3, G, G)
+        mean, std = glimpse_enc(glimpses.flatten(0, 1))
+        return mean.view(B, K, -1), std.view(B, K, -1)
+
+    return maybe_checkpoint(cfg.checkpoint_glimpses, run, x, z_where)
+
+
 def _prob_logits(probs):
     """Logits of probabilities clamped as torch.distributions clamps them."""
     eps = torch.finfo(probs.dtype).eps
@@ -308,18 +320,20 @@ class SCALOR(nn.Module):
         self.window = window_size(cfg)
 
     # --------------------------------------------------------------------------------------------
-    def forward(self, seq, step: int = 0, tau: float = 1.0, generate: bool = False, nll: bool = False,
-                keep_records: bool = False) -> SCALOROutput:
+    def forward(self, seq, step: int = 0, tau=1.0, generate: bool = False, nll: bool = False,
+                keep_records: bool = False, z_pres_prior=None) -> SCALOROutput:
         """Run the model over a sequence.
 
         seq (B, T, 3, H, W) in [0, 1]; step: the optimizer step (1-based, as the reference's
         global_step) driving the z_pres prior, detach rule and curriculum; tau: the relaxed-Bernoulli
-        temperature; generate: after cfg.observe_frames frames draw every latent from its prior;
-        nll: compute log importance weights (eval mode); keep_records: return per-frame records."""
+        temperature (a float, or a 0-dim tensor so a captured CUDA graph can be replayed with new
+        values); generate: after cfg.observe_frames frames draw every latent from its prior;
+        nll: compute log importance weights (eval mode); keep_records: return per-frame records;
+        z_pres_prior: overrides the annealed discovery z_pres prior of `step` (float or tensor)."""
         cfg = self.cfg
         B, T = seq.shape[:2]
         dev, dt = seq.device, seq.dtype
-        prior_prob = z_pres_prior_at(cfg, step)
+        prior_prob = z_pres_prior_at(cfg, step) if z_pres_prior is None else z_pres_prior
         detach_state = not cfg.phase_do_remove_detach or step < cfg.remove_detach_step
         curriculum = cfg.phase_bg_alpha_curriculum and step < cfg.bg_alpha_curriculum_steps
         nll = nll and not self.training
@@ -452,10 +466,16 @@ class SCALOR(nn.Module):
         cfg = self.cfg
         B, R = obj["z_pres"].shape
         G = cfg.glimpse_size
-        o_att, alpha_att = self.glimpse_dec(obj["z_what"].flatten(0, 1))
-        o_att, alpha_att = o_att.view(B, R, 3, G, G), alpha_att.view(B, R, 1, G, G)
-        values, index = place_windows(torch.cat((alpha_att * o_att, alpha_att), 2), obj["z_where"],
-                                      cfg.img_h, cfg.img_w, *self.window)               # (B, R, 4, h, w)
+
+        def decode_and_place(z_what, z_where):
+            o_att, alpha_att = self.glimpse_dec(z_what.flatten(0, 1))
+            o_att, alpha_att = o_att.view(B, R, 3, G, G), alpha_att.view(B, R, 1, G, G)
+            values, index = place_windows(torch.cat((alpha_att * o_att, alpha_att), 2), z_where,
+                                          cfg.img_h, cfg.img_w, *self.window)           # (B, R, 4, h, w)
+            return values, index, o_att, alpha_att
+
+        values, index, o_att, alpha_att = maybe_checkpoint(cfg.checkpoint_glimpses, decode_and_place,
+                                                           obj["z_what"], obj["z_where"])
         z_pres = obj["z_pres"][..., None, None, None]                                    # (B, R, 1, 1, 1)
         alpha = z_pres * values[:, :, 3:]                                                # placed alpha * z_pres
         weight = alpha * torch.sigmoid(-obj["z_depth"])[..., None, None]                 # importance
@@ -471,14 +491,14 @@ class SCALOR(nn.Module):
         alpha_map = alpha_sum + (alpha_sum.clamp(EPS, 1 - EPS) - alpha_sum).detach()
         return dict(alpha_map=alpha_map, foreground=foreground, o_att=o_att.detach(), alpha_att=alpha_att.detach())
 
-    def _discover(self, x, img_enc, alpha_prop, t: int, tau: float, prior_prob: float, generate: bool,
+    def _discover(self, x, img_enc, alpha_prop, t: int, tau, prior_prob, generate: bool,
                   nll: bool, free):
         """Propose one object per cell, reject the explained ones, cap their number (training).
 
         Returns per-cell latents (B, C, ...) with z_pres zeroed where rejected or capped, the KLs
         (B,) weighted by the z_pres from before rejection and cap, and log importance weights."""
         cfg = self.cfg
-        B, C, G = x.shape[0], cfg.num_cells, cfg.glimpse_size
+        B, C = x.shape[0], cfg.num_cells
         hw = (B, 1, cfg.num_cell_h, cfg.num_cell_w)
         if generate:
             z_pres_logits = x.new_full(hw, math.log(cfg.gen_disc_pres_probs) - math.log1p(-cfg.gen_disc_pres_probs))
@@ -501,14 +521,13 @@ class SCALOR(nn.Module):
         if generate:
             q_what = (x.new_zeros(B, C, cfg.z_what_dim), x.new_ones(B, C, cfg.z_what_dim))
         else:
-            glimpses = crop(x, z_where, G, G)                                         # (B, C, 3, G, G)
-            mean, std = self.glimpse_enc(glimpses.flatten(0, 1))
-            q_what = (mean.view(B, C, -1), F.softplus(std).view(B, C, -1))
+            mean, std = encode_glimpses(cfg, self.glimpse_enc, x, z_where)           # (B, C, z_what_dim)
+            q_what = (mean, F.softplus(std))
         z_what = normal_rsample(*q_what)                                              # (B, C, z_what_dim)
 
         z_pres_before = z_pres.view(B, C)
         z_pres = z_pres_before
-        pres_prior = x.new_full((B, C), prior_prob)
+        pres_prior = prior_prob * torch.ones_like(z_pres_before)
         if cfg.phase_rejection and t > 0:
             explained = self._explained_ratio(z_what, z_where, alpha_prop)            # (B, C)
             keep = (explained < cfg.explained_ratio_threshold).to(z_pres.dtype)

@@ -416,3 +416,17 @@ def test_cap_keeps_exactly_free_on_ties(tiny_cfg, monkeypatch):
     z = disc["z_pres"][..., 0]
     assert (z > 0).sum(1).tolist() == [5, 2]
     assert z[0, :5].tolist() == [1.0] * 5          # ties broken by cell order
+
+
+def test_glimpse_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg):
+    grads = []
+    for ckpt in (False, True):
+        cfg = tiny_cfg.replace(checkpoint_glimpses=ckpt)
+        torch.manual_seed(0)
+        m = SCALOR(cfg).train()
+        torch.manual_seed(1)
+        loss = m(_seq(cfg), step=40_000, tau=0.7).loss()
+        loss.backward()
+        grads.append((loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,101 @@
+"""One SCALOR training step -- forward, backward, gradient-norm clip, RMSprop -- run eagerly or
+replayed from a captured CUDA graph.
+
+The model's training forward has fixed shapes and no host synchronisation, so a whole step can be
+captured once and replayed: the CPU then launches one graph instead of thousands of kernels.
+What changes from step to step enters through static tensors (the batch, the temperature tau and
+the z_pres prior); the two step-dependent switches (detaching object state before
+`remove_detach_step`, the alpha curriculum) select one of at most four graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from utils import tau_at, z_pres_prior_at
+
+PRECISIONS = ("fp32", "fp32-strict", "tf32", "bf16")
+
+
+def set_precision(precision: str) -> None:
+    """fp32: PyTorch's defaults (fp32 tensors; cuDNN may use TF32 inside convolutions, matmuls in
+    full fp32); fp32-strict: no TF32 anywhere; tf32: TF32 in matmuls too; bf16: autocast to bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
+    torch.backends.cudnn.allow_tf32 = precision != "fp32-strict"
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+
+
+def make_optimizer(model, cuda_graph: bool = False):
+    """The reference's optimizer: RMSprop at cfg.lr (capturable when steps are graph-captured)."""
+    return torch.optim.RMSprop(model.parameters(), lr=model.cfg.lr, capturable=cuda_graph)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor        # () total loss (device)
+    counts: torch.Tensor      # (B, T) objects tracked per frame
+    grad_norm: torch.Tensor   # () gradient norm before clipping
+    terms: dict               # {name: ()} frame-averaged log-likelihood and KL terms
+
+
+class TrainStep:
+    """Callable: step_fn(batch, step) -> StepResult, applying one optimizer step.
+
+    `step` is the 1-based optimizer step (temperature tau_at(step - 1), prior of `step`)."""
+
+    def __init__(self, model, optimizer, precision: str = "fp32", cuda_graph: bool = False, warmup: int = 2):
+        self.model, self.optimizer = model, optimizer
+        self.cfg = model.cfg
+        self.precision = precision
+        self.cuda_graph = cuda_graph
+        self.warmup = warmup
+        self.graphs = {}          # key -> (graph, static inputs, static outputs)
+        self.seen = {}            # key -> eager steps taken (warm-up before capture)
+
+    def _forward_backward(self, batch, step, tau, prior):
+        model, cfg = self.model, self.cfg
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False):
+            out = model(batch, step=step, tau=tau, z_pres_prior=prior)
+            loss = out.loss()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.cp)
+        self.optimizer.step()
+        terms = {k: v.detach() for k, v in out.terms().items()}
+        return StepResult(loss.detach(), out.counts.detach(), grad_norm.detach(), terms)
+
+    def __call__(self, batch, step: int) -> StepResult:
+        cfg = self.cfg
+        tau, prior = tau_at(cfg, step - 1), z_pres_prior_at(cfg, step)
+        key = (not cfg.phase_do_remove_detach or step < cfg.remove_detach_step,
+               cfg.phase_bg_alpha_curriculum and step < cfg.bg_alpha_curriculum_steps)
+        if not self.cuda_graph:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._forward_backward(batch, step, tau, prior)
+        if key not in self.graphs:
+            if self.seen.get(key, 0) < self.warmup:     # eager warm-up steps on a side stream
+                self.seen[key] = self.seen.get(key, 0) + 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    result = self._forward_backward(batch, step, tau, prior)
+                torch.cuda.current_stream().wait_stream(side)
+                return result
+            self.graphs[key] = self._capture(batch, step)
+        graph, static = self.graphs[key]
+        static["batch"].copy_(batch, non_blocking=True)
+        static["tau"].fill_(tau)
+        static["prior"].fill_(prior)
+        graph.replay()
+        return static["result"]
+
+    def _capture(self, batch, step):
+        static = {"batch": batch.clone(), "tau": torch.zeros((), device=batch.device),
+                  "prior": torch.zeros((), device=batch.device)}
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static["result"] = self._forward_backward(static["batch"], step, static["tau"], static["prior"])
+        return graph, static
