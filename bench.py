@@ -31,6 +31,11 @@ def build(cfg: Config, device, args):
     model = SCALOR(cfg).to(device).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.compile_blocks:   # fuse each conv stack's GroupNorm/CELU work (state_dict keys unchanged)
+        for block in (model.glimpse_enc, model.glimpse_dec, model.image_enc.image_enc, model.proposal,
+                      getattr(model, "bg_enc", None), getattr(model, "bg_dec", None)):
+            if block is not None:
+                block.compile(dynamic=False)
     optimizer = make_optimizer(model, cuda_graph=args.cuda_graph)
     return model, TrainStep(model, optimizer, precision=args.precision, cuda_graph=args.cuda_graph)
 
@@ -66,6 +71,7 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "loss_first": [round(float(v), 3) for v in losses[:5]],
         "loss_last": round(float(losses[-1]), 3),
         "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
+        "compile_blocks": args.compile_blocks,
         "scene_objects": num_objects,
         "config": {k: getattr(cfg, k) for k in ("img_h", "num_cell_h", "glimpse_size", "max_num_obj", "batch_size",
                                                  "seq_len", "phase_conv_lstm")},
@@ -104,6 +110,7 @@ def main(argv=None):
                    help="fp32: PyTorch defaults (cuDNN may use TF32 in convolutions); fp32-strict: no TF32")
     p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile-blocks", action="store_true", help="torch.compile the conv stacks")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--scaling", action="store_true", help="table over scene objects and grids")
