@@ -1,0 +1,773 @@
+"""Evaluate a trained SCALOR: tracking, counting, reconstruction, likelihood and generation, with exports.
+
+Usage:
+
+    python evaluate.py --checkpoint CKPT [--dataset sprites|grandcentral|frames] [--data-dir DIR]
+                       [--preset easy] [--frame-skip N] [--num-sequences N] [--batch-size B]
+                       [--nll-samples K] [--out DIR] [--device auto|cpu|cuda] [--gif N] [--seed S]
+                       [--workers W]
+    python evaluate.py --track --data-dir FRAMES --checkpoint CKPT --out DIR [--gif N]
+
+The first form runs the model on a test split and writes `report.json` (and prints a summary):
+sprite scenes drawn with seed 10000 + cfg.seed (training uses cfg.seed), Grand Central's last 10%
+of frames, or non-overlapping sequences of a folder of frames; data flags left out default to the
+training run's as its checkpoint records them (see `resolve_data`). The second form runs the model
+on any folder of frames (non-overlapping sequences of cfg.seq_len) and writes only the exports. Bad input (a missing or
+foreign checkpoint, missing data) prints one line and exits with status 2, writing nothing.
+
+Conventions:
+
+- Boxes. The model's z_where = (sx, sy, tx, ty) spans x in [tx - sx, tx + sx] of the normalised
+  frame [-1, 1]; in pixels x0 = (tx - sx + 1) / 2 * W, x1 = (tx + sx + 1) / 2 * W, y likewise with
+  H. Pixel i covers [i, i + 1), so a ground-truth box (x, y, w, h) of whole pixels spans [x, x + w).
+- Predictions of a frame: the rendered objects with z_pres > 0.5; an object's mask is its decoded
+  alpha placed into the frame (`modules.spatial_transform`, inverse) and thresholded at 0.5.
+- Ground truth (sprites only): an object counts in a frame when at least MIN_GT_AREA (5) of its
+  pixels are visible; smaller ones are dropped from that frame for tracking, counting and the
+  generation centre error.
+- Tracking: one motmetrics accumulator per sequence, matching by box IoU >= 0.5 and, separately,
+  by mask IoU >= 0.5; the distance is 1 - IoU. `motp_distance` is motmetrics' MOTP (mean 1 - IoU
+  of the matches), `motp_iou` = 1 - that (mean IoU). `mostly_tracked`: ground-truth objects matched
+  without an id switch (motmetrics MATCH events) in >= 80% of the frames they are visible in;
+  `mostly_detected`: matched by any prediction (MATCH or SWITCH) in >= 80% of them (what
+  motmetrics itself calls mostly tracked); `partially_tracked` (20-80%) and `mostly_lost` (< 20%)
+  are motmetrics' detection-based counts, so mostly_detected + partially_tracked + mostly_lost =
+  num_unique_objects. These follow the object-centric representation benchmark (Weis et al. 2021).
+- Exports: `tracks_<seq>.txt` in the MOTChallenge layout `frame,id,x,y,w,h,conf,-1,-1,-1` (frame
+  1-based within the sequence, pixels, conf = z_pres); `predictions.json` =
+  {"<seq>": [{"frame": t (0-based), "masks": [RLE], "ids": [id]}, ...]}; masks are run-length
+  encoded as the object-centric representation benchmark reads them: the mask flattened in
+  row-major (C) order, then "start length" pairs of its runs of ones, starts 1-based, all joined
+  by single spaces ("" for an empty mask); `gif_<seq>.gif` shows input | reconstruction | tracked
+  boxes with ids | background | conditional generation.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import motmetrics as mm
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from common import ConfigError
+from data import DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, make_loader, make_sprites
+from modules import spatial_transform
+from scalor import SCALOR
+from utils import CheckpointError, load_model_state, read_checkpoint, seed_everything, tau_at
+
+MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
+IOU_THRESHOLD = 0.5        # a prediction matches a ground-truth object at IoU >= this
+PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
+MASK_THRESHOLD = 0.5       # a pixel belongs to an object's mask where its placed alpha > this
+TEST_SEED_OFFSET = 10_000  # sprite test scenes use seed TEST_SEED_OFFSET + cfg.seed (training: cfg.seed)
+GIF_MIN_SIDE = 128         # GIF panels are upscaled (nearest) to at least this many pixels a side
+MOT_METRICS = ["mota", "motp", "num_switches", "num_false_positives", "num_misses", "mostly_tracked",
+               "mostly_lost", "partially_tracked", "num_objects", "num_unique_objects", "num_matches",
+               "num_predictions", "idf1"]
+
+
+class EvalError(Exception):
+    """Bad command-line input; the one-line message says what to fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Boxes and masks
+# ------------------------------------------------------------------------------------------------
+
+def box_to_pixels(z_where, H: int, W: int) -> np.ndarray:
+    """(..., 4) boxes (sx, sy, tx, ty) in normalised coordinates -> (..., 4) pixel corners (x0, y0, x1, y1)."""
+    z = np.asarray(z_where.detach().cpu() if torch.is_tensor(z_where) else z_where, dtype=np.float64)
+    sx, sy, tx, ty = z[..., 0], z[..., 1], z[..., 2], z[..., 3]
+    return np.stack(((tx - sx + 1) / 2 * W, (ty - sy + 1) / 2 * H,
+                     (tx + sx + 1) / 2 * W, (ty + sy + 1) / 2 * H), axis=-1)
+
+
+def xyxy_to_xywh(boxes) -> np.ndarray:
+    """(..., 4) corners (x0, y0, x1, y1) -> (..., 4) (x, y, w, h)."""
+    b = np.asarray(boxes, dtype=np.float64)
+    return np.concatenate((b[..., :2], b[..., 2:] - b[..., :2]), axis=-1)
+
+
+def box_centres(xywh) -> np.ndarray:
+    """(N, 4) boxes (x, y, w, h) -> (N, 2) centres (x, y)."""
+    b = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
+    return b[:, :2] + b[:, 2:] / 2
+
+
+def iou_xywh(a, b) -> np.ndarray:
+    """IoU of every box in a (N, 4) with every box in b (M, 4), both (x, y, w, h): (N, M)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None]
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None]
+    inter_w = np.clip(np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    inter_h = np.clip(np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = inter_w * inter_h
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def iou_to_distance(iou: np.ndarray, thresh: float) -> np.ndarray:
+    """motmetrics distances: 1 - IoU, NaN (never paired) where IoU < thresh."""
+    return np.where(iou >= thresh, 1.0 - iou, np.nan)
+
+
+def iou_matrix_distance(gt_xywh, pred_xywh, thresh: float = IOU_THRESHOLD) -> np.ndarray:
+    """(N, M) box distances 1 - IoU between ground truth and predictions, NaN where IoU < thresh."""
+    return iou_to_distance(iou_xywh(gt_xywh, pred_xywh), thresh)
+
+
+def mask_iou(a, b) -> np.ndarray:
+    """IoU of every mask in a (N, H, W) with every mask in b (M, H, W): (N, M); 0 where both are empty."""
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    fa = a.reshape(a.shape[0], int(np.prod(a.shape[1:]))).astype(np.float64)
+    fb = b.reshape(b.shape[0], int(np.prod(b.shape[1:]))).astype(np.float64)
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def mask_iou_distance(gt_masks, pred_masks, thresh: float = IOU_THRESHOLD) -> np.ndarray:
+    """(N, M) mask distances 1 - IoU between ground truth and predictions, NaN where IoU < thresh."""
+    return iou_to_distance(mask_iou(gt_masks, pred_masks), thresh)
+
+
+# ------------------------------------------------------------------------------------------------
+# Run-length encoding
+# ------------------------------------------------------------------------------------------------
+
+def rle_encode(mask) -> str:
+    """Binary (H, W) mask -> "start length start length ..." of its runs of ones in row-major order,
+    starts 1-based (the object-centric representation benchmark's format); "" for an empty mask."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], flat, [False])).astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]
+    return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts.tolist(), ends.tolist()))
+
+
+def rle_decode(s: str, h: int, w: int) -> np.ndarray:
+    """Inverse of rle_encode: the (h, w) bool mask. ValueError if the string does not fit."""
+    values = [int(v) for v in s.split()]
+    if len(values) % 2:
+        raise ValueError(f"RLE string has an odd number of values ({len(values)})")
+    flat = np.zeros(h * w, dtype=bool)
+    for start, length in zip(values[0::2], values[1::2]):
+        if start < 1 or length < 0 or start - 1 + length > h * w:
+            raise ValueError(f"RLE run ({start}, {length}) does not fit a {h}x{w} mask")
+        flat[start - 1:start - 1 + length] = True
+    return flat.reshape(h, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracking, counting and centre metrics
+# ------------------------------------------------------------------------------------------------
+
+def accumulate(gt_frames, pred_frames, distance=iou_matrix_distance):
+    """A motmetrics accumulator of one sequence.
+
+    gt_frames, pred_frames: per frame (ids, objects), where objects are whatever `distance`
+    compares: (n, 4) xywh boxes for iou_matrix_distance, (n, H, W) masks for mask_iou_distance."""
+    if len(gt_frames) != len(pred_frames):
+        raise ValueError(f"{len(gt_frames)} ground-truth frames but {len(pred_frames)} predicted frames")
+    acc = mm.MOTAccumulator(auto_id=True)
+    for (gt_ids, gt_objects), (pred_ids, pred_objects) in zip(gt_frames, pred_frames):
+        acc.update([int(i) for i in gt_ids], [int(i) for i in pred_ids], distance(gt_objects, pred_objects))
+    return acc
+
+
+def lifespan_counts(acc) -> tuple[int, int]:
+    """(mostly tracked, mostly detected) ground-truth objects of one accumulator: matched without an
+    id switch (MATCH), resp. by any prediction (MATCH or SWITCH), in >= 80% of their frames."""
+    events = acc.mot_events
+    events = events[events.Type.isin(["MATCH", "SWITCH", "MISS"])]
+    if len(events) == 0:
+        return 0, 0
+    frames = events.OId.value_counts()
+    matched = events[events.Type != "MISS"].OId.value_counts().reindex(frames.index, fill_value=0)
+    same_id = events[events.Type == "MATCH"].OId.value_counts().reindex(frames.index, fill_value=0)
+    return int((same_id / frames >= 0.8).sum()), int((matched / frames >= 0.8).sum())
+
+
+def summarize(accumulators: list, names: list | None = None) -> dict:
+    """Tracking metrics over all sequences' accumulators (motmetrics' OVERALL row, plus ours)."""
+    names = names if names is not None else [str(i) for i in range(len(accumulators))]
+    summary = mm.metrics.create().compute_many(accumulators, names=names, metrics=MOT_METRICS,
+                                               generate_overall=True)
+    row = summary.loc["OVERALL"]
+    counts = [lifespan_counts(acc) for acc in accumulators]
+    motp = float(row["motp"])
+    unique = int(row["num_unique_objects"])
+    return {
+        "mota": float(row["mota"]),
+        "motp_distance": motp,
+        "motp_iou": 1.0 - motp,
+        "idf1": float(row["idf1"]),
+        "id_switches": int(row["num_switches"]),
+        "false_positives": int(row["num_false_positives"]),
+        "misses": int(row["num_misses"]),
+        "matches": int(row["num_matches"]),
+        "num_objects": int(row["num_objects"]),
+        "num_predictions": int(row["num_predictions"]),
+        "num_unique_objects": unique,
+        "mostly_tracked": sum(c[0] for c in counts),
+        "mostly_detected": sum(c[1] for c in counts),
+        "partially_tracked": int(row["partially_tracked"]),
+        "mostly_lost": int(row["mostly_lost"]),
+        "mostly_tracked_ratio": sum(c[0] for c in counts) / unique if unique else float("nan"),
+        "mostly_detected_ratio": sum(c[1] for c in counts) / unique if unique else float("nan"),
+    }
+
+
+def tracking_metrics(gt_frames, pred_frames, distance=iou_matrix_distance) -> dict:
+    """Tracking metrics of one sequence; frames are (ids, xywh boxes) (or masks with mask_iou_distance)."""
+    return summarize([accumulate(gt_frames, pred_frames, distance)])
+
+
+def count_metrics(gt_counts, pred_counts) -> dict:
+    """Per-frame counting: exact-count accuracy, mean absolute error and mean signed error (pred - gt)."""
+    gt = np.asarray(gt_counts, dtype=np.int64).ravel()
+    pred = np.asarray(pred_counts, dtype=np.int64).ravel()
+    if gt.shape != pred.shape:
+        raise ValueError(f"{gt.size} ground-truth counts but {pred.size} predicted counts")
+    if gt.size == 0:
+        return {"accuracy": float("nan"), "mae": float("nan"), "bias": float("nan"), "frames": 0}
+    return {"accuracy": float((gt == pred).mean()), "mae": float(np.abs(pred - gt).mean()),
+            "bias": float((pred - gt).mean()), "frames": int(gt.size)}
+
+
+def match_centres(gt_centres, pred_centres, use_scipy: bool = True) -> np.ndarray:
+    """Distances of the matched (ground truth, prediction) centre pairs, (min(N, M),).
+
+    One-to-one matching minimising the total distance (Hungarian, scipy), or greedy nearest pairs
+    when scipy is missing or use_scipy is False."""
+    gt = np.asarray(gt_centres, dtype=np.float64).reshape(-1, 2)
+    pred = np.asarray(pred_centres, dtype=np.float64).reshape(-1, 2)
+    if len(gt) == 0 or len(pred) == 0:
+        return np.zeros(0)
+    dist = np.linalg.norm(gt[:, None] - pred[None], axis=-1)
+    if use_scipy:
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:
+            use_scipy = False
+    if not use_scipy:
+        return greedy_match(dist)
+    rows, cols = linear_sum_assignment(dist)
+    return dist[rows, cols]
+
+
+def greedy_match(dist: np.ndarray) -> np.ndarray:
+    """Repeatedly pair the closest unmatched (row, column): the matched distances."""
+    dist = dist.copy()
+    matched = []
+    for _ in range(min(dist.shape)):
+        r, c = np.unravel_index(np.argmin(dist), dist.shape)
+        matched.append(dist[r, c])
+        dist[r, :] = np.inf
+        dist[:, c] = np.inf
+    return np.array(matched)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model outputs and ground truth as per-frame objects
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Objects:
+    """The objects of one frame: ids (n,), xywh (n, 4) pixels, masks (n, H, W) bool, conf (n,)."""
+    ids: np.ndarray
+    xywh: np.ndarray
+    masks: np.ndarray
+    conf: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
+def placed_masks(alpha_glimpse: torch.Tensor, z_where: torch.Tensor, H: int, W: int) -> np.ndarray:
+    """Glimpse alphas (n, 1, G, G) placed at boxes z_where (n, 4), thresholded: (n, H, W) bool."""
+    n = alpha_glimpse.shape[0]
+    if n == 0:
+        return np.zeros((0, H, W), dtype=bool)
+    alpha = spatial_transform(alpha_glimpse.float(), z_where.float(), (n, 1, H, W), inverse=True)
+    return (alpha[:, 0] > MASK_THRESHOLD).cpu().numpy()
+
+
+def frame_predictions(record, H: int, W: int) -> list:
+    """A FrameRecord (batch B) -> [Objects] per sequence: the entries with z_pres > PRES_THRESHOLD."""
+    result = []
+    for b in range(record.z_pres.shape[0]):
+        keep = record.z_pres[b] > PRES_THRESHOLD
+        z_where = record.z_where[b][keep]
+        result.append(Objects(ids=record.ids[b][keep].cpu().numpy().astype(np.int64),
+                              xywh=xyxy_to_xywh(box_to_pixels(z_where, H, W)).reshape(-1, 4),
+                              masks=placed_masks(record.alpha_glimpse[b][keep], z_where, H, W),
+                              conf=record.z_pres[b][keep].float().cpu().numpy().astype(np.float64)))
+    return result
+
+
+def sequence_predictions(records: list, H: int, W: int) -> list:
+    """Per-frame records -> per sequence, per frame Objects: result[b][t]."""
+    per_frame = [frame_predictions(rec, H, W) for rec in records]   # [t][b]
+    return [list(frames) for frames in zip(*per_frame)]
+
+
+def ground_truth_frames(gt: dict, min_area: int = MIN_GT_AREA) -> list:
+    """MovingSprites ground truth -> per frame Objects of the objects with >= min_area visible pixels."""
+    frames = []
+    for t in range(gt["ids"].shape[0]):
+        keep = (gt["ids"][t] >= 0) & (gt["masks"][t].sum(axis=(1, 2)) >= min_area)
+        frames.append(Objects(ids=gt["ids"][t][keep], xywh=gt["boxes"][t][keep].astype(np.float64),
+                              masks=gt["masks"][t][keep]))
+    return frames
+
+
+# ------------------------------------------------------------------------------------------------
+# Exports
+# ------------------------------------------------------------------------------------------------
+
+def write_tracks(path: str, frames: list) -> None:
+    """MOTChallenge layout, one line per object: frame (1-based), id, x, y, w, h, conf, -1, -1, -1."""
+    with open(path, "w") as f:
+        for t, obj in enumerate(frames):
+            for obj_id, (x, y, w, h), conf in zip(obj.ids.tolist(), obj.xywh.tolist(), obj.conf.tolist()):
+                f.write(f"{t + 1},{obj_id},{x:.2f},{y:.2f},{w:.2f},{h:.2f},{conf:.4f},-1,-1,-1\n")
+
+
+def prediction_entries(frames: list) -> list:
+    """predictions.json entries of one sequence: [{"frame": t, "masks": [RLE], "ids": [id]}]."""
+    return [{"frame": t, "masks": [rle_encode(m) for m in obj.masks], "ids": [int(i) for i in obj.ids]}
+            for t, obj in enumerate(frames)]
+
+
+def id_color(obj_id: int) -> tuple:
+    """A bright RGB colour (0-255) for an object id (hues spaced by the golden ratio)."""
+    r, g, b = colorsys.hsv_to_rgb((obj_id * 0.618033988749895) % 1.0, 0.9, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def to_image(frame: torch.Tensor, scale: int) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> RGB PIL image upscaled by `scale` (nearest)."""
+    pixels = (frame.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def draw_objects(image: Image.Image, objects: Objects, scale: int) -> Image.Image:
+    """A copy of image with each object's box and id drawn in the id's colour."""
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    for obj_id, (x, y, w, h) in zip(objects.ids.tolist(), objects.xywh.tolist()):
+        box = (x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1)
+        if not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+            continue
+        draw.rectangle(box, outline=id_color(obj_id))
+        draw.text((box[0] + 2, box[1] + 1), str(obj_id), fill=id_color(obj_id), font=font)
+    return image
+
+
+GIF_TITLES = ("input", "reconstruction", "tracks", "background", "generation")
+
+
+def write_gif(path: str, columns: list, objects: list, box_column: int, titles=GIF_TITLES) -> None:
+    """An animated GIF, one frame per time step, of titled panels side by side.
+
+    columns: (T, 3, H, W) tensors in [0, 1]; the boxes of objects[t] are drawn on column box_column."""
+    T, _, H, W = columns[0].shape
+    scale = max(1, math.ceil(GIF_MIN_SIDE / min(H, W)))
+    gap, header = 2, 14
+    font = ImageFont.load_default()
+    frames = []
+    for t in range(T):
+        canvas = Image.new("RGB", (len(columns) * (W * scale + gap) - gap, H * scale + header), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        for c, column in enumerate(columns):
+            panel = to_image(column[t], scale)
+            if c == box_column:
+                panel = draw_objects(panel, objects[t], scale)
+            canvas.paste(panel, (c * (W * scale + gap), header))
+            draw.text((c * (W * scale + gap) + 2, 1), f"{titles[c]} t={t}" if c == 0 else titles[c],
+                      fill=(0, 0, 0), font=font)
+        frames.append(canvas)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=400, loop=0)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a sequence name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "seq"
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+def sequence_name(dataset, index: int) -> str:
+    """A readable name of item `index`: sprites '000007', Grand Central 'crop3_000160',
+    frame folders '<video folder>_<first frame>'."""
+    if isinstance(dataset, GrandCentral):
+        crop, start = dataset.crop_and_start(index)
+        return f"crop{crop}_{start:06d}"
+    if isinstance(dataset, FrameFolder):
+        video, start = dataset.items[index]
+        return safe_name(f"{dataset.videos[video][0].parent.name}_{start:06d}")
+    return f"{index:06d}"
+
+
+def resolve_data(args, trained: dict) -> None:
+    """Fill in the data flags left unset, from the checkpoint's record of its training data.
+
+    --dataset: 'frames' with --track; else 'grandcentral' for a model trained on it; else 'frames'
+    when --data-dir is given; else 'sprites' (a model trained on a folder of frames needs --data-dir
+    or --dataset). For the same kind as in training, --preset, --frame-skip and (grandcentral: its
+    last 10% is the test split) --data-dir default to the training run's."""
+    same = lambda kind: trained.get("dataset") == kind  # noqa: E731
+    if args.dataset is None:
+        if args.track:
+            args.dataset = "frames"
+        elif same("grandcentral"):
+            args.dataset = "grandcentral"
+        elif args.data_dir is not None:
+            args.dataset = "frames"
+        elif same("frames"):
+            raise EvalError("the model was trained on a folder of frames: pass --data-dir with test frames "
+                            "(or --dataset sprites)")
+        else:
+            args.dataset = "sprites"
+    if args.preset is None:
+        args.preset = trained.get("preset") if args.dataset == "sprites" and same("sprites") and trained.get("preset") else "easy"
+    if args.frame_skip is None and same(args.dataset):
+        args.frame_skip = trained.get("frame_skip")
+    if args.frame_skip is None:
+        args.frame_skip = 8 if args.dataset == "grandcentral" else 1
+    if args.data_dir is None and args.dataset == "grandcentral" and same("grandcentral"):
+        args.data_dir = trained.get("data_dir")
+    if args.track and args.dataset == "sprites":
+        raise EvalError("--track runs on a folder of frames: pass --data-dir (and --dataset frames or grandcentral)")
+    if args.dataset == "sprites" and args.preset not in SPRITE_PRESETS:
+        raise EvalError(f"unknown sprite preset '{args.preset}': choose one of {sorted(SPRITE_PRESETS)}")
+    if args.dataset != "sprites" and args.data_dir is None:
+        raise EvalError(f"--dataset {args.dataset} needs --data-dir with the frames")
+
+
+def build_dataset(args, cfg):
+    """The test data (the training run's protocol, test split) and the number of sequences to use."""
+    if args.dataset == "sprites":
+        num = args.num_sequences if args.num_sequences is not None else 100
+        return make_sprites(args.preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=cfg.seq_len,
+                            num_sequences=num, seed=TEST_SEED_OFFSET + cfg.seed), num
+    if args.dataset == "grandcentral":
+        dataset = GrandCentral(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=False,
+                               frame_skip=args.frame_skip, crop_size=cfg.train_station_cropping_origin)
+    else:
+        dataset = FrameFolder(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, frame_skip=args.frame_skip,
+                              train=False)
+    num = len(dataset) if args.num_sequences is None else min(args.num_sequences, len(dataset))
+    return dataset, num
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation loop
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    """Running sums over the evaluated sequences."""
+    names: list = field(default_factory=list)
+    box_accs: list = field(default_factory=list)
+    mask_accs: list = field(default_factory=list)
+    gt_counts: list = field(default_factory=list)
+    pred_counts: list = field(default_factory=list)
+    sq_err: float = 0.0
+    num_values: int = 0
+    nll: list = field(default_factory=list)
+    gen_sq_err: np.ndarray | None = None      # (T - observe,) summed over sequences
+    gen_sequences: int = 0
+    centre_errors: list | None = None         # per generated step, matched distances
+    predictions: dict = field(default_factory=dict)
+
+
+def nll_per_sequence(model, batch, step: int, tau: float, samples: int) -> torch.Tensor:
+    """(B,) importance-sampled negative log-likelihood: -(logsumexp_k log w_k - log K), where
+    log w_k = sum over frames of (log p(x | z_k) + log p(z_k) - log q(z_k | x))."""
+    log_w = []
+    for _ in range(samples):
+        out = model(batch, step, tau, nll=True)
+        log_w.append((out.log_like + out.log_imp).sum(1))
+    log_w = torch.stack(log_w)                                                      # (K, B)
+    return -(torch.logsumexp(log_w.double(), 0) - math.log(samples))
+
+
+def add_generation(tally: Tally, batch, gen, truths, observe: int, H: int, W: int) -> None:
+    """Per generated step: image squared error and matched object-centre distances."""
+    T = batch.shape[1]
+    err = ((gen.recon[:, observe:] - batch[:, observe:]) ** 2).flatten(2).mean(2).sum(0).double().cpu().numpy()
+    tally.gen_sq_err = err if tally.gen_sq_err is None else tally.gen_sq_err + err
+    tally.gen_sequences += batch.shape[0]
+    if truths is None:
+        return
+    if tally.centre_errors is None:
+        tally.centre_errors = [[] for _ in range(T - observe)]
+    preds = sequence_predictions(gen.records[observe:], H, W)                       # [b][t - observe]
+    for b, truth in enumerate(truths):
+        for k, pred in enumerate(preds[b]):
+            gt = truth[observe + k]
+            tally.centre_errors[k].extend(match_centres(box_centres(gt.xywh), box_centres(pred.xywh)).tolist())
+
+
+def add_inference(tally: Tally, preds: list, names: list, truths, out_dir: str) -> None:
+    """Per sequence: the exports, and (with ground truth) the tracking accumulators and counts."""
+    for b, name in enumerate(names):
+        tally.names.append(name)
+        tally.predictions[name] = prediction_entries(preds[b])
+        write_tracks(os.path.join(out_dir, f"tracks_{name}.txt"), preds[b])
+        if truths is None:
+            continue
+        gt = truths[b]
+        tally.box_accs.append(accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.xywh) for p in preds[b]]))
+        tally.mask_accs.append(accumulate([(g.ids, g.masks) for g in gt], [(p.ids, p.masks) for p in preds[b]],
+                                          mask_iou_distance))
+        tally.gt_counts.extend(g.count for g in gt)
+        tally.pred_counts.extend(p.count for p in preds[b])
+
+
+def evaluate_batch(model, batch, step, tau, args, tally: Tally, names, truths, gif_names) -> None:
+    """Run the model on one batch (inference, then generation and the NLL samples unless --track),
+    add everything to the tally and write the batch's exports."""
+    cfg = model.cfg
+    H, W = cfg.img_h, cfg.img_w
+    out = model(batch, step, tau, keep_records=True)
+    preds = sequence_predictions(out.records, H, W)                                 # [b][t]
+    tally.sq_err += float(((out.recon - batch) ** 2).double().sum())
+    tally.num_values += batch.numel()
+    add_inference(tally, preds, names, truths, args.out)
+    gifs = [b for b, name in enumerate(names) if name in gif_names]
+    gen = model(batch, step, tau, generate=True, keep_records=True) if not args.track or gifs else None
+    if not args.track:
+        add_generation(tally, batch, gen, truths, cfg.observe_frames, H, W)
+        if args.nll_samples > 0:
+            tally.nll.extend(nll_per_sequence(model, batch, step, tau, args.nll_samples).tolist())
+    for b in gifs:
+        columns = [batch[b], out.recon[b], batch[b], torch.stack([r.background[b] for r in out.records]), gen.recon[b]]
+        write_gif(os.path.join(args.out, f"gif_{names[b]}.gif"), [c.cpu() for c in columns], preds[b], box_column=2)
+
+
+def run(model, dataset, num: int, args, step: int, tau: float, device) -> Tally:
+    """Evaluate the first `num` sequences of the dataset in batches."""
+    indices = list(range(num))
+    names = [sequence_name(dataset, i) for i in indices]
+    gif_names = set(names[:args.gif])
+    loader = make_loader(Subset(dataset, indices), args.batch_size, shuffle=False, workers=args.workers,
+                         drop_last=False)
+    has_truth = isinstance(dataset, MovingSprites) and not args.track
+    tally = Tally()
+    position = 0
+    with torch.no_grad(), tqdm(total=num, unit="seq", desc="evaluate", file=sys.stderr) as bar:
+        for batch in loader:
+            B = batch.shape[0]
+            batch_indices = indices[position:position + B]
+            truths = [ground_truth_frames(dataset.ground_truth(i)) for i in batch_indices] if has_truth else None
+            evaluate_batch(model, batch.to(device), step, tau, args, tally, names[position:position + B],
+                           truths, gif_names)
+            position += B
+            bar.update(B)
+    return tally
+
+
+def generation_report(tally: Tally, observe_frames: int, has_truth: bool) -> dict:
+    """Conditional generation: image MSE per generated step and, with ground truth, the mean
+    distance (pixels) between matched predicted and true object centres per generated step."""
+    mse = (tally.gen_sq_err / max(tally.gen_sequences, 1)).tolist() if tally.gen_sq_err is not None else []
+    report = {"observe_frames": observe_frames, "mse_per_step": mse,
+              "mse": float(np.mean(mse)) if mse else float("nan"),
+              "centre_error_px_per_step": None, "centre_error_px": None, "centre_matches_per_step": None}
+    if has_truth and tally.centre_errors is not None:
+        every = [d for step in tally.centre_errors for d in step]
+        report.update(centre_error_px_per_step=[float(np.mean(e)) if e else float("nan") for e in tally.centre_errors],
+                      centre_error_px=float(np.mean(every)) if every else float("nan"),
+                      centre_matches_per_step=[len(e) for e in tally.centre_errors])
+    return report
+
+
+def nll_report(tally: Tally, samples: int, cfg) -> dict | None:
+    """Mean importance-sampled NLL per sequence, per frame and in bits per dimension (of a Gaussian
+    density over continuous pixel values, so it may be negative)."""
+    if not tally.nll:
+        return None
+    nll = float(np.mean(tally.nll))
+    return {"samples": samples, "nats_per_sequence": nll, "nats_per_frame": nll / cfg.seq_len,
+            "bits_per_dim": nll / (cfg.seq_len * 3 * cfg.img_h * cfg.img_w * math.log(2))}
+
+
+def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: str) -> dict:
+    """The report.json contents from the tally."""
+    has_truth = bool(tally.box_accs)
+    sprites = dataset_name == "sprites"
+    return {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "step": step,
+        "tau": tau,
+        "dataset": dataset_name,
+        "preset": args.preset if sprites else None,
+        "data_dir": None if sprites else os.path.abspath(args.data_dir),
+        "frame_skip": None if sprites else args.frame_skip,
+        "num_sequences": len(tally.names),
+        "seq_len": cfg.seq_len,
+        "image_size": [cfg.img_h, cfg.img_w],
+        "min_gt_area": MIN_GT_AREA,
+        "tracking_box": summarize(tally.box_accs, tally.names) if has_truth else None,
+        "tracking_mask": summarize(tally.mask_accs, tally.names) if has_truth else None,
+        "counting": count_metrics(tally.gt_counts, tally.pred_counts) if has_truth else None,
+        "reconstruction": {"mse": tally.sq_err / max(tally.num_values, 1)},
+        "nll": nll_report(tally, args.nll_samples, cfg),
+        "generation": generation_report(tally, cfg.observe_frames, has_truth),
+    }
+
+
+def json_ready(value):
+    """The value with NaN and infinities replaced by None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def summary_table(report: dict) -> str:
+    """A readable table of the main numbers."""
+    rows = [("sequences", report["num_sequences"]), ("step", report["step"])]
+    for kind in ("tracking_box", "tracking_mask"):
+        m = report.get(kind)
+        if m:
+            label = kind.replace("tracking_", "")
+            rows += [(f"MOTA ({label})", m["mota"]), (f"MOTP IoU ({label})", m["motp_iou"]),
+                     (f"MOTP 1-IoU ({label})", m["motp_distance"]), (f"IDF1 ({label})", m["idf1"]),
+                     (f"ID switches ({label})", m["id_switches"]), (f"false positives ({label})", m["false_positives"]),
+                     (f"misses ({label})", m["misses"]),
+                     (f"mostly tracked ({label})", f"{m['mostly_tracked']} / {m['num_unique_objects']}"),
+                     (f"mostly detected ({label})", f"{m['mostly_detected']} / {m['num_unique_objects']}")]
+    if report.get("counting"):
+        rows += [("count accuracy", report["counting"]["accuracy"]), ("count MAE", report["counting"]["mae"])]
+    rows.append(("reconstruction MSE", report["reconstruction"]["mse"]))
+    if report.get("nll"):
+        rows += [("NLL (nats/sequence)", report["nll"]["nats_per_sequence"]),
+                 ("NLL (bits/dim)", report["nll"]["bits_per_dim"])]
+    gen = report["generation"]
+    rows.append(("generation MSE / step", " ".join(f"{v:.4f}" for v in gen["mse_per_step"])))
+    if gen.get("centre_error_px_per_step") is not None:
+        rows.append(("centre error px / step", " ".join("n/a" if v is None or not math.isfinite(v) else f"{v:.2f}"
+                                                       for v in gen["centre_error_px_per_step"])))
+    width = max(len(name) for name, _ in rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(f"{name:<{width}}  {fmt(value)}" for name, value in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Evaluate a trained SCALOR checkpoint (metrics and exports).")
+    p.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
+    p.add_argument("--track", action="store_true",
+                   help="only run the model on --data-dir frames and write tracks, predictions.json and GIFs")
+    p.add_argument("--dataset", choices=("sprites", "grandcentral", "frames"), default=None,
+                   help="test data (default: frames with --track, else grandcentral for a model trained "
+                        "on it, else frames with --data-dir, else sprites)")
+    p.add_argument("--data-dir", default=None,
+                   help="frames folder (grandcentral: default the training run's; its last 10%% is the test split)")
+    p.add_argument("--preset", default=None,
+                   help=f"sprite preset, one of {', '.join(sorted(SPRITE_PRESETS))} (default: the training run's, else easy)")
+    p.add_argument("--frame-skip", type=int, default=None,
+                   help="frame skip (default: the training run's, else grandcentral 8, frames 1)")
+    p.add_argument("--num-sequences", type=int, default=None,
+                   help="sequences to evaluate (sprites: default 100; folders: default all)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's batch size")
+    p.add_argument("--nll-samples", type=int, default=0, help="importance samples for the NLL (0: off)")
+    p.add_argument("--out", default="eval", help="output folder")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--gif", type=int, default=0, help="write GIFs of the first N sequences")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's sampling")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    args = p.parse_args(argv)
+    for name in ("num_sequences", "batch_size", "frame_skip"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.nll_samples < 0 or args.gif < 0 or args.workers < 0:
+        raise EvalError("--nll-samples, --gif and --workers must not be negative")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda but no CUDA device is available: use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_model(path: str, device) -> tuple:
+    """(model in eval mode, checkpoint payload), the weights loaded strictly."""
+    payload = read_checkpoint(path, map_location="cpu")
+    model = SCALOR(payload["config"])
+    try:
+        load_model_state(model, payload, path)
+    except RuntimeError as e:   # strict load_state_dict: missing or unexpected keys, wrong shapes
+        raise CheckpointError(f"'{path}' does not fit the model: {' '.join(str(e).split())[:300]}") from None
+    return model.to(device).eval(), payload
+
+
+def prepare(argv):
+    """Parse, load and check everything before anything is written: (args, model, step, dataset, num, device)."""
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model, payload = load_model(args.checkpoint, device)
+    trained = payload.get("data")
+    resolve_data(args, trained if isinstance(trained, dict) else {})
+    dataset, num = build_dataset(args, model.cfg)
+    if args.batch_size is None:
+        args.batch_size = model.cfg.batch_size
+    return args, model, int(payload.get("step", 0)), dataset, num, device
+
+
+def main(argv=None) -> int:
+    try:
+        args, model, step, dataset, num, device = prepare(argv)
+    except SystemExit as e:   # argparse: usage error (already printed) or --help
+        return int(e.code or 0)
+    except (EvalError, CheckpointError, DataError, ConfigError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    cfg = model.cfg
+    tau = tau_at(cfg, step)
+    seed_everything(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    tally = run(model, dataset, num, args, step, tau, device)
+    with open(os.path.join(args.out, "predictions.json"), "w") as f:
+        json.dump(tally.predictions, f)
+    if args.track:
+        print(f"wrote tracks, predictions.json and {min(args.gif, num)} GIFs of {num} sequences to {args.out}")
+        return 0
+    report = build_report(tally, args, cfg, step, tau, args.dataset)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(json_ready(report), f, indent=2)
+    print(summary_table(report))
+    print(f"wrote report.json, tracks, predictions.json and {min(args.gif, num)} GIFs to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

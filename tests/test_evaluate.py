@@ -1,0 +1,419 @@
+"""evaluate.py: box geometry, IoU distances, tracking/counting metrics on known answers, RLE, and the
+command line end to end on a tiny untrained model."""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+from common import small_config
+from data import make_sprites, write_to_disk
+from scalor import SCALOR
+from utils import save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The model runs here are tiny: one thread is fastest, and robust when other processes share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers: synthetic ground truth
+# ------------------------------------------------------------------------------------------------
+
+def moving_boxes(num_objects=2, num_frames=6):
+    """Per frame (ids, xywh): objects 1..N, 10x8 boxes far apart, moving 2 px right per frame."""
+    frames = []
+    for t in range(num_frames):
+        ids = np.arange(1, num_objects + 1)
+        boxes = np.array([[5.0 + 2 * t, 5.0 + 30 * k, 10.0, 8.0] for k in range(num_objects)])
+        frames.append((ids, boxes))
+    return frames
+
+
+def boxes_to_masks(frames, size=128):
+    """The same frames with each (whole-pixel) box turned into a filled (size, size) mask."""
+    result = []
+    for ids, boxes in frames:
+        masks = np.zeros((len(ids), size, size), dtype=bool)
+        for k, (x, y, w, h) in enumerate(boxes.astype(int)):
+            masks[k, y:y + h, x:x + w] = True
+        result.append((ids, masks))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracking metrics on known answers
+# ------------------------------------------------------------------------------------------------
+
+def test_ground_truth_as_predictions_is_perfect():
+    gt = moving_boxes(num_objects=3, num_frames=5)
+    pred = [(ids + 100, boxes.copy()) for ids, boxes in gt]   # different id values, same tracks
+    m = ev.tracking_metrics(gt, pred)
+    assert m["mota"] == 1.0
+    assert m["motp_distance"] == 0.0 and m["motp_iou"] == 1.0
+    assert m["idf1"] == 1.0
+    assert (m["id_switches"], m["false_positives"], m["misses"]) == (0, 0, 0)
+    assert (m["num_objects"], m["matches"], m["num_unique_objects"]) == (15, 15, 3)
+    assert (m["mostly_tracked"], m["mostly_detected"], m["partially_tracked"], m["mostly_lost"]) == (3, 3, 0, 0)
+
+
+def test_ground_truth_masks_as_predictions_is_perfect():
+    gt = boxes_to_masks(moving_boxes(num_objects=2, num_frames=4))
+    m = ev.tracking_metrics(gt, gt, distance=ev.mask_iou_distance)
+    assert m["mota"] == 1.0 and m["motp_distance"] == 0.0 and m["motp_iou"] == 1.0
+    assert (m["id_switches"], m["false_positives"], m["misses"]) == (0, 0, 0)
+
+
+def test_swapping_two_ids_once_gives_two_switches():
+    gt = moving_boxes(num_objects=2, num_frames=6)
+    pred = []
+    for t, (ids, boxes) in enumerate(gt):
+        pred_ids = np.array([11, 12]) if t < 3 else np.array([12, 11])   # swapped from frame 3 on
+        pred.append((pred_ids, boxes.copy()))
+    m = ev.tracking_metrics(gt, pred)
+    assert m["id_switches"] == 2                                      # one per object, at frame 3
+    assert (m["false_positives"], m["misses"], m["num_objects"]) == (0, 0, 12)
+    assert m["mota"] == pytest.approx(1 - 2 / 12, abs=1e-12)
+    assert m["motp_distance"] == 0.0
+    # each object: matched in 6/6 frames, without a switch in 5/6 >= 0.8
+    assert (m["mostly_tracked"], m["mostly_detected"]) == (2, 2)
+
+
+def test_dropping_k_objects_in_m_frames_gives_k_times_m_misses():
+    k, m_frames = 2, 3
+    gt = moving_boxes(num_objects=3, num_frames=8)
+    pred = []
+    for t, (ids, boxes) in enumerate(gt):
+        keep = slice(k, None) if t in (1, 4, 6) else slice(None)      # drop objects 1..k in m frames
+        pred.append((ids[keep] + 50, boxes[keep]))
+    m = ev.tracking_metrics(gt, pred)
+    assert m["misses"] == k * m_frames
+    assert (m["false_positives"], m["id_switches"]) == (0, 0)
+    assert m["mota"] == pytest.approx(1 - k * m_frames / 24, abs=1e-12)
+    # the dropped objects are matched in 5/8 frames: partially tracked, not mostly
+    assert (m["mostly_tracked"], m["mostly_detected"], m["partially_tracked"]) == (1, 1, 2)
+
+
+def test_false_positives_are_counted():
+    gt = moving_boxes(num_objects=1, num_frames=4)
+    pred = [(np.array([7, 8]), np.concatenate((boxes, [[100.0, 100.0, 5.0, 5.0]]))) for _, boxes in gt]
+    m = ev.tracking_metrics(gt, pred)
+    assert (m["false_positives"], m["misses"], m["id_switches"]) == (4, 0, 0)
+    assert m["mota"] == pytest.approx(1 - 4 / 4, abs=1e-12)
+
+
+def test_summarize_adds_up_sequences():
+    gt = moving_boxes(num_objects=2, num_frames=3)
+    pred_miss = [(ids[:1], boxes[:1]) for ids, boxes in gt]           # second object always missed
+    accs = [ev.accumulate(gt, gt), ev.accumulate(gt, pred_miss)]
+    m = ev.summarize(accs, ["a", "b"])
+    assert (m["num_objects"], m["misses"], m["num_unique_objects"]) == (12, 3, 4)
+    assert (m["mostly_tracked"], m["mostly_lost"]) == (3, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry
+# ------------------------------------------------------------------------------------------------
+
+def test_box_shifted_by_half_its_width_has_iou_one_third():
+    a = np.array([[10.0, 20.0, 8.0, 6.0]])
+    b = np.array([[14.0, 20.0, 8.0, 6.0]])
+    assert ev.iou_xywh(a, b)[0, 0] == 1 / 3
+    assert ev.iou_xywh(a, a)[0, 0] == 1.0
+    assert ev.iou_xywh(a, [[18.0, 20.0, 8.0, 6.0]])[0, 0] == 0.0       # touching edges
+    dist = ev.iou_matrix_distance(a, np.concatenate((a, b)))
+    assert dist[0, 0] == 0.0 and np.isnan(dist[0, 1])                  # IoU 1/3 < 0.5: never paired
+    # the same through the normalised-coordinate conversion
+    z = np.array([[0.25, 0.25, 0.0, 0.0], [0.25, 0.25, 0.25, 0.0]])
+    boxes = ev.xyxy_to_xywh(ev.box_to_pixels(z, 64, 64))
+    assert ev.iou_xywh(boxes[:1], boxes[1:])[0, 0] == 1 / 3
+
+
+def test_box_to_pixels_known_values():
+    z = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.5, 0.25, 0.5, -0.5]]])   # (B=1, R=2, 4)
+    xyxy = ev.box_to_pixels(z, 32, 64)                                     # H=32, W=64
+    assert xyxy.shape == (1, 2, 4)
+    np.testing.assert_array_equal(xyxy[0, 0], [0, 0, 64, 32])             # the whole frame
+    np.testing.assert_array_equal(xyxy[0, 1], [32, 4, 64, 12])
+    np.testing.assert_array_equal(ev.xyxy_to_xywh(xyxy)[0, 1], [32, 4, 32, 8])
+    np.testing.assert_array_equal(ev.box_centres([[32, 4, 32, 8]]), [[48, 8]])
+
+
+def test_mask_iou_distance_known_values():
+    a = np.zeros((1, 4, 4), dtype=bool)
+    a[0, :2, :2] = True                                                   # 4 pixels
+    b = np.zeros((3, 4, 4), dtype=bool)
+    b[0, :2, :2] = True                                                   # same
+    b[1, :2, :3] = True                                                   # 6 pixels, IoU 4/6
+    b[2, :1, :2] = True                                                   # 2 pixels, IoU 2/4
+    np.testing.assert_allclose(ev.mask_iou(a, b), [[1.0, 2 / 3, 0.5]])
+    np.testing.assert_allclose(ev.mask_iou_distance(a, b), [[0.0, 1 / 3, 0.5]])
+    assert np.isnan(ev.mask_iou_distance(a, b, thresh=0.6)[0, 2])
+    assert ev.mask_iou_distance(a, np.zeros((0, 4, 4), bool)).shape == (1, 0)
+
+
+def test_placed_masks_match_the_boxes():
+    """An all-ones glimpse placed at a box covers exactly the box's pixels."""
+    G, H, W = 16, 64, 64
+    record = SimpleNamespace(
+        z_pres=torch.tensor([[0.9, 0.2, 0.8]]),
+        z_where=torch.tensor([[[0.25, 0.25, 0.0, 0.0], [0.1, 0.1, 0.5, 0.5], [0.125, 0.25, -0.5, 0.5]]]),
+        ids=torch.tensor([[3, 4, 9]]),
+        alpha_glimpse=torch.ones(1, 3, 1, G, G))
+    (objects,) = ev.frame_predictions(record, H, W)
+    assert objects.ids.tolist() == [3, 9]                                 # z_pres 0.2 is not an object
+    np.testing.assert_allclose(objects.conf, [0.9, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(objects.xywh, [[24, 24, 16, 16], [12, 40, 8, 16]])
+    for mask, (x, y, w, h) in zip(objects.masks, objects.xywh.astype(int)):
+        expected = np.zeros((H, W), dtype=bool)
+        expected[y:y + h, x:x + w] = True
+        np.testing.assert_array_equal(mask, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# RLE, counting, centre matching
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (13, 7), (64, 64), (31, 1), (1, 29)])
+def test_rle_round_trips_exactly(shape):
+    rng = np.random.default_rng(sum(shape))
+    for mask in (rng.random(shape) < 0.3, rng.random(shape) < 0.9, np.zeros(shape, bool), np.ones(shape, bool)):
+        text = ev.rle_encode(mask)
+        decoded = ev.rle_decode(text, *shape)
+        assert decoded.dtype == bool and decoded.shape == shape
+        np.testing.assert_array_equal(decoded, mask)
+
+
+def test_rle_format():
+    assert ev.rle_encode(np.array([[0, 1, 1], [1, 0, 0]])) == "2 3"       # row-major, 1-based starts
+    assert ev.rle_encode(np.array([[1, 0], [0, 1]])) == "1 1 4 1"
+    assert ev.rle_encode(np.zeros((2, 3))) == ""
+    assert ev.rle_encode(np.ones((2, 3))) == "1 6"
+    with pytest.raises(ValueError):
+        ev.rle_decode("1", 2, 3)
+    with pytest.raises(ValueError):
+        ev.rle_decode("5 3", 2, 3)
+
+
+def test_count_metrics_known_answers():
+    m = ev.count_metrics([2, 3, 1, 0], [2, 1, 1, 1])
+    assert m == {"accuracy": 0.5, "mae": 0.75, "bias": -0.25, "frames": 4}
+    assert ev.count_metrics([4, 4], [4, 4])["accuracy"] == 1.0
+    with pytest.raises(ValueError):
+        ev.count_metrics([1, 2], [1])
+
+
+def test_match_centres_hungarian_and_greedy():
+    gt = [[0.0, 0.0], [10.0, 0.0]]
+    pred = [[9.0, 0.0], [19.0, 0.0]]
+    assert sorted(ev.match_centres(gt, pred).tolist()) == [9.0, 9.0]      # least total distance
+    assert sorted(ev.match_centres(gt, pred, use_scipy=False).tolist()) == [1.0, 19.0]  # closest first
+    assert ev.match_centres(gt, np.zeros((0, 2))).size == 0
+    assert ev.match_centres(gt, [[3.0, 4.0]]).tolist() == [5.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation loop with a model that predicts the ground truth
+# ------------------------------------------------------------------------------------------------
+
+class OracleModel:
+    """Stands in for SCALOR: its 'inference' is the ground truth of the sprite scene it is shown
+    (boxes as z_where, ids, z_pres 1), its reconstruction is the input, its log weights are 0."""
+
+    def __init__(self, cfg, dataset):
+        self.cfg, self.dataset = cfg, dataset
+        self.scenes = [dataset[i] for i in range(len(dataset))]
+
+    def truth(self, seq):
+        index = next(i for i, scene in enumerate(self.scenes) if torch.equal(scene, seq))
+        return ev.ground_truth_frames(self.dataset.ground_truth(index))
+
+    def __call__(self, batch, step, tau, generate=False, nll=False, keep_records=False):
+        B, T, _, H, W = batch.shape
+        truths = [self.truth(seq) for seq in batch]
+        R = max(1, max(frame.count for truth in truths for frame in truth))
+        records = []
+        for t in range(T):
+            z_where, z_pres = torch.zeros(B, R, 4), torch.zeros(B, R)
+            ids = torch.zeros(B, R, dtype=torch.long)
+            for b, truth in enumerate(truths):
+                for r, (obj_id, (x, y, w, h)) in enumerate(zip(truth[t].ids, truth[t].xywh)):
+                    z_where[b, r] = torch.tensor([w / W, h / H, (x + w / 2) / W * 2 - 1, (y + h / 2) / H * 2 - 1])
+                    z_pres[b, r], ids[b, r] = 1.0, int(obj_id)
+            records.append(SimpleNamespace(z_where=z_where, z_pres=z_pres, ids=ids,
+                                           alpha_glimpse=torch.ones(B, R, 1, 8, 8), background=torch.zeros(B, 3, H, W)))
+        zeros = torch.zeros(B, T)
+        return SimpleNamespace(recon=batch.clone(), records=records, log_like=zeros, log_imp=zeros)
+
+
+def test_evaluation_of_perfect_predictions(tmp_path):
+    cfg = small_config(seq_len=4, batch_size=2, observe_frames=2)
+    data = make_sprites("easy", img_h=64, img_w=64, seq_len=4, num_sequences=3, seed=5)
+    args = SimpleNamespace(out=str(tmp_path), gif=1, batch_size=2, workers=0, track=False, nll_samples=2,
+                           checkpoint="oracle", preset="easy", data_dir=None, frame_skip=None)
+    tally = ev.run(OracleModel(cfg, data), data, 3, args, 0, 1.0, torch.device("cpu"))   # batches of 2 and 1
+    report = ev.build_report(tally, args, cfg, 0, 1.0, "sprites")
+    box = report["tracking_box"]
+    num_objects = sum(f.count for i in range(3) for f in ev.ground_truth_frames(data.ground_truth(i)))
+    assert box["num_objects"] == box["matches"] == box["num_predictions"] == num_objects > 0
+    assert box["mota"] == 1.0 and box["idf1"] == 1.0
+    assert (box["id_switches"], box["false_positives"], box["misses"]) == (0, 0, 0)
+    assert box["motp_iou"] == pytest.approx(1.0, abs=1e-5)
+    assert box["mostly_tracked"] == box["num_unique_objects"]
+    assert report["tracking_mask"]["num_objects"] == num_objects     # masks are boxes here: no exact match
+    assert report["counting"] == {"accuracy": 1.0, "mae": 0.0, "bias": 0.0, "frames": 12}
+    assert report["reconstruction"]["mse"] == 0.0
+    assert report["nll"]["nats_per_sequence"] == pytest.approx(0.0, abs=1e-12)   # log w = 0 for every sample
+    assert report["generation"]["mse_per_step"] == [0.0, 0.0]
+    assert report["generation"]["centre_error_px"] == pytest.approx(0.0, abs=1e-4)
+    assert sorted(tally.predictions) == ["000000", "000001", "000002"]
+    with open(tmp_path / "tracks_000001.txt") as f:
+        first = [line.split(",") for line in f if line.startswith("1,")]
+    truth = ev.ground_truth_frames(data.ground_truth(1))[0]
+    assert sorted(int(line[1]) for line in first) == sorted(truth.ids.tolist())
+    for line in first:
+        k = truth.ids.tolist().index(int(line[1]))
+        np.testing.assert_allclose([float(v) for v in line[2:6]], truth.xywh[k], atol=0.01)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_cfg):
+    torch.manual_seed(0)
+    path = str(tmp_path / "tiny.pt")
+    save_checkpoint(path, SCALOR(tiny_cfg), step=1234, cfg=tiny_cfg)
+    return path
+
+
+def read_tracks(out):
+    """{sequence: [[10 values] per line]} of the tracks_*.txt files."""
+    tracks = {}
+    for name in sorted(os.listdir(out)):
+        if name.startswith("tracks_"):
+            with open(os.path.join(out, name)) as f:
+                tracks[name[len("tracks_"):-len(".txt")]] = [line.strip().split(",") for line in f if line.strip()]
+    return tracks
+
+
+def test_main_end_to_end(tmp_path, checkpoint, tiny_cfg):
+    out = str(tmp_path / "eval")
+    code = ev.main(["--checkpoint", checkpoint, "--num-sequences", "2", "--batch-size", "2", "--out", out,
+                    "--nll-samples", "2", "--gif", "1", "--device", "cpu"])
+    assert code == 0
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert report["step"] == 1234 and report["num_sequences"] == 2 and report["dataset"] == "sprites"
+    assert report["tau"] == pytest.approx(math.exp(1234 * math.log(0.5) / 2e4))
+
+    # ground truth computed independently: the test scenes, objects with >= 5 visible pixels
+    data = make_sprites("easy", img_h=64, img_w=64, seq_len=3, num_sequences=2, seed=ev.TEST_SEED_OFFSET + tiny_cfg.seed)
+    gt_counts = [int(((gt["ids"][t] >= 0) & (gt["masks"][t].sum((1, 2)) >= 5)).sum())
+                 for gt in map(data.ground_truth, range(2)) for t in range(3)]
+
+    tracks = read_tracks(out)
+    assert sorted(tracks) == ["000000", "000001"]
+    lines = [line for rows in tracks.values() for line in rows]
+    assert all(len(line) == 10 and line[7:] == ["-1", "-1", "-1"] for line in lines)
+    assert all(1 <= int(line[0]) <= 3 and int(line[1]) >= 1 and 0.5 < float(line[6]) <= 1 for line in lines)
+    pred_counts = [sum(1 for line in tracks[s] if int(line[0]) == t + 1) for s in ("000000", "000001") for t in range(3)]
+
+    for kind in ("tracking_box", "tracking_mask"):
+        m = report[kind]
+        for key in ("mota", "idf1", "id_switches", "false_positives", "misses", "num_objects",
+                    "mostly_tracked", "mostly_detected", "partially_tracked", "mostly_lost"):
+            assert math.isfinite(m[key]), (kind, key)
+        assert m["mota"] <= 1
+        assert m["num_objects"] == sum(gt_counts)
+        assert m["num_predictions"] == len(lines)
+        assert m["mota"] == pytest.approx(1 - (m["misses"] + m["false_positives"] + m["id_switches"]) / m["num_objects"])
+        assert m["misses"] + m["matches"] == m["num_objects"]
+        assert m["mostly_detected"] + m["partially_tracked"] + m["mostly_lost"] == m["num_unique_objects"]
+        assert m["motp_iou"] is None or (0.5 <= m["motp_iou"] <= 1 and m["motp_distance"] == pytest.approx(1 - m["motp_iou"]))
+
+    counting = report["counting"]
+    assert counting["frames"] == 6 and 0 <= counting["accuracy"] <= 1
+    assert counting["accuracy"] == pytest.approx(np.mean(np.array(gt_counts) == np.array(pred_counts)))
+    assert counting["mae"] == pytest.approx(np.mean(np.abs(np.array(gt_counts) - np.array(pred_counts))))
+    assert 0 <= report["reconstruction"]["mse"] <= 1
+    assert math.isfinite(report["nll"]["nats_per_sequence"]) and report["nll"]["samples"] == 2
+    gen = report["generation"]
+    assert len(gen["mse_per_step"]) == 2 and all(0 <= v <= 1 for v in gen["mse_per_step"])
+    assert len(gen["centre_error_px_per_step"]) == 2
+    assert all(v is None or v >= 0 for v in gen["centre_error_px_per_step"])
+
+    with open(os.path.join(out, "predictions.json")) as f:
+        predictions = json.load(f)
+    assert sorted(predictions) == ["000000", "000001"]
+    for seq, frames in predictions.items():
+        assert [fr["frame"] for fr in frames] == [0, 1, 2]
+        for fr in frames:
+            assert len(fr["masks"]) == len(fr["ids"])
+            assert sorted(fr["ids"]) == sorted(int(line[1]) for line in tracks[seq] if int(line[0]) == fr["frame"] + 1)
+            for text in fr["masks"]:
+                assert ev.rle_decode(text, 64, 64).shape == (64, 64)
+    assert os.path.isfile(os.path.join(out, "gif_000000.gif"))
+    assert not os.path.exists(os.path.join(out, "gif_000001.gif"))
+
+
+def test_track_mode_writes_exports_only(tmp_path, checkpoint):
+    frames = write_to_disk(make_sprites("easy", seq_len=4, num_sequences=1), tmp_path / "frames", 1)
+    out = str(tmp_path / "tracks")
+    assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--out", out,
+                    "--device", "cpu"]) == 0
+    names = sorted(os.listdir(out))
+    assert names == ["predictions.json", "tracks_000000_000000.txt"]      # one 3-frame sequence, no report
+
+
+def data_flags(**given):
+    flags = dict(dataset=None, data_dir=None, preset=None, frame_skip=None, track=False)
+    flags.update(given)
+    return SimpleNamespace(**flags)
+
+
+def test_data_defaults_come_from_the_training_run():
+    sprites = {"dataset": "sprites", "data_dir": None, "preset": "few", "frame_skip": None}
+    gc = {"dataset": "grandcentral", "data_dir": "/data/gc", "preset": "easy", "frame_skip": 4}
+    frames = {"dataset": "frames", "data_dir": "/data/train", "preset": "easy", "frame_skip": 2}
+    cases = [  # (training data, flags given) -> (dataset, preset, data_dir, frame_skip)
+        ({}, {}, ("sprites", "easy", None, 1)),
+        (sprites, {}, ("sprites", "few", None, 1)),
+        (sprites, {"preset": "many"}, ("sprites", "many", None, 1)),
+        (gc, {}, ("grandcentral", "easy", "/data/gc", 4)),
+        (gc, {"data_dir": "/other", "frame_skip": 2}, ("grandcentral", "easy", "/other", 2)),
+        (gc, {"dataset": "frames", "data_dir": "/test"}, ("frames", "easy", "/test", 1)),
+        (frames, {"data_dir": "/test"}, ("frames", "easy", "/test", 2)),     # never the training frames
+        (sprites, {"track": True, "data_dir": "/f"}, ("frames", "easy", "/f", 1)),
+    ]
+    for trained, given, expected in cases:
+        args = data_flags(**given)
+        ev.resolve_data(args, trained)
+        assert (args.dataset, args.preset, args.data_dir, args.frame_skip) == expected, (trained, given)
+    for trained, given in [(frames, {}), ({}, {"track": True}), ({}, {"dataset": "grandcentral"}),
+                           ({}, {"preset": "nope"})]:
+        with pytest.raises(ev.EvalError):
+            ev.resolve_data(data_flags(**given), trained)
+
+
+@pytest.mark.parametrize("problem", ["missing_checkpoint", "not_a_checkpoint", "missing_data"])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, checkpoint, capsys, problem):
+    out = tmp_path / "out"
+    args = {"missing_checkpoint": ["--checkpoint", str(tmp_path / "nope.pt")],
+            "not_a_checkpoint": ["--checkpoint", str(tmp_path / "junk.pt")],
+            "missing_data": ["--checkpoint", checkpoint, "--dataset", "frames", "--data-dir", str(tmp_path / "none")]}
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    assert ev.main(args[problem] + ["--out", str(out)]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate.py: error:") and "\n" not in err
