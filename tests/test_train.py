@@ -1,0 +1,248 @@
+"""Tests of train.py and viz.py: flags, logging, checkpoints, exact resume, errors, NaN steps, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+import viz
+from common import Config
+from utils import read_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--small", "--img-h", "64", "--img-w", "64", "--seq-len", "3", "--batch-size", "2", "--steps", "4",
+        "--print-freq", "2", "--generate-freq", "4", "--save-freq", "2", "--num-sprite-sequences", "8",
+        "--num-img-summary", "2", "--workers", "0", "--device", "cpu"]
+SCALARS = ["train/total_loss", "train/log_like", "train/kl_what", "train/kl_where", "train/kl_depth",
+           "train/kl_pres", "train/kl_bg", "train/tau", "train/z_pres_prior", "train/objects_per_frame",
+           "train/steps_per_s", "train/bad_steps"]
+IMAGES = ["images/input", "images/reconstruction", "images/background", "images/alpha", "images/boxes",
+          "generation/rollout"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest, and steadiest on a busy machine, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_dirs(folder: Path, *extra) -> list:
+    return ["--ckpt-dir", str(folder / "checkpoints"), "--summary-dir", str(folder / "summary"), *extra]
+
+
+def losses(folder: Path) -> list:
+    with open(folder / "summary" / "losses.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One 4-step run: checkpoints at steps 2 and 4, scalars at 1, 2, 4, a roll-out at 4."""
+    folder = tmp_path_factory.mktemp("short_run")
+    assert train.main(TINY + run_dirs(folder)) == 0
+    return folder
+
+
+# ---- flags --------------------------------------------------------------------------------------
+
+def test_every_config_field_is_a_flag_with_its_type():
+    parser = train.build_parser()
+    args = parser.parse_args(["--num-cell-h", "8", "--no-phase-conv-lstm", "--using-bg-sbd", "--lr", "1e-3",
+                              "--tau-ep", "100"])
+    assert args.num_cell_h == 8 and isinstance(args.num_cell_h, int)
+    assert args.phase_conv_lstm is False and args.using_bg_sbd is True
+    assert args.lr == 1e-3 and isinstance(args.tau_ep, float)
+    assert train.given_config(args) == dict(num_cell_h=8, phase_conv_lstm=False, using_bg_sbd=True, lr=1e-3,
+                                            tau_ep=100.0)
+    options = {s for action in parser._actions for s in action.option_strings}
+    for name, value in Config().to_dict().items():
+        assert "--" + name.replace("_", "-") in options
+        if isinstance(value, bool):
+            assert "--no-" + name.replace("_", "-") in options
+
+
+def test_bool_flags_take_no_value(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.build_parser().parse_args(["--phase-conv-lstm", "False"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: False" in capsys.readouterr().err
+
+
+def test_small_preset_then_flags_given():
+    args = train.build_parser().parse_args(["--small", "--seq-len", "3", "--batch-size", "2"])
+    cfg = train.make_config(args, None)
+    assert (cfg.img_h, cfg.img_w, cfg.num_cell_h, cfg.glimpse_size, cfg.max_num_obj) == (64, 64, 4, 32, 10)
+    assert (cfg.seq_len, cfg.batch_size, cfg.observe_frames) == (3, 2, 2)   # observe_frames fitted to seq_len
+    assert train.make_config(train.build_parser().parse_args([]), None) == Config()
+    base = Config(lr=1e-3)   # a resumed config keeps its values unless flags are given
+    assert train.make_config(train.build_parser().parse_args(["--small"]), base) == base
+
+
+# ---- a short run: TensorBoard, checkpoints -------------------------------------------------------
+
+def test_short_run_logs_every_scalar_and_panel(short_run):
+    events = EventAccumulator(str(short_run / "summary"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert set(SCALARS) <= set(tags["scalars"])
+    assert set(IMAGES) <= set(tags["images"])
+    assert [e.step for e in events.Scalars("train/total_loss")] == [1, 2, 4]
+    logged = {e.step: e.value for e in events.Scalars("train/total_loss")}
+    for record in losses(short_run):
+        if record["step"] in logged:
+            assert logged[record["step"]] == pytest.approx(record["loss"], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/bad_steps")] == [0, 0, 0]
+    input_panel = events.Images("images/input")[-1]
+    assert (input_panel.height, input_panel.width) == (2 * 64 + 3, 3 * 64 + 4)   # 2 sequences x 3 frames
+    assert [e.step for e in events.Images("generation/rollout")] == [4]
+
+
+def test_short_run_checkpoint(short_run):
+    names = sorted(p.name for p in (short_run / "checkpoints").iterdir())
+    assert names == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+    payload = read_checkpoint(str(short_run / "checkpoints" / "ckpt_00000004.pt"))
+    args = train.build_parser().parse_args(TINY)
+    assert payload["step"] == 4
+    assert payload["config"] == train.make_config(args, None)
+    assert (payload["epoch"], payload["batch_index"]) == (1, 0)   # 8 sequences = 4 batches of 2
+    assert {"model", "optimizer", "rng"} <= set(payload)
+
+
+def test_keeps_the_last_checkpoints(tmp_path):
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "3", "--save-freq", "1", "--keep-checkpoints", "2")) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+
+
+# ---- exact resume -----------------------------------------------------------------------------------
+
+def test_resume_continues_exactly(short_run, tmp_path, capsys):
+    # 2 steps, stop, resume the newest checkpoint for 2 more: the losses of one 4-step run
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "2", "--resume", "auto")) == 0
+    assert "starting a fresh run" in capsys.readouterr().out
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "4", "--resume", "auto")) == 0
+    resumed = [(r["step"], r["loss"]) for r in losses(tmp_path)]
+    assert resumed == [(r["step"], r["loss"]) for r in losses(short_run)]
+    assert read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000004.pt"))["step"] == 4
+
+
+def test_epoch_order_is_seeded_and_resumable():
+    args = train.build_parser().parse_args(TINY)
+    cfg = train.make_config(args, None)
+    dataset = train.build_dataset(cfg, args, "sprites")
+    stream = train.batches(dataset, cfg, 0, 0, 0, False)
+    first = [next(stream) for _ in range(6)]          # 4 batches per epoch: epoch 0, then 2 of epoch 1
+    assert [(e, i) for e, i, _ in first] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    later = train.batches(dataset, cfg, 0, 3, 0, False)
+    for expected in first[3:]:
+        epoch, index, batch = next(later)
+        assert (epoch, index) == expected[:2] and torch.equal(batch, expected[2])
+    assert not torch.equal(first[0][2], first[4][2])   # each epoch has its own order
+
+
+# ---- bad input: exit 2, one line, nothing written ------------------------------------------------
+
+def bad_input_cases(tmp_path, short_run):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    ckpt = str(short_run / "checkpoints" / "ckpt_00000004.pt")
+    return {
+        "missing data dir": (["--data-dir", str(tmp_path / "nowhere")], "does not exist"),
+        "empty data dir": (["--data-dir", str(tmp_path / "empty")], "is empty"),
+        "impossible config": (["--img-h", "100"], "img_h"),
+        "not a checkpoint": (["--resume", str(tmp_path / "junk.pt")], "not a readable SCALOR checkpoint"),
+        "checkpoint of another config": (["--resume", ckpt, "--num-cell-h", "8", "--num-cell-w", "8"], "num_cell_h"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing data dir", "empty data dir", "impossible config", "not a checkpoint",
+                                  "checkpoint of another config"])
+def test_bad_input_exits_2_with_one_line(case, tmp_path, short_run, monkeypatch, capsys):
+    flags, words = bad_input_cases(tmp_path, short_run)[case]
+    monkeypatch.chdir(tmp_path)
+    assert train.main(TINY + ["--run-name", "bad"] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(short_run, capsys):
+    assert train.main(TINY + run_dirs(short_run)) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert len(list((short_run / "checkpoints").iterdir())) == 2
+
+
+# ---- non-finite steps ----------------------------------------------------------------------------
+
+def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALOR_INJECT_NAN_AT", "2,3")
+    assert train.main(TINY + run_dirs(tmp_path, "--max-bad-steps", "3")) == 0
+    assert [r["skipped"] for r in losses(tmp_path)] == [False, True, True, False]
+    events = EventAccumulator(str(tmp_path / "summary"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("train/bad_steps")} == {1: 0, 2: 1, 3: 2, 4: 2}
+    assert read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000004.pt"))["bad_steps"] == 2
+
+
+def test_too_many_nan_steps_save_the_last_good_state_and_exit_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCALOR_INJECT_NAN_AT", "2,3,4")
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "6", "--max-bad-steps", "2", "--save-freq", "10")) == 1
+    assert "step 3" in capsys.readouterr().err
+    assert len(losses(tmp_path)) == 3
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000001.pt"]
+    payload = read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000001.pt"))
+    assert (payload["step"], payload["epoch"], payload["batch_index"]) == (1, 0, 1)
+
+
+# ---- SIGTERM ---------------------------------------------------------------------------------------
+
+def test_sigterm_saves_and_exits_0(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags = TINY + run_dirs(tmp_path, "--steps", "100000", "--save-freq", "100000", "--workers", "1")
+    proc = subprocess.Popen([sys.executable, "train.py"] + flags, cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "summary" / "losses.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    checkpoints = list((tmp_path / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    payload = read_checkpoint(str(checkpoints[0]))
+    assert payload["step"] == len(losses(tmp_path)) >= 2
+
+
+# ---- viz -------------------------------------------------------------------------------------------
+
+def test_tile_has_white_borders():
+    grid = viz.tile(torch.zeros(2, 3, 1, 4, 5))
+    assert grid.shape == (3, 2 * 4 + 3, 3 * 5 + 4)
+    assert grid[:, 0].eq(1).all() and grid[:, :, 0].eq(1).all() and grid[:, 5].eq(1).all()
+    assert grid[:, 1:5, 1:6].eq(0).all()
+
+
+def test_boxes_are_drawn_where_z_where_says():
+    assert viz.box_pixels((0.5, 0.25, 0.0, 0.0), 64, 64) == (16.0, 24.0, 48.0, 40.0)
+    image = torch.zeros(3, 64, 64)
+    z_where = torch.tensor([[0.5, 0.25, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [float("nan")] * 4])
+    drawn = viz.draw_boxes(image, z_where, torch.tensor([0.9, 0.2, 0.9]), torch.tensor([3, 4, 5]),
+                           torch.tensor([True, False, True]))
+    colour = torch.tensor(viz.id_color(3)) / 255.0
+    assert torch.allclose(drawn[:, 40, 16:49], colour[:, None].expand(3, 33), atol=1e-6)   # solid bottom edge
+    assert drawn[:, 48, :].eq(0).all()                          # z_pres 0.2: not drawn
+    dashed = viz.draw_boxes(image, z_where[:1], torch.tensor([0.9]), torch.tensor([3]), torch.tensor([False]))
+    lit = dashed[:, 40, 16:49].sum(0) > 0
+    assert 0 < lit.sum() < 33                                   # discovered: dashed bottom edge
+    assert image.eq(0).all()                                    # input untouched
+    assert len({viz.id_color(i) for i in range(1, 20)}) == 19

@@ -1,0 +1,532 @@
+"""Train SCALOR.
+
+    python train.py --small                              # built-in moving sprites, laptop-sized model
+    python train.py --data-dir /data/grand_central       # the reference's Grand Central setup
+    python train.py --data-dir my_frames --seq-len 8     # any folder of frames (or of videos)
+    python train.py --small --resume auto                # continue the newest checkpoint of the run
+
+Every field of `common.Config` is a flag (`num_cell_h` -> `--num-cell-h`, switches as
+`--phase-conv-lstm/--no-phase-conv-lstm`); flags given override the defaults (`--small`: the
+laptop preset of `common.small_config`) or, on resume, the checkpoint's config.
+
+A run lives in runs/<run name>/: checkpoints/ckpt_<step>.pt (the last --keep-checkpoints kept)
+and summary/ (TensorBoard events, and losses.jsonl: one {"step", "loss", "skipped"} line per step).
+"step" is the training iteration (1-based); a skipped (non-finite) iteration counts as a step.
+
+Resume continues exactly: a checkpoint holds the model, optimizer, RNG states and the data
+position (epoch, next batch); epoch e visits the data in the order of a permutation seeded by
+seed + e, so the resumed run sees the same batches in the same order.
+
+Exit codes: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 too many non-finite steps
+in a row (after a checkpoint of the last good state); 2 bad input (data, config, checkpoint; a
+one-line message on stderr, nothing written).
+
+Test hook: the environment variable SCALOR_INJECT_NAN_AT="5,6" makes the loss NaN at steps 5 and 6.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import viz
+from common import Config, ConfigError, small_config
+from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, is_frame_file, make_loader,
+                  make_sprites)
+from scalor import SCALOR
+from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state, tau_at, z_pres_prior_at)
+
+CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+INJECT_NAN_ENV = "SCALOR_INJECT_NAN_AT"   # test hook: comma-separated steps whose loss is made NaN
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def config_comments() -> dict:
+    """{field: its comment in common.py}, the help text of the config flags."""
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        match = re.match(r"\s+(\w+): [\w.]+ = [^#]+#\s*(.+)", line)
+        if match:
+            comments[match.group(1)] = match.group(2).replace("%", "%%")
+    return comments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train SCALOR.", allow_abbrev=False)
+    group = parser.add_argument_group("config (common.Config; only flags given override the defaults, "
+                                      "the --small preset or a resumed checkpoint's config)")
+    types = typing.get_type_hints(Config)
+    comments = config_comments()
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        text = f"{comments.get(field.name, field.name)} [{field.default}]"
+        if types[field.name] is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            kind = types[field.name]
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                               help=text)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--small", action="store_true",
+                     help="laptop preset: 64x64, 4x4 cells, glimpse 32, seq 5, cap 10, batch 8 (flags given win)")
+    run.add_argument("--data-dir", metavar="DIR",
+                     help="folder of frames (or of videos); absent: built-in moving sprites")
+    run.add_argument("--dataset", choices=("sprites", "grandcentral", "frames"),
+                     help="default: sprites without --data-dir, else grandcentral if every frame is named "
+                          "by a number, else frames")
+    run.add_argument("--preset", default="easy", choices=sorted(SPRITE_PRESETS), help="sprite scenes [easy]")
+    run.add_argument("--num-sprite-sequences", type=int, metavar="N",
+                     help="sprite dataset size [the preset's]")
+    run.add_argument("--frame-skip", type=int, metavar="N",
+                     help="frames between sequence frames [grandcentral 8, frames 1]")
+    run.add_argument("--skip-bad-frames", action="store_true", help="drop unreadable frames instead of failing")
+    run.add_argument("--workers", type=int, default=4, metavar="N", help="data-loader worker processes [4]")
+    run.add_argument("--run-name", metavar="NAME", help="run folder runs/<name> [the dataset's name]")
+    run.add_argument("--ckpt-dir", metavar="DIR", help="checkpoint folder [runs/<name>/checkpoints]")
+    run.add_argument("--summary-dir", metavar="DIR", help="TensorBoard folder [runs/<name>/summary]")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, metavar="N", help="train until this step [100000]")
+    length.add_argument("--epochs", type=int, metavar="N", help="train for this many passes over the data")
+    run.add_argument("--keep-checkpoints", type=int, default=3, metavar="N", help="keep the last N checkpoints [3]")
+    run.add_argument("--resume", metavar="PATH|auto",
+                     help="continue from a checkpoint file, or the newest one of the run (auto)")
+    run.add_argument("--allow-partial-load", action="store_true",
+                     help="resume even if the checkpoint's architecture differs (loads what fits)")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="[auto: CUDA if available]")
+    run.add_argument("--max-bad-steps", type=int, default=20, metavar="N",
+                     help="stop after this many non-finite steps in a row [20]")
+    return parser
+
+
+def check_run_args(args) -> None:
+    for name, low in (("workers", 0), ("keep_checkpoints", 1), ("max_bad_steps", 1), ("steps", 1),
+                      ("epochs", 1), ("frame_skip", 1), ("num_sprite_sequences", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= {low}")
+    if args.data_dir is not None and args.dataset == "sprites":
+        raise ConfigError("--data-dir is not used by the sprites dataset: drop it, "
+                          "or pick --dataset grandcentral or frames")
+    if args.data_dir is None and args.dataset in ("grandcentral", "frames"):
+        raise ConfigError(f"--dataset {args.dataset} needs --data-dir with a folder of frames")
+
+
+def given_config(args) -> dict:
+    """The config fields given as flags."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+
+
+def make_config(args, base: Config | None) -> Config:
+    """Flags given over `base` (a checkpoint's config), or over the defaults / the --small preset.
+
+    observe_frames, when not given, is lowered to seq_len - 1 if it would not fit the sequence."""
+    given = given_config(args)
+    if base is None:
+        base = small_config() if args.small else Config()
+    values = {**base.to_dict(), **given}
+    if "observe_frames" not in given and values["observe_frames"] >= values["seq_len"]:
+        values["observe_frames"] = max(1, values["seq_len"] - 1)
+    return Config(**values)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available: pass --device cpu or --device auto")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("notice: no CUDA device found, training on the CPU (slow at full size; try --small)")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def nan_steps() -> set:
+    """Steps listed in SCALOR_INJECT_NAN_AT (test hook) whose loss is made NaN."""
+    text = os.environ.get(INJECT_NAN_ENV, "").strip()
+    try:
+        return {int(s) for s in text.split(",") if s.strip()}
+    except ValueError:
+        raise ConfigError(f"{INJECT_NAN_ENV}='{text}' must be comma-separated step numbers, e.g. '5,6'") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+def dataset_kind(args) -> str:
+    if args.dataset is not None:
+        return args.dataset
+    if args.data_dir is None:
+        return "sprites"
+    frames = [p for p in check_folder(args.data_dir).iterdir() if is_frame_file(p)]
+    return "grandcentral" if frames and all(p.stem.isdigit() for p in frames) else "frames"
+
+
+def build_dataset(cfg: Config, args, kind: str):
+    if kind == "sprites":
+        return make_sprites(args.preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=cfg.seq_len,
+                            num_sequences=args.num_sprite_sequences, seed=cfg.seed)
+    if kind == "grandcentral":
+        dataset = GrandCentral(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=True,
+                               frame_skip=8 if args.frame_skip is None else args.frame_skip,
+                               crop_size=cfg.train_station_cropping_origin, skip_bad_frames=args.skip_bad_frames)
+    else:
+        dataset = FrameFolder(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len,
+                              frame_skip=1 if args.frame_skip is None else args.frame_skip,
+                              train=True, skip_bad_frames=args.skip_bad_frames)
+    if dataset.num_skipped:
+        print(f"notice: skipped {dataset.num_skipped} unreadable frames in '{args.data_dir}'")
+    return dataset
+
+
+def epoch_loader(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool):
+    """Batches of epoch `epoch` from batch `start_batch` on. The epoch's order is a permutation
+    seeded by seed + epoch, so a resumed run continues with exactly the batches it would have had."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    return make_loader(dataset, cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin_memory,
+                       drop_last=True, seed=cfg.seed + epoch, sampler=order[start_batch * cfg.batch_size:])
+
+
+def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool):
+    """Yield (epoch, batch index, batch) forever, from batch `start_batch` of epoch `epoch`."""
+    while True:
+        loader = epoch_loader(dataset, cfg, epoch, start_batch, workers, pin_memory)
+        for index, batch in enumerate(loader, start_batch):
+            yield epoch, index, batch
+        epoch, start_batch = epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def list_checkpoints(folder: Path) -> list:
+    """ckpt_<step>.pt files in `folder`, oldest step first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    for path in list_checkpoints(folder)[:-keep]:
+        path.unlink()
+
+
+def resume_path(args, ckpt_dir: Path):
+    if args.resume is None:
+        return None
+    if args.resume != "auto":
+        return Path(args.resume)
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        print(f"notice: no checkpoint in '{ckpt_dir}', starting a fresh run")
+        return None
+    return found[-1]
+
+
+@dataclass
+class Progress:
+    """Where training stands after a step: what a checkpoint needs besides model and optimizer."""
+    step: int           # iterations done
+    epoch: int          # data position: epoch of the next batch
+    batch_index: int    # ... and its index within that epoch
+    bad_steps: int      # non-finite steps skipped so far
+    rng: dict           # utils.rng_state() after the step
+
+
+def save(run, progress: Progress) -> Path:
+    path = run.ckpt_dir / f"ckpt_{progress.step:08d}.pt"
+    save_checkpoint(str(path), run.model, run.optimizer, progress.step, run.cfg, rng=progress.rng,
+                    epoch=progress.epoch, batch_index=progress.batch_index, bad_steps=progress.bad_steps,
+                    data=run.data_desc)
+    prune_checkpoints(run.ckpt_dir, run.keep_checkpoints)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Setup: everything is validated before anything is written
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    cfg: Config
+    device: torch.device
+    model: SCALOR
+    optimizer: torch.optim.Optimizer
+    dataset: object
+    data_desc: dict
+    start: Progress
+    total_steps: int
+    ckpt_dir: Path
+    summary_dir: Path
+    keep_checkpoints: int
+    resumed: bool
+
+
+def setup(args) -> Run:
+    check_run_args(args)
+    nan_steps()   # validate the test hook's variable before anything is written
+    device = pick_device(args.device)
+    kind = dataset_kind(args)
+    run_name = args.run_name or default_run_name(args, kind)
+    ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
+    summary_dir = Path(args.summary_dir or Path("runs") / run_name / "summary")
+
+    path = resume_path(args, ckpt_dir)
+    payload = read_checkpoint(str(path)) if path is not None else None
+    if payload is not None and args.small:
+        print("notice: resuming, so the config comes from the checkpoint (flags given override it; --small is ignored)")
+    cfg = make_config(args, payload["config"] if payload else None)
+    dataset = build_dataset(cfg, args, kind)
+    data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=args.preset, frame_skip=args.frame_skip,
+                     num_sequences=len(dataset))
+    batches_per_epoch = len(dataset) // cfg.batch_size
+    epoch_loader(dataset, cfg, 0, 0, 0, False)   # DataError now if the data cannot fill one batch
+
+    seed_everything(cfg.seed)
+    model = SCALOR(cfg).to(device)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
+    start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
+    if payload is not None:
+        start = load_training_state(model, optimizer, payload, path, args.allow_partial_load, cfg, data_desc)
+    elif list_checkpoints(ckpt_dir):
+        raise ConfigError(f"'{ckpt_dir}' already holds checkpoints: pass --resume auto to continue that run, "
+                          f"or another --run-name / --ckpt-dir")
+    if start.batch_index >= batches_per_epoch:   # the checkpoint's epoch was longer (other data or batch size)
+        start = dataclasses.replace(start, epoch=start.epoch + 1, batch_index=0)
+    total_steps = args.epochs * batches_per_epoch if args.epochs else (args.steps or 100000)
+    return Run(cfg=cfg, device=device, model=model, optimizer=optimizer, dataset=dataset, data_desc=data_desc,
+               start=start, total_steps=total_steps, ckpt_dir=ckpt_dir, summary_dir=summary_dir,
+               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None)
+
+
+def default_run_name(args, kind: str) -> str:
+    name = f"sprites-{args.preset}" if kind == "sprites" else \
+        "grandcentral" if kind == "grandcentral" else Path(args.data_dir).resolve().name
+    return name + ("-small" if args.small else "")
+
+
+def load_training_state(model, optimizer, payload: dict, path: Path, allow_partial: bool, cfg: Config,
+                        data_desc: dict) -> Progress:
+    """Weights, optimizer, RNG states and data position from a checkpoint; CheckpointError if unusable."""
+    try:
+        load_model_state(model, payload, str(path), allow_partial=allow_partial)
+    except RuntimeError as err:   # shapes that do not fit even a partial load
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{path} does not fit this model: {detail}") from None
+    architecture_same = not set(model.cfg.diff(payload["config"])) & ARCHITECTURE_FIELDS
+    if "optimizer" in payload and architecture_same:
+        optimizer.load_state_dict(payload["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr    # a given --lr wins over the checkpoint's
+    else:
+        print(f"notice: optimizer state of {path} not used; RMSprop starts afresh")
+    if "rng" in payload:
+        set_rng_state(payload["rng"])
+    if payload.get("data", data_desc) != data_desc:
+        print(f"notice: {path} was trained on {payload['data']}, now {data_desc}: the data position will not match")
+    return Progress(step=payload["step"], epoch=payload.get("epoch", 0), batch_index=payload.get("batch_index", 0),
+                    bad_steps=payload.get("bad_steps", 0), rng=payload.get("rng", {}))
+
+
+# ------------------------------------------------------------------------------------------------
+# One step and its logging
+# ------------------------------------------------------------------------------------------------
+
+def train_step(model, optimizer, cfg: Config, batch, step: int, keep_records: bool, inject_nan: bool):
+    """Forward, backward, clip, and an optimizer step unless the loss or gradient norm is not finite.
+
+    Returns (output, loss, objects per frame, ok) with one host sync."""
+    out = model(batch, step=step, tau=tau_at(cfg, step - 1), keep_records=keep_records)
+    loss = out.loss()
+    if inject_nan:   # test hook SCALOR_INJECT_NAN_AT: NaN loss, and so NaN gradients
+        loss = loss * float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.cp)
+    loss_value, norm_value, objects = torch.stack(
+        (loss.detach(), grad_norm.to(loss.device), out.counts.float().mean())).tolist()
+    ok = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if ok:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return out, loss_value, objects, ok
+
+
+def log_scalars(writer, cfg: Config, step: int, out, loss: float, objects: float, steps_per_s: float,
+                bad_steps: int) -> None:
+    terms = out.terms()
+    values = torch.stack(list(terms.values())).tolist()
+    for name, value in zip(terms, values):
+        writer.add_scalar(f"train/{name}", value, step)
+    writer.add_scalar("train/total_loss", loss, step)
+    writer.add_scalar("train/tau", tau_at(cfg, step - 1), step)
+    writer.add_scalar("train/z_pres_prior", z_pres_prior_at(cfg, step), step)
+    writer.add_scalar("train/objects_per_frame", objects, step)
+    writer.add_scalar("train/steps_per_s", steps_per_s, step)
+    writer.add_scalar("train/bad_steps", bad_steps, step)
+
+
+def log_images(writer, cfg: Config, step: int, batch, out) -> None:
+    """Panels of the first num_img_summary sequences: rows = sequences, columns = frames."""
+    n = cfg.num_img_summary
+    writer.add_image("images/input", viz.tile(batch[:n]), step)
+    writer.add_image("images/reconstruction", viz.tile(out.recon[:n]), step)
+    writer.add_image("images/background", viz.record_panel(out.records, "background", n), step)
+    writer.add_image("images/alpha", viz.record_panel(out.records, "alpha_map", n), step)
+    writer.add_image("images/boxes", viz.boxes_panel(batch, out.records, n, cfg.color_num), step)
+
+
+def log_generation(writer, model, cfg: Config, step: int, batch) -> None:
+    """Observe cfg.observe_frames frames, then generate from the priors; reconstruction with boxes."""
+    seqs = batch[:cfg.num_img_summary]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(seqs, step=step, tau=tau_at(cfg, step - 1), generate=True, keep_records=True)
+    finally:
+        model.train()
+    writer.add_image("generation/rollout", viz.boxes_panel(out.recon, out.records, len(seqs), cfg.color_num), step)
+    writer.add_image("generation/input", viz.tile(seqs), step)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+def install_stop_handlers():
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 0."""
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return stop, previous
+
+
+def train(run: Run, args) -> int:
+    """Train from run.start to run.total_steps; returns the exit code."""
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    run.summary_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else None)
+    if not run.resumed:
+        writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in cfg.to_dict().items()), 0)
+    losses = open(run.summary_dir / "losses.jsonl", "a")
+    stop, previous = install_stop_handlers()
+    inject = nan_steps()
+    pin = run.device.type == "cuda"
+    per_epoch = len(run.dataset) // cfg.batch_size
+    data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin)
+    good = run.start if run.start.rng else dataclasses.replace(run.start, rng=rng_state())
+    step, bad_steps, bad_in_row, saved_at = good.step, good.bad_steps, 0, good.step
+    last_log = (time.time(), step)
+    print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {run.device}, "
+          f"{run.data_desc['dataset']} ({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, "
+          f"checkpoints in {run.ckpt_dir}", flush=True)
+    bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True)
+    model.train()
+    code = 0
+    try:
+        while step < run.total_steps:
+            epoch, index, batch = next(data)
+            step += 1
+            batch = batch.to(run.device, non_blocking=pin)
+            log_now = step == 1 or step % cfg.print_freq == 0
+            out, loss, objects, ok = train_step(model, optimizer, cfg, batch, step, log_now, step in inject)
+            position = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)
+            if ok:
+                bad_in_row = 0
+                good = Progress(step, *position, bad_steps, rng_state())
+            else:
+                bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
+                writer.add_scalar("train/bad_steps", bad_steps, step)
+                bar.write(f"step {step}: non-finite loss or gradient norm (loss {loss}); step skipped "
+                          f"({bad_in_row} in a row)")
+            losses.write(json.dumps({"step": step, "loss": loss, "skipped": not ok}) + "\n")
+            losses.flush()
+            if log_now:
+                now = time.time()
+                speed = (step - last_log[1]) / (now - last_log[0])
+                log_scalars(writer, cfg, step, out, loss, objects, speed, bad_steps)
+                log_images(writer, cfg, step, batch, out)
+                last_log = (now, step)
+            if step % cfg.generate_freq == 0:
+                log_generation(writer, model, cfg, step, batch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.1f}", obj=f"{objects:.2f}")
+
+            if bad_in_row >= args.max_bad_steps:
+                path = save(run, good)
+                bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved the last good "
+                          f"state (step {good.step}) to {path}; lower --lr or --cp and resume from it",
+                          file=sys.stderr)
+                code = 1
+                break
+            if ok and step % cfg.save_freq == 0:
+                save(run, good)
+                saved_at = step
+            if stop["signal"]:
+                current = Progress(step, *position, bad_steps, rng_state())
+                path = save(run, current)
+                bar.write(f"{stop['signal']}: stopped after step {step}; saved {path}")
+                break
+        else:
+            if saved_at != step:
+                save(run, Progress(step, *position, bad_steps, rng_state()))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        bar.close()
+        data.close()
+        losses.close()
+        writer.close()
+    return code
+
+
+def one_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run = setup(args)
+    except (DataError, ConfigError, CheckpointError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    if run.start.step >= run.total_steps:
+        print(f"checkpoint is at step {run.start.step}, the run ends at step {run.total_steps}: nothing to do")
+        return 0
+    try:
+        return train(run, args)
+    except DataError as err:   # e.g. a corrupt frame met during training
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
