@@ -198,8 +198,10 @@ class Config:
 
 
 def small_config(**changes) -> Config:
-    """The laptop preset: 64x64 frames, 4x4 cells, 32x32 glimpses, short sequences, few objects."""
+    """The laptop preset: 64x64 frames, 4x4 cells, 32x32 glimpses, short sequences, few objects,
+    box anchors for the built-in sprites (8-14 px, square-ish) and a weaker background decoder."""
     base = dict(img_h=64, img_w=64, num_cell_h=4, num_cell_w=4, glimpse_size=32, seq_len=5,
-                max_num_obj=10, observe_frames=3, batch_size=8, lr=1e-4)
+                max_num_obj=10, observe_frames=3, batch_size=8, lr=1e-4,
+                size_anc=0.17, var_s=0.06, ratio_anc=1.0, var_anc=0.3, using_bg_sbd=True)
     base.update(changes)
     return Config(**base)

@@ -37,13 +37,18 @@ class StepResult:
     loss: torch.Tensor        # () total loss (device)
     counts: torch.Tensor      # (B, T) objects tracked per frame
     grad_norm: torch.Tensor   # () gradient norm before clipping
+    finite: torch.Tensor      # () bool: loss and gradient norm finite (else no update was made)
     terms: dict               # {name: ()} frame-averaged log-likelihood and KL terms
+    output: object = None     # the SCALOROutput of eager steps (records when asked for)
 
 
 class TrainStep:
     """Callable: step_fn(batch, step) -> StepResult, applying one optimizer step.
 
-    `step` is the 1-based optimizer step (temperature tau_at(step - 1), prior of `step`)."""
+    `step` is the 1-based optimizer step (temperature tau_at(step - 1), prior of `step`).
+    A step whose loss or gradient norm is not finite changes no parameter: eager steps skip the
+    optimizer (one host sync); graph-replayed steps zero the gradients on the device instead, so
+    RMSprop's running average of squared gradients decays once."""
 
     def __init__(self, model, optimizer, precision: str = "fp32", cuda_graph: bool = False, warmup: int = 2):
         self.model, self.optimizer = model, optimizer
@@ -51,35 +56,44 @@ class TrainStep:
         self.precision = precision
         self.cuda_graph = cuda_graph
         self.warmup = warmup
-        self.graphs = {}          # key -> (graph, static inputs, static outputs)
+        self.graphs = {}          # key -> (graph, static inputs and outputs)
         self.seen = {}            # key -> eager steps taken (warm-up before capture)
 
-    def _forward_backward(self, batch, step, tau, prior):
+    def _forward_backward(self, batch, step, tau, prior, keep_records=False, inject_nan=False, capturing=False):
         model, cfg = self.model, self.cfg
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False):
-            out = model(batch, step=step, tau=tau, z_pres_prior=prior)
+            out = model(batch, step=step, tau=tau, z_pres_prior=prior, keep_records=keep_records)
             loss = out.loss()
+        if inject_nan:   # test hook: a NaN loss, and so NaN gradients
+            loss = loss * float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.cp)
-        self.optimizer.step()
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        if capturing:                 # no host sync possible: zero the gradients of a bad step
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(torch.where(finite, p.grad, torch.zeros_like(p.grad)))
+            self.optimizer.step()
+        elif bool(finite):
+            self.optimizer.step()
         terms = {k: v.detach() for k, v in out.terms().items()}
-        return StepResult(loss.detach(), out.counts.detach(), grad_norm.detach(), terms)
+        return StepResult(loss.detach(), out.counts.detach(), grad_norm.detach(), finite, terms,
+                          None if capturing else out)
 
-    def __call__(self, batch, step: int) -> StepResult:
+    def __call__(self, batch, step: int, keep_records: bool = False, inject_nan: bool = False) -> StepResult:
         cfg = self.cfg
         tau, prior = tau_at(cfg, step - 1), z_pres_prior_at(cfg, step)
+        if not self.cuda_graph or keep_records or inject_nan:
+            return self._forward_backward(batch, step, tau, prior, keep_records, inject_nan)
         key = (not cfg.phase_do_remove_detach or step < cfg.remove_detach_step,
                cfg.phase_bg_alpha_curriculum and step < cfg.bg_alpha_curriculum_steps)
-        if not self.cuda_graph:
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._forward_backward(batch, step, tau, prior)
         if key not in self.graphs:
             if self.seen.get(key, 0) < self.warmup:     # eager warm-up steps on a side stream
                 self.seen[key] = self.seen.get(key, 0) + 1
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    self.optimizer.zero_grad(set_to_none=True)
                     result = self._forward_backward(batch, step, tau, prior)
                 torch.cuda.current_stream().wait_stream(side)
                 return result
@@ -97,5 +111,6 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static["result"] = self._forward_backward(static["batch"], step, static["tau"], static["prior"])
+            static["result"] = self._forward_backward(static["batch"], step, static["tau"], static["prior"],
+                                                      capturing=True)
         return graph, static

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import os
 import re
 import signal
@@ -47,6 +46,7 @@ import viz
 from common import Config, ConfigError, small_config
 from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, is_frame_file, make_loader,
                   make_sprites)
+from engine import PRECISIONS, TrainStep, make_optimizer, set_precision
 from scalor import SCALOR
 from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
                    save_checkpoint, seed_everything, set_rng_state, tau_at, z_pres_prior_at)
@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="[auto: CUDA if available]")
     run.add_argument("--max-bad-steps", type=int, default=20, metavar="N",
                      help="stop after this many non-finite steps in a row [20]")
+    run.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                     help="GPU numerics: fp32 (PyTorch defaults), fp32-strict (no TF32), tf32, bf16 autocast [fp32]")
+    run.add_argument("--cuda-graph", action="store_true",
+                     help="replay each training step from a captured CUDA graph (GPU; same model, far less CPU overhead)")
     return parser
 
 
@@ -305,7 +309,12 @@ def setup(args) -> Run:
 
     seed_everything(cfg.seed)
     model = SCALOR(cfg).to(device)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
+    use_graph = args.cuda_graph and device.type == "cuda"
+    if args.cuda_graph and not use_graph:
+        print("notice: --cuda-graph needs a CUDA device; running eagerly")
+    if device.type == "cuda":
+        set_precision(args.precision)
+    optimizer = make_optimizer(model, cuda_graph=use_graph)
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
     if payload is not None:
         start = load_training_state(model, optimizer, payload, path, args.allow_partial_load, cfg, data_desc)
@@ -337,8 +346,13 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
     architecture_same = not set(model.cfg.diff(payload["config"])) & ARCHITECTURE_FIELDS
     if "optimizer" in payload and architecture_same:
         optimizer.load_state_dict(payload["optimizer"])
+        capturable = optimizer.defaults.get("capturable", False)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr    # a given --lr wins over the checkpoint's
+            group["capturable"] = capturable   # this run's choice (CUDA graph or not)
+        for state in optimizer.state.values():   # capturable RMSprop keeps its step count on the device
+            if "step" in state:
+                state["step"] = state["step"].to(next(model.parameters()).device if capturable else "cpu")
     else:
         print(f"notice: optimizer state of {path} not used; RMSprop starts afresh")
     if "rng" in payload:
@@ -352,27 +366,6 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
 # ------------------------------------------------------------------------------------------------
 # One step and its logging
 # ------------------------------------------------------------------------------------------------
-
-def train_step(model, optimizer, cfg: Config, batch, step: int, keep_records: bool, inject_nan: bool):
-    """Forward, backward, clip, and an optimizer step unless the loss or gradient norm is not finite.
-
-    Returns (output, loss, objects per frame, ok) with one host sync."""
-    out = model(batch, step=step, tau=tau_at(cfg, step - 1), keep_records=keep_records)
-    loss = out.loss()
-    if inject_nan:   # test hook SCALOR_INJECT_NAN_AT: NaN loss, and so NaN gradients
-        loss = loss * float("nan")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.cp)
-    loss_value, norm_value, objects = torch.stack(
-        (loss.detach(), grad_norm.to(loss.device), out.counts.float().mean())).tolist()
-    ok = math.isfinite(loss_value) and math.isfinite(norm_value)
-    if ok:
-        optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    return out, loss_value, objects, ok
-
 
 def log_scalars(writer, cfg: Config, step: int, out, loss: float, objects: float, steps_per_s: float,
                 bad_steps: int) -> None:
@@ -428,7 +421,9 @@ def install_stop_handlers():
 
 def train(run: Run, args) -> int:
     """Train from run.start to run.total_steps; returns the exit code."""
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    cfg, model = run.cfg, run.model
+    step_fn = TrainStep(model, run.optimizer, precision=args.precision if run.device.type == "cuda" else "fp32",
+                        cuda_graph=args.cuda_graph and run.device.type == "cuda")
     run.ckpt_dir.mkdir(parents=True, exist_ok=True)
     run.summary_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else None)
@@ -455,7 +450,9 @@ def train(run: Run, args) -> int:
             step += 1
             batch = batch.to(run.device, non_blocking=pin)
             log_now = step == 1 or step % cfg.print_freq == 0
-            out, loss, objects, ok = train_step(model, optimizer, cfg, batch, step, log_now, step in inject)
+            result = step_fn(batch, step, keep_records=log_now, inject_nan=step in inject)
+            out, ok = result.output, bool(result.finite)
+            loss, objects = torch.stack((result.loss, result.counts.float().mean())).tolist()
             position = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)
             if ok:
                 bad_in_row = 0

@@ -109,3 +109,33 @@ def record_panel(records: list, field: str, num: int) -> torch.Tensor:
     """Grid of one per-frame image field of the records ('background', 'alpha_map', 'foreground')."""
     frames = torch.stack([getattr(rec, field)[:num] for rec in records], dim=1)   # (num, T, C, H, W)
     return tile(frames)
+
+
+def export_panels(summary_dir: str, out_dir: str, tags=None) -> list:
+    """Write the newest image of each TensorBoard image tag in `summary_dir` as PNG files.
+
+    `python viz.py RUN/summary OUT_DIR [TAG ...]` -- e.g. to put panels in a report."""
+    import io
+    import os
+
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    acc = EventAccumulator(summary_dir, size_guidance={IMAGES: 0})
+    acc.Reload()
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for tag in tags or acc.Tags()[IMAGES]:
+        event = acc.Images(tag)[-1]
+        path = os.path.join(out_dir, f"{tag.replace('/', '_')}_step{event.step}.png")
+        Image.open(io.BytesIO(event.encoded_image_string)).save(path)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 3:
+        sys.exit("usage: python viz.py SUMMARY_DIR OUT_DIR [TAG ...]")
+    for written_path in export_panels(sys.argv[1], sys.argv[2], sys.argv[3:] or None):
+        print(written_path)
