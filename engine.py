@@ -9,6 +9,7 @@ the z_pres prior); the two step-dependent switches (detaching object state befor
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,11 @@ class TrainStep:
         elif bool(finite):
             self.optimizer.step()
         terms = {k: v.detach() for k, v in out.terms().items()}
+        # nothing returned may keep this step's autograd graph alive (it would break a later capture)
+        detached = dataclasses.replace(out, **{f.name: getattr(out, f.name).detach() for f in dataclasses.fields(out)
+                                               if isinstance(getattr(out, f.name), torch.Tensor)})
         return StepResult(loss.detach(), out.counts.detach(), grad_norm.detach(), finite, terms,
-                          None if capturing else out)
+                          None if capturing else detached)
 
     def __call__(self, batch, step: int, keep_records: bool = False, inject_nan: bool = False) -> StepResult:
         cfg = self.cfg
@@ -110,7 +114,8 @@ class TrainStep:
                   "prior": torch.zeros((), device=batch.device)}
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: data-loader threads (pinned memory) may use CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static["result"] = self._forward_backward(static["batch"], step, static["tau"], static["prior"],
                                                       capturing=True)
         return graph, static
