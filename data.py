@@ -703,6 +703,15 @@ def bench_batch(generator, batch_size, seq_len, img_h, img_w, num_objects, backg
 # Loader
 # ---------------------------------------------------------------------------------------------
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which finishes its step, saves a
+    checkpoint and then shuts them down (a signal to the whole process group, as `timeout` or a
+    scheduler sends it, would otherwise kill them mid-step)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, shuffle, workers=0, pin_memory=False, drop_last=True, seed=0,
                 sampler=None) -> DataLoader:
     """A DataLoader whose order is reproducible from `seed`.
@@ -717,4 +726,4 @@ def make_loader(dataset, batch_size, shuffle, workers=0, pin_memory=False, drop_
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals if workers > 0 else None)

@@ -205,18 +205,24 @@ def test_too_many_nan_steps_save_the_last_good_state_and_exit_1(tmp_path, monkey
 
 # ---- SIGTERM ---------------------------------------------------------------------------------------
 
-def test_sigterm_saves_and_exits_0(tmp_path):
+@pytest.mark.parametrize("to_group", [False, True])
+def test_sigterm_saves_and_exits_0(tmp_path, to_group):
+    """SIGTERM to the trainer, or to its whole process group with loader workers (as `timeout`
+    and schedulers send it): the step finishes, a checkpoint is written, exit code 0."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    flags = TINY + run_dirs(tmp_path, "--steps", "100000", "--save-freq", "100000", "--workers", "1")
-    proc = subprocess.Popen([sys.executable, "train.py"] + flags, cwd=ROOT, env=env,
+    flags = TINY + run_dirs(tmp_path, "--steps", "100000", "--save-freq", "100000", "--workers", "2" if to_group else "1")
+    proc = subprocess.Popen([sys.executable, "train.py"] + flags, cwd=ROOT, env=env, start_new_session=to_group,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = tmp_path / "summary" / "losses.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
     checkpoints = list((tmp_path / "checkpoints").iterdir())
     assert len(checkpoints) == 1
     payload = read_checkpoint(str(checkpoints[0]))
