@@ -51,8 +51,10 @@ class TrainStep:
     optimizer (one host sync); graph-replayed steps zero the gradients on the device instead, so
     RMSprop's running average of squared gradients decays once."""
 
-    def __init__(self, model, optimizer, precision: str = "fp32", cuda_graph: bool = False, warmup: int = 2):
+    def __init__(self, model, optimizer, precision: str = "fp32", cuda_graph: bool = False, warmup: int = 2,
+                 forward=None):
         self.model, self.optimizer = model, optimizer
+        self.forward = forward if forward is not None else model   # e.g. the DistributedDataParallel wrapper
         self.cfg = model.cfg
         self.precision = precision
         self.cuda_graph = cuda_graph
@@ -63,7 +65,7 @@ class TrainStep:
     def _forward_backward(self, batch, step, tau, prior, keep_records=False, inject_nan=False, capturing=False):
         model, cfg = self.model, self.cfg
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False):
-            out = model(batch, step=step, tau=tau, z_pres_prior=prior, keep_records=keep_records)
+            out = self.forward(batch, step=step, tau=tau, z_pres_prior=prior, keep_records=keep_records)
             loss = out.loss()
         if inject_nan:   # test hook: a NaN loss, and so NaN gradients
             loss = loss * float("nan")
@@ -71,6 +73,10 @@ class TrainStep:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.cp)
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():   # every process agrees
+            finite = finite.to(torch.int32)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            finite = finite.bool()
         if capturing:                 # no host sync possible: zero the gradients of a bad step
             for p in model.parameters():
                 if p.grad is not None:

@@ -152,7 +152,56 @@ def make_config(args, base: Config | None) -> Config:
     return Config(**values)
 
 
-def pick_device(name: str) -> torch.device:
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run directly)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
+
+
+def all_mean(values: torch.Tensor, ddp: Dist) -> torch.Tensor:
+    """Average a small tensor over the processes of the job."""
+    if ddp.world == 1:
+        return values
+    import torch.distributed as dist
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / ddp.world
+
+
+def gather_objects(obj, ddp: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if ddp.world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * ddp.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def pick_device(name: str, ddp: Dist = Dist()) -> torch.device:
+    if ddp.world > 1:
+        return torch.device(f"cuda:{ddp.local_rank}") if name != "cpu" and torch.cuda.is_available() else torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is available: pass --device cpu or --device auto")
     if name == "auto":
@@ -202,18 +251,24 @@ def build_dataset(cfg: Config, args, kind: str):
     return dataset
 
 
-def epoch_loader(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool):
-    """Batches of epoch `epoch` from batch `start_batch` on. The epoch's order is a permutation
-    seeded by seed + epoch, so a resumed run continues with exactly the batches it would have had."""
+def epoch_loader(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool,
+                 ddp: Dist = Dist()):
+    """This process's batches of epoch `epoch` from global batch `start_batch` on.
+
+    The epoch's order is a permutation seeded by seed + epoch, the same in every process; global
+    batch b is order[b*G:(b+1)*G] with G = batch_size * processes, and process r takes its r-th
+    slice of batch_size. A resumed run continues with exactly the batches it would have had."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    return make_loader(dataset, cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin_memory,
-                       drop_last=True, seed=cfg.seed + epoch, sampler=order[start_batch * cfg.batch_size:])
+    B, G = cfg.batch_size, cfg.batch_size * ddp.world
+    shard = [i for b in range(start_batch, len(order) // G) for i in order[b * G + ddp.rank * B: b * G + (ddp.rank + 1) * B]]
+    return make_loader(dataset, B, shuffle=False, workers=workers, pin_memory=pin_memory,
+                       drop_last=True, seed=cfg.seed + epoch, sampler=shard)
 
 
-def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool):
-    """Yield (epoch, batch index, batch) forever, from batch `start_batch` of epoch `epoch`."""
+def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool, ddp: Dist = Dist()):
+    """Yield (epoch, global batch index, batch) forever, from batch `start_batch` of epoch `epoch`."""
     while True:
-        loader = epoch_loader(dataset, cfg, epoch, start_batch, workers, pin_memory)
+        loader = epoch_loader(dataset, cfg, epoch, start_batch, workers, pin_memory, ddp)
         for index, batch in enumerate(loader, start_batch):
             yield epoch, index, batch
         epoch, start_batch = epoch + 1, 0
@@ -259,11 +314,14 @@ class Progress:
 
 
 def save(run, progress: Progress) -> Path:
+    """Write a checkpoint (rank 0), with every process's RNG states; all processes must call it."""
     path = run.ckpt_dir / f"ckpt_{progress.step:08d}.pt"
-    save_checkpoint(str(path), run.model, run.optimizer, progress.step, run.cfg, rng=progress.rng,
-                    epoch=progress.epoch, batch_index=progress.batch_index, bad_steps=progress.bad_steps,
-                    data=run.data_desc)
-    prune_checkpoints(run.ckpt_dir, run.keep_checkpoints)
+    rng_ranks = gather_objects(progress.rng, run.ddp)
+    if run.ddp.main:
+        save_checkpoint(str(path), run.model, run.optimizer, progress.step, run.cfg, rng=progress.rng,
+                        rng_ranks=rng_ranks, world_size=run.ddp.world, epoch=progress.epoch,
+                        batch_index=progress.batch_index, bad_steps=progress.bad_steps, data=run.data_desc)
+        prune_checkpoints(run.ckpt_dir, run.keep_checkpoints)
     return path
 
 
@@ -285,12 +343,15 @@ class Run:
     summary_dir: Path
     keep_checkpoints: int
     resumed: bool
+    ddp: Dist = Dist()
 
 
-def setup(args) -> Run:
+def setup(args, ddp: Dist = Dist()) -> Run:
     check_run_args(args)
     nan_steps()   # validate the test hook's variable before anything is written
-    device = pick_device(args.device)
+    if args.cuda_graph and ddp.world > 1:
+        raise ConfigError("--cuda-graph works in single-process runs only: drop it under torchrun")
+    device = pick_device(args.device, ddp)
     kind = dataset_kind(args)
     run_name = args.run_name or default_run_name(args, kind)
     ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
@@ -304,11 +365,13 @@ def setup(args) -> Run:
     dataset = build_dataset(cfg, args, kind)
     data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=args.preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
-    batches_per_epoch = len(dataset) // cfg.batch_size
-    epoch_loader(dataset, cfg, 0, 0, 0, False)   # DataError now if the data cannot fill one batch
+    batches_per_epoch = len(dataset) // (cfg.batch_size * ddp.world)
+    epoch_loader(dataset, cfg, 0, 0, 0, False, ddp)   # DataError now if the data cannot fill one batch
 
     seed_everything(cfg.seed)
     model = SCALOR(cfg).to(device)
+    if ddp.world > 1:   # the same initial weights everywhere, then each process its own noise
+        seed_everything(cfg.seed + 1000 * ddp.rank)
     use_graph = args.cuda_graph and device.type == "cuda"
     if args.cuda_graph and not use_graph:
         print("notice: --cuda-graph needs a CUDA device; running eagerly")
@@ -317,7 +380,7 @@ def setup(args) -> Run:
     optimizer = make_optimizer(model, cuda_graph=use_graph)
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
     if payload is not None:
-        start = load_training_state(model, optimizer, payload, path, args.allow_partial_load, cfg, data_desc)
+        start = load_training_state(model, optimizer, payload, path, args.allow_partial_load, cfg, data_desc, ddp)
     elif list_checkpoints(ckpt_dir):
         raise ConfigError(f"'{ckpt_dir}' already holds checkpoints: pass --resume auto to continue that run, "
                           f"or another --run-name / --ckpt-dir")
@@ -326,7 +389,7 @@ def setup(args) -> Run:
     total_steps = args.epochs * batches_per_epoch if args.epochs else (args.steps or 100000)
     return Run(cfg=cfg, device=device, model=model, optimizer=optimizer, dataset=dataset, data_desc=data_desc,
                start=start, total_steps=total_steps, ckpt_dir=ckpt_dir, summary_dir=summary_dir,
-               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None)
+               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp)
 
 
 def default_run_name(args, kind: str) -> str:
@@ -336,7 +399,7 @@ def default_run_name(args, kind: str) -> str:
 
 
 def load_training_state(model, optimizer, payload: dict, path: Path, allow_partial: bool, cfg: Config,
-                        data_desc: dict) -> Progress:
+                        data_desc: dict, ddp: Dist = Dist()) -> Progress:
     """Weights, optimizer, RNG states and data position from a checkpoint; CheckpointError if unusable."""
     try:
         load_model_state(model, payload, str(path), allow_partial=allow_partial)
@@ -355,23 +418,31 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
                 state["step"] = state["step"].to(next(model.parameters()).device if capturable else "cpu")
     else:
         print(f"notice: optimizer state of {path} not used; RMSprop starts afresh")
-    if "rng" in payload:
-        set_rng_state(payload["rng"])
+    saved_world = payload.get("world_size", 1)
+    ranks = payload.get("rng_ranks") or ([payload["rng"]] if "rng" in payload else [])
+    if len(ranks) == ddp.world:       # the same number of processes: each continues its own streams
+        set_rng_state(ranks[ddp.rank])
+    else:                              # another number of processes: fresh per-process streams
+        seed_everything(cfg.seed + 1000 * ddp.rank + payload["step"])
+        if ddp.main:
+            print(f"notice: {path} was written by {saved_world} processes, this run has {ddp.world}: "
+                  f"the data position carries over, the random streams start afresh")
     if payload.get("data", data_desc) != data_desc:
         print(f"notice: {path} was trained on {payload['data']}, now {data_desc}: the data position will not match")
-    return Progress(step=payload["step"], epoch=payload.get("epoch", 0), batch_index=payload.get("batch_index", 0),
-                    bad_steps=payload.get("bad_steps", 0), rng=payload.get("rng", {}))
+    # the data position in sequences of the epoch, in global batches of this run (rounded down)
+    batch_index = payload.get("batch_index", 0) * saved_world // ddp.world
+    rng = ranks[ddp.rank] if len(ranks) == ddp.world else {}
+    return Progress(step=payload["step"], epoch=payload.get("epoch", 0), batch_index=batch_index,
+                    bad_steps=payload.get("bad_steps", 0), rng=rng)
 
 
 # ------------------------------------------------------------------------------------------------
 # One step and its logging
 # ------------------------------------------------------------------------------------------------
 
-def log_scalars(writer, cfg: Config, step: int, out, loss: float, objects: float, steps_per_s: float,
+def log_scalars(writer, cfg: Config, step: int, terms: dict, loss: float, objects: float, steps_per_s: float,
                 bad_steps: int) -> None:
-    terms = out.terms()
-    values = torch.stack(list(terms.values())).tolist()
-    for name, value in zip(terms, values):
+    for name, value in terms.items():
         writer.add_scalar(f"train/{name}", value, step)
     writer.add_scalar("train/total_loss", loss, step)
     writer.add_scalar("train/tau", tau_at(cfg, step - 1), step)
@@ -420,28 +491,40 @@ def install_stop_handlers():
 
 
 def train(run: Run, args) -> int:
-    """Train from run.start to run.total_steps; returns the exit code."""
-    cfg, model = run.cfg, run.model
+    """Train from run.start to run.total_steps; returns the exit code.
+
+    Under torchrun every process steps on its own shard of each global batch; one
+    DistributedDataParallel averages the gradients; losses and metrics are averaged over the
+    processes; only rank 0 writes logs, images and checkpoints."""
+    cfg, model, ddp = run.cfg, run.model, run.ddp
+    forward = model
+    if ddp.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        forward = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     step_fn = TrainStep(model, run.optimizer, precision=args.precision if run.device.type == "cuda" else "fp32",
-                        cuda_graph=args.cuda_graph and run.device.type == "cuda")
-    run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    run.summary_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else None)
-    if not run.resumed:
-        writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in cfg.to_dict().items()), 0)
-    losses = open(run.summary_dir / "losses.jsonl", "a")
+                        cuda_graph=args.cuda_graph and run.device.type == "cuda", forward=forward)
+    writer = losses = None
+    if ddp.main:
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        run.summary_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else None)
+        if not run.resumed:
+            writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in cfg.to_dict().items()), 0)
+        losses = open(run.summary_dir / "losses.jsonl", "a")
     stop, previous = install_stop_handlers()
     inject = nan_steps()
     pin = run.device.type == "cuda"
-    per_epoch = len(run.dataset) // cfg.batch_size
-    data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin)
+    per_epoch = len(run.dataset) // (cfg.batch_size * ddp.world)
+    data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin, ddp)
     good = run.start if run.start.rng else dataclasses.replace(run.start, rng=rng_state())
     step, bad_steps, bad_in_row, saved_at = good.step, good.bad_steps, 0, good.step
     last_log = (time.time(), step)
-    print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {run.device}, "
-          f"{run.data_desc['dataset']} ({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, "
-          f"checkpoints in {run.ckpt_dir}", flush=True)
-    bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True)
+    if ddp.main:
+        print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {run.device}"
+              f"{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {run.data_desc['dataset']} "
+              f"({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, checkpoints in {run.ckpt_dir}",
+              flush=True)
+    bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not ddp.main)
     model.train()
     code = 0
     try:
@@ -450,45 +533,54 @@ def train(run: Run, args) -> int:
             step += 1
             batch = batch.to(run.device, non_blocking=pin)
             log_now = step == 1 or step % cfg.print_freq == 0
-            result = step_fn(batch, step, keep_records=log_now, inject_nan=step in inject)
-            out, ok = result.output, bool(result.finite)
-            loss, objects = torch.stack((result.loss, result.counts.float().mean())).tolist()
+            result = step_fn(batch, step, keep_records=log_now and ddp.main, inject_nan=step in inject)
+            # one small all-reduce: loss, objects and "stop requested" agreed by every process
+            summary = all_mean(torch.stack((result.loss, result.counts.float().mean(),
+                                            torch.tensor(float(stop["signal"] is not None), device=result.loss.device))), ddp)
+            loss, objects, stop_any = summary.tolist()
+            ok = bool(result.finite)
             position = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)
             if ok:
                 bad_in_row = 0
                 good = Progress(step, *position, bad_steps, rng_state())
             else:
                 bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
-                writer.add_scalar("train/bad_steps", bad_steps, step)
+                if writer:
+                    writer.add_scalar("train/bad_steps", bad_steps, step)
                 bar.write(f"step {step}: non-finite loss or gradient norm (loss {loss}); step skipped "
                           f"({bad_in_row} in a row)")
-            losses.write(json.dumps({"step": step, "loss": loss, "skipped": not ok}) + "\n")
-            losses.flush()
+            if losses:
+                losses.write(json.dumps({"step": step, "loss": loss, "skipped": not ok}) + "\n")
+                losses.flush()
             if log_now:
-                now = time.time()
-                speed = (step - last_log[1]) / (now - last_log[0])
-                log_scalars(writer, cfg, step, out, loss, objects, speed, bad_steps)
-                log_images(writer, cfg, step, batch, out)
-                last_log = (now, step)
-            if step % cfg.generate_freq == 0:
+                terms = all_mean(torch.stack(list(result.terms.values())), ddp)
+                if writer:
+                    now = time.time()
+                    speed = (step - last_log[1]) / (now - last_log[0])
+                    log_scalars(writer, cfg, step, dict(zip(result.terms, terms.tolist())), loss, objects, speed,
+                                bad_steps)
+                    log_images(writer, cfg, step, batch, result.output)
+                    last_log = (now, step)
+            if writer and step % cfg.generate_freq == 0:
                 log_generation(writer, model, cfg, step, batch)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.1f}", obj=f"{objects:.2f}")
 
             if bad_in_row >= args.max_bad_steps:
                 path = save(run, good)
-                bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved the last good "
-                          f"state (step {good.step}) to {path}; lower --lr or --cp and resume from it",
-                          file=sys.stderr)
+                if ddp.main:
+                    bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved the last good "
+                              f"state (step {good.step}) to {path}; lower --lr or --cp and resume from it",
+                              file=sys.stderr)
                 code = 1
                 break
             if ok and step % cfg.save_freq == 0:
                 save(run, good)
                 saved_at = step
-            if stop["signal"]:
-                current = Progress(step, *position, bad_steps, rng_state())
-                path = save(run, current)
-                bar.write(f"{stop['signal']}: stopped after step {step}; saved {path}")
+            if stop_any > 0:
+                path = save(run, Progress(step, *position, bad_steps, rng_state()))
+                if ddp.main:
+                    bar.write(f"{stop['signal'] or 'signal'}: stopped after step {step}; saved {path}")
                 break
         else:
             if saved_at != step:
@@ -498,8 +590,10 @@ def train(run: Run, args) -> int:
             signal.signal(sig, handler)
         bar.close()
         data.close()
-        losses.close()
-        writer.close()
+        if losses:
+            losses.close()
+        if writer:
+            writer.close()
     return code
 
 
@@ -511,9 +605,11 @@ def one_line(err: Exception) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run = setup(args)
+        ddp = init_distributed(args.device)
+        run = setup(args, ddp)
     except (DataError, ConfigError, CheckpointError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     if run.start.step >= run.total_steps:
         print(f"checkpoint is at step {run.start.step}, the run ends at step {run.total_steps}: nothing to do")
@@ -523,6 +619,10 @@ def main(argv=None) -> int:
     except DataError as err:   # e.g. a corrupt frame met during training
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if ddp.world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
