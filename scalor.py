@@ -452,13 +452,17 @@ class SCALOR(nn.Module):
                             log_imp=st("log_imp"), counts=st("counts"), records=records)
 
     # --------------------------------------------------------------------------------------------
-    def _alpha_map(self, z_what, z_where, z_pres):
-        """Sum of the objects' placed alpha (B, 1, H, W) (no appearance decoding)."""
+    def _placed_alpha(self, z_what, z_where):
+        """Decoded alpha only (no appearance), placed in windows: (B, K, 1, h, w) and pixel index."""
         cfg = self.cfg
         B, K = z_what.shape[:2]
         alpha = self.glimpse_dec.alpha(z_what.flatten(0, 1)).view(B, K, 1, cfg.glimpse_size, cfg.glimpse_size)
-        values, index = place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
-        return scatter_windows(values * z_pres[..., None, None], index, cfg.img_h, cfg.img_w)
+        return place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
+
+    def _alpha_map(self, z_what, z_where, z_pres):
+        """Sum of the objects' placed alpha times z_pres: (B, 1, H, W)."""
+        values, index = self._placed_alpha(z_what, z_where)
+        return scatter_windows(values * z_pres[..., None, None], index, self.cfg.img_h, self.cfg.img_w)
 
     def _render(self, obj: dict, curriculum: bool, num_cells: int) -> dict:
         """Decode and composite objects (B, R, ...): normalised importance weights
@@ -568,11 +572,10 @@ class SCALOR(nn.Module):
     def _explained_ratio(self, z_what, z_where, alpha_prop):
         """Fraction of each proposal's alpha (> 0.3) lying on the propagated alpha (> 0.1): (B, C)."""
         cfg = self.cfg
-        B, C = z_what.shape[:2]
-        alpha = self.glimpse_dec.alpha(z_what.flatten(0, 1)).view(B, C, 1, cfg.glimpse_size, cfg.glimpse_size)
-        values, index = place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
+        C = z_what.shape[1]
+        values, index = self._placed_alpha(z_what, z_where)
         proposed = (values[:, :, 0] > cfg.proposal_alpha_threshold).flatten(2)       # (B, C, h*w)
         covered = (alpha_prop.flatten(1) > cfg.propagated_alpha_threshold)            # (B, H*W)
         covered = torch.gather(covered[:, None].expand(-1, C, -1), 2, index)          # (B, C, h*w)
-        area = proposed.sum(2).to(alpha.dtype)
-        return (proposed & covered).sum(2).to(alpha.dtype) / (area + EPS)
+        area = proposed.sum(2).to(values.dtype)
+        return (proposed & covered).sum(2).to(values.dtype) / (area + EPS)
