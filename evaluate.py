@@ -44,7 +44,6 @@ Conventions:
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
 import math
 import os
@@ -62,6 +61,7 @@ from tqdm import tqdm
 from common import ConfigError
 from data import DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, make_loader, make_sprites
 from modules import spatial_transform
+import viz
 from scalor import SCALOR
 from utils import CheckpointError, load_model_state, read_checkpoint, seed_everything, tau_at
 
@@ -350,19 +350,6 @@ def prediction_entries(frames: list) -> list:
             for t, obj in enumerate(frames)]
 
 
-def id_color(obj_id: int) -> tuple:
-    """A bright RGB colour (0-255) for an object id (hues spaced by the golden ratio)."""
-    r, g, b = colorsys.hsv_to_rgb((obj_id * 0.618033988749895) % 1.0, 0.9, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def to_image(frame: torch.Tensor, scale: int) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> RGB PIL image upscaled by `scale` (nearest)."""
-    pixels = (frame.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-
-
 def draw_objects(image: Image.Image, objects: Objects, scale: int) -> Image.Image:
     """A copy of image with each object's box and id drawn in the id's colour."""
     image = image.copy()
@@ -372,8 +359,8 @@ def draw_objects(image: Image.Image, objects: Objects, scale: int) -> Image.Imag
         box = (x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1)
         if not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
             continue
-        draw.rectangle(box, outline=id_color(obj_id))
-        draw.text((box[0] + 2, box[1] + 1), str(obj_id), fill=id_color(obj_id), font=font)
+        draw.rectangle(box, outline=viz.id_color(obj_id))
+        draw.text((box[0] + 2, box[1] + 1), str(obj_id), fill=viz.id_color(obj_id), font=font)
     return image
 
 
@@ -393,7 +380,7 @@ def write_gif(path: str, columns: list, objects: list, box_column: int, titles=G
         canvas = Image.new("RGB", (len(columns) * (W * scale + gap) - gap, H * scale + header), (255, 255, 255))
         draw = ImageDraw.Draw(canvas)
         for c, column in enumerate(columns):
-            panel = to_image(column[t], scale)
+            panel = viz.to_pil(column[t], scale)
             if c == box_column:
                 panel = draw_objects(panel, objects[t], scale)
             canvas.paste(panel, (c * (W * scale + gap), header))
