@@ -77,14 +77,37 @@ def no_frames_error(folder: Path, where: str = "") -> DataError:
                      f"pass --data-dir with a folder of frames")
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"   # the IEND chunk that closes every PNG
+JPEG_END = b"\xff\xd9"                          # the end-of-image marker of a JPEG
+
+
+def is_complete(path: Path, fmt: str) -> bool:
+    """Whether a PNG/JPEG file ends with its closing marker: a cheap test for truncated files
+    (a cut-off copy or download), reading only the file's last bytes."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64))
+        tail = f.read().rstrip(b"\x00")     # some writers pad JPEGs with zeros
+    if fmt == "PNG":
+        return tail.endswith(PNG_END)
+    if fmt in ("JPEG", "MPO"):
+        return tail.endswith(JPEG_END)
+    return True
+
+
 def read_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header only; DataError if it is not an image."""
+    """(width, height) from the image header, after a check that the file is not truncated;
+    DataError if it is not a whole image (frames are fully decoded when loaded)."""
     try:
         with Image.open(path) as image:
-            return image.size
+            size, fmt = image.size, image.format
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"frame '{path}' is not a readable image ({one_line(err)}): "
                         f"remove it or pass --skip-bad-frames") from err
+    if not is_complete(path, fmt):
+        raise DataError(f"frame '{path}' is truncated (no end-of-image marker): "
+                        f"remove it or pass --skip-bad-frames")
+    return size
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -175,13 +175,18 @@ def test_truncated_frame_raises_or_is_skipped(tmp_path):
     for n in range(12):  # noise compresses badly, so cutting the file cuts the image data
         Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / f"{n}.png")
     data = (folder / "5.png").read_bytes()
-    (folder / "5.png").write_bytes(data[:len(data) // 2])
-    dataset = GrandCentral(folder, img_h=4, img_w=4, seq_len=2, frame_skip=1, crop_size=10)  # header only
+    # corrupt inside the image data (header and end marker intact): found when the frame is decoded
+    (folder / "5.png").write_bytes(data[:len(data) // 2] + bytes(64) + data[len(data) // 2 + 64:])
+    dataset = GrandCentral(folder, img_h=4, img_w=4, seq_len=2, frame_skip=1, crop_size=10)
     assert dataset.num_skipped == 0 and len(dataset) == 10 * 8
     assert dataset[3].shape == (2, 3, 4, 4)  # frames 3 and 4 load
     with pytest.raises(DataError, match=re.escape(f"frame '{folder / '5.png'}' is truncated or corrupt")
                        + r".*pass --skip-bad-frames"):
         dataset[4]  # crop 0, start 4: frames 4 and 5
+    # truncated (cut off): found when the dataset is built, before anything runs
+    (folder / "5.png").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=re.escape(f"frame '{folder / '5.png'}' is truncated (no end-of-image marker)")):
+        GrandCentral(folder, img_h=4, img_w=4, seq_len=2, frame_skip=1, crop_size=10)
     skipping = GrandCentral(folder, img_h=4, img_w=4, seq_len=2, frame_skip=1, crop_size=10,
                             skip_bad_frames=True)
     assert skipping.num_skipped == 1
@@ -230,9 +235,8 @@ def test_jpeg_frames_and_truncated_jpeg(tmp_path):
     Image.fromarray(noise).save(folder / "1.JPEG", quality=95)
     data = (folder / "1.JPEG").read_bytes()
     (folder / "1.JPEG").write_bytes(data[:len(data) * 3 // 4])  # cut inside the image data
-    truncated = FrameFolder(folder, 20, 30, seq_len=3)  # the header still reads
-    with pytest.raises(DataError, match=r"1.JPEG' is truncated or corrupt"):
-        truncated[0]
+    with pytest.raises(DataError, match=r"1.JPEG' is truncated \(no end-of-image marker\)"):
+        FrameFolder(folder, 20, 30, seq_len=3)   # found from the file's end, before decoding
 
 
 def test_too_few_frames(tmp_path):

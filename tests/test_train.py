@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -151,20 +152,49 @@ def test_epoch_order_is_seeded_and_resumable():
 
 # ---- bad input: exit 2, one line, nothing written ------------------------------------------------
 
+def write_frames(folder: Path, sizes, modes=None) -> Path:
+    """PNG frames f0.png, f1.png, ... of the given (width, height) sizes and PIL modes."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n, (w, h) in enumerate(sizes):
+        mode = (modes or ["RGB"] * len(sizes))[n]
+        pixels = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        image = Image.fromarray(pixels[..., :3]).convert(mode) if mode != "RGBA" else Image.fromarray(pixels, "RGBA")
+        image.save(folder / f"f{n}.png")
+    return folder
+
+
 def bad_input_cases(tmp_path, short_run):
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk.pt").write_text("not a checkpoint")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("no frames here")
+    truncated = write_frames(tmp_path / "truncated", [(64, 64)] * 6)
+    data = (truncated / "f2.png").read_bytes()
+    (truncated / "f2.png").write_bytes(data[:len(data) // 2])
+    write_frames(tmp_path / "mixed", [(64, 64)] * 3 + [(48, 64)] * 3)
+    write_frames(tmp_path / "few", [(64, 64)] * 2)
+    frames = ["--dataset", "frames", "--data-dir"]
     ckpt = str(short_run / "checkpoints" / "ckpt_00000004.pt")
     return {
         "missing data dir": (["--data-dir", str(tmp_path / "nowhere")], "does not exist"),
         "empty data dir": (["--data-dir", str(tmp_path / "empty")], "is empty"),
-        "impossible config": (["--img-h", "100"], "img_h"),
+        "no frames of a known type": (["--data-dir", str(tmp_path / "texts")], "no frames (.png/.jpg/.jpeg)"),
+        "truncated frame": (frames + [str(truncated)], "f2.png' is truncated"),
+        "mixed frame sizes": (frames + [str(tmp_path / "mixed")], "have mixed sizes"),
+        "fewer frames than a sequence": (frames + [str(tmp_path / "few")], "one sequence needs 3"),
+        "image not divisible by the grid": (["--img-h", "100"], "img_h"),
+        "cap above the cells": (["--max-num-obj", "17"], "exceeds the 16 cells"),
+        "observe_frames >= seq_len": (["--observe-frames", "3"], "observe_frames=3"),
         "not a checkpoint": (["--resume", str(tmp_path / "junk.pt")], "not a readable SCALOR checkpoint"),
         "checkpoint of another config": (["--resume", ckpt, "--num-cell-h", "8", "--num-cell-w", "8"], "num_cell_h"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing data dir", "empty data dir", "impossible config", "not a checkpoint",
+@pytest.mark.parametrize("case", ["missing data dir", "empty data dir", "no frames of a known type", "truncated frame",
+                                  "mixed frame sizes", "fewer frames than a sequence", "image not divisible by the grid",
+                                  "cap above the cells", "observe_frames >= seq_len", "not a checkpoint",
                                   "checkpoint of another config"])
 def test_bad_input_exits_2_with_one_line(case, tmp_path, short_run, monkeypatch, capsys):
     flags, words = bad_input_cases(tmp_path, short_run)[case]
@@ -173,6 +203,13 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, short_run, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_grayscale_and_rgba_frames_are_converted(tmp_path, monkeypatch):
+    folder = write_frames(tmp_path / "modes", [(64, 64)] * 6, modes=["L", "RGBA", "P", "RGB", "L", "RGBA"])
+    monkeypatch.chdir(tmp_path)
+    flags = [f for f in TINY if f not in ("--num-sprite-sequences", "8")]
+    assert train.main(flags + ["--dataset", "frames", "--data-dir", str(folder), "--steps", "1"]) == 0
 
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(short_run, capsys):
@@ -252,3 +289,54 @@ def test_boxes_are_drawn_where_z_where_says():
     assert 0 < lit.sum() < 33                                   # discovered: dashed bottom edge
     assert image.eq(0).all()                                    # input untouched
     assert len({viz.id_color(i) for i in range(1, 20)}) == 19
+
+
+# ---- interrupted runs continue as if never stopped ------------------------------------------------
+
+def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    whole = tmp_path / "whole"
+    assert train.main(TINY + run_dirs(whole, "--steps", "6")) == 0
+    cut = tmp_path / "cut"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "train.py"] + TINY + run_dirs(cut, "--steps", "100000"), cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log, deadline = cut / "summary" / "losses.jsonl", time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    stopped_at = len(losses(cut))
+    assert 2 <= stopped_at < 6
+    assert train.main(TINY + run_dirs(cut, "--steps", "6", "--resume", "auto")) == 0
+    assert [r["loss"] for r in losses(cut)] == [r["loss"] for r in losses(whole)]
+
+
+KILL_DURING_WRITE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from common import small_config
+from scalor import SCALOR
+from utils import save_checkpoint
+model = SCALOR(small_config())
+save_checkpoint({path!r}, model, step=1)
+print("first", flush=True)
+ballast = torch.rand(150_000_000)          # 600 MB: the next write takes a while
+while True:
+    save_checkpoint({path!r}, model, step=2, ballast=ballast)
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "ckpt_00000001.pt"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_WRITE.format(root=str(ROOT), path=str(path))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first"
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()):   # the second write has begun
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    payload = read_checkpoint(str(path))
+    assert payload["step"] == 1 and "ballast" not in payload
