@@ -7,7 +7,6 @@ Defaults are the reference implementation's Grand Central settings (JindongJiang
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 

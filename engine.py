@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import tau_at, z_pres_prior_at
+from utils import step_switches, tau_at, z_pres_prior_at
 
 PRECISIONS = ("fp32", "fp32-strict", "tf32", "bf16")
 
@@ -96,8 +96,7 @@ class TrainStep:
         tau, prior = tau_at(cfg, step - 1), z_pres_prior_at(cfg, step)
         if not self.cuda_graph or keep_records or inject_nan:
             return self._forward_backward(batch, step, tau, prior, keep_records, inject_nan)
-        key = (not cfg.phase_do_remove_detach or step < cfg.remove_detach_step,
-               cfg.phase_bg_alpha_curriculum and step < cfg.bg_alpha_curriculum_steps)
+        key = step_switches(cfg, step)   # the two step-dependent branches of the forward
         if key not in self.graphs:
             if self.seen.get(key, 0) < self.warmup:     # eager warm-up steps on a side stream
                 self.seen[key] = self.seen.get(key, 0) + 1

@@ -63,7 +63,7 @@ from data import DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRE
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import CheckpointError, load_model_state, read_checkpoint, seed_everything, tau_at
+from utils import CheckpointError, load_model_state, pick_device, read_checkpoint, seed_everything, tau_at
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 IOU_THRESHOLD = 0.5        # a prediction matches a ground-truth object at IoU >= this
@@ -696,14 +696,6 @@ def parse_args(argv):
     if args.nll_samples < 0 or args.gif < 0 or args.workers < 0:
         raise EvalError("--nll-samples, --gif and --workers must not be negative")
     return args
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda but no CUDA device is available: use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_model(path: str, device) -> tuple:

@@ -34,7 +34,7 @@ from modules import (BgDecoder, BgDecoderSBD, BgEncoder, GlimpseDecoder, Glimpse
                      SequenceEncoder, bernoulli_log_prob, crop, kl_bernoulli, kl_normal, kl_std_normal, normal_log_prob,
                      maybe_checkpoint, normal_rsample, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
                      window_size)
-from utils import z_pres_prior_at
+from utils import step_switches, z_pres_prior_at
 
 EPS = 1e-15  # the reference's eps in compositing, rejection and the Bernoulli KL
 
@@ -334,8 +334,7 @@ class SCALOR(nn.Module):
         B, T = seq.shape[:2]
         dev, dt = seq.device, seq.dtype
         prior_prob = z_pres_prior_at(cfg, step) if z_pres_prior is None else z_pres_prior
-        detach_state = not cfg.phase_do_remove_detach or step < cfg.remove_detach_step
-        curriculum = cfg.phase_bg_alpha_curriculum and step < cfg.bg_alpha_curriculum_steps
+        detach_state, curriculum = step_switches(cfg, step)
         nll = nll and not self.training
         fixed = self.training and cfg.phase_obj_num_contrain   # fixed capacity, no host syncs
 

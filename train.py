@@ -42,6 +42,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import utils
 import viz
 from common import Config, ConfigError, small_config
 from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, is_frame_file, make_loader,
@@ -202,14 +203,7 @@ def gather_objects(obj, ddp: Dist) -> list:
 def pick_device(name: str, ddp: Dist = Dist()) -> torch.device:
     if ddp.world > 1:
         return torch.device(f"cuda:{ddp.local_rank}") if name != "cpu" and torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is available: pass --device cpu or --device auto")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        print("notice: no CUDA device found, training on the CPU (slow at full size; try --small)")
-        return torch.device("cpu")
-    return torch.device(name)
+    return utils.pick_device(name, "notice: no CUDA device found, training on the CPU (slow at full size; try --small)")
 
 
 def nan_steps() -> set:

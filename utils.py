@@ -41,6 +41,26 @@ def z_pres_prior_at(cfg: Config, step: int) -> float:
                             cfg.z_pres_anneal_start_value, cfg.z_pres_anneal_end_value)
 
 
+def step_switches(cfg: Config, step: int) -> tuple[bool, bool]:
+    """(detach object state across frames, alpha curriculum active) at training step `step`."""
+    return (not cfg.phase_do_remove_detach or step < cfg.remove_detach_step,
+            cfg.phase_bg_alpha_curriculum and step < cfg.bg_alpha_curriculum_steps)
+
+
+def pick_device(name: str, cpu_notice: str | None = None) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> a device; ConfigError for cuda without a GPU. `cpu_notice` is
+    printed when 'auto' finds no GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available: pass --device cpu or --device auto")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if cpu_notice:
+            print(cpu_notice)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
 # ------------------------------------------------------------------------------------------------
 # Seeding and RNG state
 # ------------------------------------------------------------------------------------------------
