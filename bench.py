@@ -42,7 +42,7 @@ def build(cfg: Config, device, args):
 
 def run(cfg: Config, args, num_objects: int) -> dict:
     device = torch.device("cuda")
-    set_precision(args.precision)
+    set_precision(args.precision, cudnn_benchmark=not args.no_cudnn_benchmark)
     seed_everything(cfg.seed)
     model, step_fn = build(cfg, device, args)
     batches = [b.to(device) for b in bench_batches(4, cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w,
@@ -60,6 +60,8 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         if i >= args.warmup:
             times.append((start, end))
     torch.cuda.synchronize()
+    if args.profile:
+        profile(step_fn, batches, args.warmup + args.steps, args.profile)
     ms = [s.elapsed_time(e) for s, e in times]
     median = statistics.median(ms)
     return {
@@ -71,12 +73,24 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "loss_first": [round(float(v), 3) for v in losses[:5]],
         "loss_last": round(float(losses[-1]), 3),
         "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
-        "compile_blocks": args.compile_blocks,
+        "compile_blocks": args.compile_blocks, "checkpoint_glimpses": cfg.checkpoint_glimpses,
+        "cudnn_benchmark": not args.no_cudnn_benchmark,
         "scene_objects": num_objects,
         "config": {k: getattr(cfg, k) for k in ("img_h", "num_cell_h", "glimpse_size", "max_num_obj", "batch_size",
                                                  "seq_len", "phase_conv_lstm")},
         "device": torch.cuda.get_device_name(),
     }
+
+
+def profile(step_fn, batches, first_step: int, num_steps: int, rows: int = 30) -> None:
+    """Profile num_steps more steps and print (stderr) the GPU kernels by total time."""
+    from torch.profiler import ProfilerActivity
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(num_steps):
+            step_fn(batches[i % 4], first_step + i + 1)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70),
+          file=sys.stderr, flush=True)
 
 
 def sync_check(cfg: Config) -> dict:
@@ -111,6 +125,12 @@ def main(argv=None):
     p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile the conv stacks")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="use cuDNN's heuristic algorithm choice instead of timing the algorithms once")
+    p.add_argument("--no-checkpoint-glimpses", action="store_true",
+                   help="keep glimpse activations instead of recomputing them in backward (faster, more memory)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps and print the GPU kernels by total time")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--scaling", action="store_true", help="table over scene objects and grids")
@@ -121,7 +141,8 @@ def main(argv=None):
         return 2
     cfg = Config(img_h=args.img_size, img_w=args.img_size, num_cell_h=args.grid, num_cell_w=args.grid,
                  glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
-                 seq_len=args.seq_len, observe_frames=min(5, args.seq_len - 1), phase_conv_lstm=not args.no_conv_lstm)
+                 seq_len=args.seq_len, observe_frames=min(5, args.seq_len - 1), phase_conv_lstm=not args.no_conv_lstm,
+                 checkpoint_glimpses=not args.no_checkpoint_glimpses)
     if args.sync_check:
         print(json.dumps(sync_check(cfg)), flush=True)
         return 0

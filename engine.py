@@ -19,13 +19,19 @@ from utils import step_switches, tau_at, z_pres_prior_at
 PRECISIONS = ("fp32", "fp32-strict", "tf32", "bf16")
 
 
-def set_precision(precision: str) -> None:
+def set_precision(precision: str, cudnn_benchmark: bool = False) -> None:
     """fp32: PyTorch's defaults (fp32 tensors; cuDNN may use TF32 inside convolutions, matmuls in
-    full fp32); fp32-strict: no TF32 anywhere; tf32: TF32 in matmuls too; bf16: autocast to bf16."""
+    full fp32); fp32-strict: no TF32 anywhere; tf32: TF32 in matmuls too; bf16: autocast to bf16.
+
+    cudnn_benchmark: let cuDNN time its algorithms for each convolution shape once and keep the
+    fastest. Training steps have fixed shapes (fixed object slots), so this costs a few seconds in
+    the first steps and nothing after; same precision class, so the same numbers up to the order
+    of summation inside a convolution."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
     torch.backends.cudnn.allow_tf32 = precision != "fp32-strict"
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def make_optimizer(model, cuda_graph: bool = False):

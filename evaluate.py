@@ -20,13 +20,19 @@ Conventions:
 - Boxes. The model's z_where = (sx, sy, tx, ty) spans x in [tx - sx, tx + sx] of the normalised
   frame [-1, 1]; in pixels x0 = (tx - sx + 1) / 2 * W, x1 = (tx + sx + 1) / 2 * W, y likewise with
   H. Pixel i covers [i, i + 1), so a ground-truth box (x, y, w, h) of whole pixels spans [x, x + w).
-- Predictions of a frame: the rendered objects with z_pres > 0.5; an object's mask is its decoded
-  alpha placed into the frame (`modules.spatial_transform`, inverse) and thresholded at 0.5.
+- Predictions of a frame: the rendered objects with z_pres > 0.5 whose mask has at least
+  MIN_GT_AREA (5) pixels, the visibility rule of the ground truth (an object that draws nothing is
+  no detection; the report counts those left out as `invisible_predictions`); an object's mask is
+  its decoded alpha placed into the frame (`modules.spatial_transform`, inverse) and thresholded
+  at 0.5.
 - Ground truth (sprites only): an object counts in a frame when at least MIN_GT_AREA (5) of its
   pixels are visible; smaller ones are dropped from that frame for tracking, counting and the
   generation centre error.
-- Tracking: one motmetrics accumulator per sequence, matching by box IoU >= 0.5 and, separately,
-  by mask IoU >= 0.5; the distance is 1 - IoU. `motp_distance` is motmetrics' MOTP (mean 1 - IoU
+- Tracking: one motmetrics accumulator per sequence, matching by IoU >= 0.5 of three kinds, each
+  reported apart: `tracking_box`, the glimpse box z_where against the ground truth's tight box;
+  `tracking_box_tight`, the tight box of the predicted mask against it (the glimpse is free to be
+  larger than its object, so this compares like with like); `tracking_mask`, mask IoU. The
+  distance is 1 - IoU. `motp_distance` is motmetrics' MOTP (mean 1 - IoU
   of the matches), `motp_iou` = 1 - that (mean IoU). `mostly_tracked`: ground-truth objects matched
   without an id switch (motmetrics MATCH events) in >= 80% of the frames they are visible in;
   `mostly_detected`: matched by any prediction (MATCH or SWITCH) in >= 80% of them (what
@@ -123,6 +129,17 @@ def iou_to_distance(iou: np.ndarray, thresh: float) -> np.ndarray:
 def iou_matrix_distance(gt_xywh, pred_xywh, thresh: float = IOU_THRESHOLD) -> np.ndarray:
     """(N, M) box distances 1 - IoU between ground truth and predictions, NaN where IoU < thresh."""
     return iou_to_distance(iou_xywh(gt_xywh, pred_xywh), thresh)
+
+
+def mask_boxes(masks) -> np.ndarray:
+    """(n, H, W) bool masks -> (n, 4) tight boxes (x, y, w, h) of whole pixels; (0, 0, 0, 0) for an empty mask."""
+    masks = np.asarray(masks, dtype=bool)
+    boxes = np.zeros((masks.shape[0], 4), dtype=np.float64)
+    for i, m in enumerate(masks):
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        if rows.size:
+            boxes[i] = (cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0])
+    return boxes
 
 
 def mask_iou(a, b) -> np.ndarray:
@@ -283,11 +300,19 @@ def greedy_match(dist: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Objects:
-    """The objects of one frame: ids (n,), xywh (n, 4) pixels, masks (n, H, W) bool, conf (n,)."""
+    """The objects of one frame: ids (n,), xywh (n, 4) pixels, masks (n, H, W) bool, conf (n,).
+
+    Predictions: xywh is the glimpse box z_where; ground truth: the tight box of the visible mask.
+    `tight` is always the tight box of the mask."""
     ids: np.ndarray
     xywh: np.ndarray
     masks: np.ndarray
     conf: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    invisible: int = 0          # predictions with z_pres > 0.5 left out for drawing < MIN_GT_AREA pixels
+
+    @property
+    def tight(self) -> np.ndarray:
+        return mask_boxes(self.masks)
 
     @property
     def count(self) -> int:
@@ -303,16 +328,21 @@ def placed_masks(alpha_glimpse: torch.Tensor, z_where: torch.Tensor, H: int, W: 
     return (alpha[:, 0] > MASK_THRESHOLD).cpu().numpy()
 
 
-def frame_predictions(record, H: int, W: int) -> list:
-    """A FrameRecord (batch B) -> [Objects] per sequence: the entries with z_pres > PRES_THRESHOLD."""
+def frame_predictions(record, H: int, W: int, min_area: int = MIN_GT_AREA) -> list:
+    """A FrameRecord (batch B) -> [Objects] per sequence: the entries with z_pres > PRES_THRESHOLD
+    whose mask has at least `min_area` pixels (the visibility rule of the ground truth: an object
+    that draws nothing is not a detection)."""
     result = []
     for b in range(record.z_pres.shape[0]):
-        keep = record.z_pres[b] > PRES_THRESHOLD
+        keep = (record.z_pres[b] > PRES_THRESHOLD).cpu()
         z_where = record.z_where[b][keep]
-        result.append(Objects(ids=record.ids[b][keep].cpu().numpy().astype(np.int64),
-                              xywh=xyxy_to_xywh(box_to_pixels(z_where, H, W)).reshape(-1, 4),
-                              masks=placed_masks(record.alpha_glimpse[b][keep], z_where, H, W),
-                              conf=record.z_pres[b][keep].float().cpu().numpy().astype(np.float64)))
+        masks = placed_masks(record.alpha_glimpse[b][keep], z_where, H, W)
+        visible = masks.sum(axis=(1, 2)) >= min_area
+        result.append(Objects(ids=record.ids[b][keep].cpu().numpy().astype(np.int64)[visible],
+                              xywh=xyxy_to_xywh(box_to_pixels(z_where, H, W)).reshape(-1, 4)[visible],
+                              masks=masks[visible],
+                              conf=record.z_pres[b][keep].float().cpu().numpy().astype(np.float64)[visible],
+                              invisible=int((~visible).sum())))
     return result
 
 
@@ -472,6 +502,7 @@ class Tally:
     """Running sums over the evaluated sequences."""
     names: list = field(default_factory=list)
     box_accs: list = field(default_factory=list)
+    tight_accs: list = field(default_factory=list)
     mask_accs: list = field(default_factory=list)
     gt_counts: list = field(default_factory=list)
     pred_counts: list = field(default_factory=list)
@@ -482,6 +513,7 @@ class Tally:
     gen_sequences: int = 0
     centre_errors: list | None = None         # per generated step, matched distances
     predictions: dict = field(default_factory=dict)
+    invisible: int = 0                        # predictions with z_pres > 0.5 left out as invisible
 
 
 def nll_per_sequence(model, batch, step: int, tau: float, samples: int) -> torch.Tensor:
@@ -517,11 +549,13 @@ def add_inference(tally: Tally, preds: list, names: list, truths, out_dir: str) 
     for b, name in enumerate(names):
         tally.names.append(name)
         tally.predictions[name] = prediction_entries(preds[b])
+        tally.invisible += sum(p.invisible for p in preds[b])
         write_tracks(os.path.join(out_dir, f"tracks_{name}.txt"), preds[b])
         if truths is None:
             continue
         gt = truths[b]
         tally.box_accs.append(accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.xywh) for p in preds[b]]))
+        tally.tight_accs.append(accumulate([(g.ids, g.tight) for g in gt], [(p.ids, p.tight) for p in preds[b]]))
         tally.mask_accs.append(accumulate([(g.ids, g.masks) for g in gt], [(p.ids, p.masks) for p in preds[b]],
                                           mask_iou_distance))
         tally.gt_counts.extend(g.count for g in gt)
@@ -612,7 +646,9 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
         "seq_len": cfg.seq_len,
         "image_size": [cfg.img_h, cfg.img_w],
         "min_gt_area": MIN_GT_AREA,
+        "invisible_predictions": tally.invisible,
         "tracking_box": summarize(tally.box_accs, tally.names) if has_truth else None,
+        "tracking_box_tight": summarize(tally.tight_accs, tally.names) if has_truth else None,
         "tracking_mask": summarize(tally.mask_accs, tally.names) if has_truth else None,
         "counting": count_metrics(tally.gt_counts, tally.pred_counts) if has_truth else None,
         "reconstruction": {"mse": tally.sq_err / max(tally.num_values, 1)},
@@ -635,7 +671,7 @@ def json_ready(value):
 def summary_table(report: dict) -> str:
     """A readable table of the main numbers."""
     rows = [("sequences", report["num_sequences"]), ("step", report["step"])]
-    for kind in ("tracking_box", "tracking_mask"):
+    for kind in ("tracking_box", "tracking_box_tight", "tracking_mask"):
         m = report.get(kind)
         if m:
             label = kind.replace("tracking_", "")

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     length = run.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="N", help="train until this step [100000]")
     length.add_argument("--epochs", type=int, metavar="N", help="train for this many passes over the data")
+    run.add_argument("--max-minutes", type=float, metavar="M",
+                     help="stop after M minutes of training (wall clock), saving a checkpoint, as on SIGTERM")
     run.add_argument("--keep-checkpoints", type=int, default=3, metavar="N", help="keep the last N checkpoints [3]")
     run.add_argument("--resume", metavar="PATH|auto",
                      help="continue from a checkpoint file, or the newest one of the run (auto)")
@@ -128,6 +131,8 @@ def check_run_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= {low}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ConfigError(f"--max-minutes={args.max_minutes} must be positive")
     if args.data_dir is not None and args.dataset == "sprites":
         raise ConfigError("--data-dir is not used by the sprites dataset: drop it, "
                           "or pick --dataset grandcentral or frames")
@@ -369,8 +374,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     use_graph = args.cuda_graph and device.type == "cuda"
     if args.cuda_graph and not use_graph:
         print("notice: --cuda-graph needs a CUDA device; running eagerly")
-    if device.type == "cuda":
-        set_precision(args.precision)
+    if device.type == "cuda":   # training shapes are fixed: let cuDNN time its algorithms once
+        set_precision(args.precision, cudnn_benchmark=True)
     optimizer = make_optimizer(model, cuda_graph=use_graph)
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
     if payload is not None:
@@ -513,6 +518,7 @@ def train(run: Run, args) -> int:
     good = run.start if run.start.rng else dataclasses.replace(run.start, rng=rng_state())
     step, bad_steps, bad_in_row, saved_at = good.step, good.bad_steps, 0, good.step
     last_log = (time.time(), step)
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
     if ddp.main:
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {run.device}"
               f"{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {run.data_desc['dataset']} "
@@ -571,10 +577,12 @@ def train(run: Run, args) -> int:
             if ok and step % cfg.save_freq == 0:
                 save(run, good)
                 saved_at = step
-            if stop_any > 0:
+            out_of_time = time.time() >= deadline
+            if stop_any > 0 or out_of_time:
                 path = save(run, Progress(step, *position, bad_steps, rng_state()))
                 if ddp.main:
-                    bar.write(f"{stop['signal'] or 'signal'}: stopped after step {step}; saved {path}")
+                    why = f"{stop['signal'] or 'signal'}" if stop_any > 0 else f"--max-minutes {args.max_minutes:g}"
+                    bar.write(f"{why}: stopped after step {step}; saved {path}")
                 break
         else:
             if saved_at != step:

@@ -179,6 +179,31 @@ def test_placed_masks_match_the_boxes():
         np.testing.assert_array_equal(mask, expected)
 
 
+def test_mask_boxes_are_tight_boxes_of_whole_pixels():
+    masks = np.zeros((3, 8, 10), dtype=bool)
+    masks[0, 2:5, 3:9] = True               # rows 2-4, columns 3-8
+    masks[1, 7, 0] = True                   # one pixel in the corner
+    boxes = ev.mask_boxes(masks)            # masks[2] is empty
+    np.testing.assert_array_equal(boxes, [[3, 2, 6, 3], [0, 7, 1, 1], [0, 0, 0, 0]])
+
+
+def test_predictions_that_draw_fewer_than_five_pixels_are_not_detections():
+    """z_pres > 0.5 but an alpha that covers < MIN_GT_AREA pixels: left out and counted as invisible."""
+    G, H, W = 16, 64, 64
+    alpha = torch.ones(1, 3, 1, G, G)
+    alpha[0, 1] = 0.0                                                    # draws nothing
+    record = SimpleNamespace(z_pres=torch.tensor([[0.9, 0.95, 0.99]]),   # the third: a 2x2-pixel box
+                             z_where=torch.tensor([[[0.25, 0.25, 0.0, 0.0], [0.25, 0.25, 0.5, 0.5],
+                                                    [0.03125, 0.03125, -0.46875, -0.46875]]]),
+                             ids=torch.tensor([[3, 4, 5]]), alpha_glimpse=alpha)
+    (objects,) = ev.frame_predictions(record, H, W)
+    assert objects.ids.tolist() == [3] and objects.invisible == 2
+    (all_objects,) = ev.frame_predictions(record, H, W, min_area=1)
+    assert all_objects.ids.tolist() == [3, 5] and all_objects.invisible == 1
+    assert all_objects.masks[1].sum() == 4
+    np.testing.assert_array_equal(objects.tight, [[24, 24, 16, 16]])
+
+
 # ------------------------------------------------------------------------------------------------
 # RLE, counting, centre matching
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +295,9 @@ def test_evaluation_of_perfect_predictions(tmp_path):
     assert box["motp_iou"] == pytest.approx(1.0, abs=1e-5)
     assert box["mostly_tracked"] == box["num_unique_objects"]
     assert report["tracking_mask"]["num_objects"] == num_objects     # masks are boxes here: no exact match
+    tight = report["tracking_box_tight"]                             # tight boxes of box masks: the boxes
+    assert tight["mota"] == 1.0 and tight["matches"] == num_objects and tight["motp_iou"] == pytest.approx(1.0)
+    assert report["invisible_predictions"] == 0
     assert report["counting"] == {"accuracy": 1.0, "mae": 0.0, "bias": 0.0, "frames": 12}
     assert report["reconstruction"]["mse"] == 0.0
     assert report["nll"]["nats_per_sequence"] == pytest.approx(0.0, abs=1e-12)   # log w = 0 for every sample

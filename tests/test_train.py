@@ -124,6 +124,20 @@ def test_keeps_the_last_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
 
 
+def test_max_minutes_stops_with_a_checkpoint(tmp_path, capsys):
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "50", "--max-minutes", "1e-6")) == 0
+    captured = capsys.readouterr()
+    assert "--max-minutes 1e-06: stopped after step 1; saved" in captured.out + captured.err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000001.pt"]
+    assert read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000001.pt"))["step"] == 1
+
+
+def test_max_minutes_must_be_positive(tmp_path, capsys):
+    assert train.main(TINY + run_dirs(tmp_path, "--max-minutes", "0")) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-minutes=0.0 must be positive"
+    assert not (tmp_path / "checkpoints").exists()
+
+
 # ---- exact resume -----------------------------------------------------------------------------------
 
 def test_resume_continues_exactly(short_run, tmp_path, capsys):
