@@ -334,14 +334,14 @@ def frame_predictions(record, H: int, W: int, min_area: int = MIN_GT_AREA) -> li
     that draws nothing is not a detection)."""
     result = []
     for b in range(record.z_pres.shape[0]):
-        keep = (record.z_pres[b] > PRES_THRESHOLD).cpu()
-        z_where = record.z_where[b][keep]
-        masks = placed_masks(record.alpha_glimpse[b][keep], z_where, H, W)
+        index = torch.nonzero(record.z_pres[b] > PRES_THRESHOLD).flatten().cpu()      # z_pres > 0.5
+        masks = placed_masks(record.alpha_glimpse[b][index], record.z_where[b][index], H, W)
         visible = masks.sum(axis=(1, 2)) >= min_area
-        result.append(Objects(ids=record.ids[b][keep].cpu().numpy().astype(np.int64)[visible],
-                              xywh=xyxy_to_xywh(box_to_pixels(z_where, H, W)).reshape(-1, 4)[visible],
+        index = index[torch.from_numpy(visible)]                                     # ... and visible
+        result.append(Objects(ids=record.ids[b][index].cpu().numpy().astype(np.int64),
+                              xywh=xyxy_to_xywh(box_to_pixels(record.z_where[b][index], H, W)).reshape(-1, 4),
                               masks=masks[visible],
-                              conf=record.z_pres[b][keep].float().cpu().numpy().astype(np.float64)[visible],
+                              conf=record.z_pres[b][index].float().cpu().numpy().astype(np.float64),
                               invisible=int((~visible).sum())))
     return result
 

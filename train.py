@@ -534,9 +534,12 @@ def train(run: Run, args) -> int:
             batch = batch.to(run.device, non_blocking=pin)
             log_now = step == 1 or step % cfg.print_freq == 0
             result = step_fn(batch, step, keep_records=log_now and ddp.main, inject_nan=step in inject)
-            # one small all-reduce: loss, objects and "stop requested" agreed by every process
+            # one small all-reduce: loss, objects and "stop requested" (a signal or --max-minutes) agreed by
+            # every process, so all of them stop after the same step
+            out_of_time = time.time() >= deadline
+            stop_now = stop["signal"] is not None or out_of_time
             summary = all_mean(torch.stack((result.loss, result.counts.float().mean(),
-                                            torch.tensor(float(stop["signal"] is not None), device=result.loss.device))), ddp)
+                                            torch.tensor(float(stop_now), device=result.loss.device))), ddp)
             loss, objects, stop_any = summary.tolist()
             ok = bool(result.finite)
             position = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)
@@ -577,11 +580,10 @@ def train(run: Run, args) -> int:
             if ok and step % cfg.save_freq == 0:
                 save(run, good)
                 saved_at = step
-            out_of_time = time.time() >= deadline
-            if stop_any > 0 or out_of_time:
+            if stop_any > 0:
                 path = save(run, Progress(step, *position, bad_steps, rng_state()))
                 if ddp.main:
-                    why = f"{stop['signal'] or 'signal'}" if stop_any > 0 else f"--max-minutes {args.max_minutes:g}"
+                    why = stop["signal"] or (f"--max-minutes {args.max_minutes:g}" if out_of_time else "signal")
                     bar.write(f"{why}: stopped after step {step}; saved {path}")
                 break
         else:
