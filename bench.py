@@ -22,7 +22,7 @@ import torch
 
 from common import Config
 from data import bench_batches
-from engine import PRECISIONS, TrainStep, make_optimizer, set_precision
+from engine import PRECISIONS, TrainStep, compile_blocks, make_optimizer, set_precision
 from scalor import SCALOR
 from utils import seed_everything
 
@@ -31,11 +31,8 @@ def build(cfg: Config, device, args):
     model = SCALOR(cfg).to(device).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if args.compile_blocks:   # fuse each conv stack's GroupNorm/CELU work (state_dict keys unchanged)
-        for block in (model.glimpse_enc, model.glimpse_dec, model.image_enc.image_enc, model.proposal,
-                      getattr(model, "bg_enc", None), getattr(model, "bg_dec", None)):
-            if block is not None:
-                block.compile(dynamic=False)
+    if args.compile_blocks:
+        compile_blocks(model)
     optimizer = make_optimizer(model, cuda_graph=args.cuda_graph)
     return model, TrainStep(model, optimizer, precision=args.precision, cuda_graph=args.cuda_graph)
 

@@ -48,7 +48,7 @@ import viz
 from common import Config, ConfigError, small_config
 from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, is_frame_file, make_loader,
                   make_sprites)
-from engine import PRECISIONS, TrainStep, make_optimizer, set_precision
+from engine import PRECISIONS, TrainStep, compile_blocks, make_optimizer, set_precision
 from scalor import SCALOR
 from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
                    save_checkpoint, seed_everything, set_rng_state, tau_at, z_pres_prior_at)
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPU numerics: fp32 (PyTorch defaults), fp32-strict (no TF32), tf32, bf16 autocast [fp32]")
     run.add_argument("--cuda-graph", action="store_true",
                      help="replay each training step from a captured CUDA graph (GPU; same model, far less CPU overhead)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the convolution stacks (GPU; the first steps take a minute longer, "
+                          "then each step is ~15%% faster)")
     return parser
 
 
@@ -250,27 +253,47 @@ def build_dataset(cfg: Config, args, kind: str):
     return dataset
 
 
-def epoch_loader(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool,
-                 ddp: Dist = Dist()):
-    """This process's batches of epoch `epoch` from global batch `start_batch` on.
+class TrainOrder(torch.utils.data.Sampler):
+    """This process's sequence indices, epoch after epoch without end, from global batch
+    `start_batch` of `epoch` on.
 
-    The epoch's order is a permutation seeded by seed + epoch, the same in every process; global
-    batch b is order[b*G:(b+1)*G] with G = batch_size * processes, and process r takes its r-th
-    slice of batch_size. A resumed run continues with exactly the batches it would have had."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    B, G = cfg.batch_size, cfg.batch_size * ddp.world
-    shard = [i for b in range(start_batch, len(order) // G) for i in order[b * G + ddp.rank * B: b * G + (ddp.rank + 1) * B]]
-    return make_loader(dataset, B, shuffle=False, workers=workers, pin_memory=pin_memory,
-                       drop_last=True, seed=cfg.seed + epoch, sampler=shard)
+    Epoch e's order is a permutation seeded by seed + e, the same in every process; global batch b
+    is order[b*G:(b+1)*G] with G = batch_size * processes, and process r takes its r-th slice of
+    batch_size (an incomplete last global batch is dropped). A resumed run continues with exactly
+    the batches it would have had. One loader serves every epoch, so its workers start once."""
+
+    def __init__(self, num_items: int, cfg: Config, epoch: int, start_batch: int, ddp: Dist = Dist()):
+        self.num_items, self.seed, self.epoch, self.start_batch = num_items, cfg.seed, epoch, start_batch
+        self.batch, self.rank, self.world = cfg.batch_size, ddp.rank, ddp.world
+
+    def batches_per_epoch(self) -> int:
+        return self.num_items // (self.batch * self.world)
+
+    def __len__(self) -> int:   # one epoch's share of this process
+        return self.batches_per_epoch() * self.batch
+
+    def __iter__(self):
+        B, G = self.batch, self.batch * self.world
+        epoch, start = self.epoch, self.start_batch
+        while self.batches_per_epoch() > 0:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for b in range(start, self.batches_per_epoch()):
+                yield from order[b * G + self.rank * B: b * G + (self.rank + 1) * B]
+            epoch, start = epoch + 1, 0
 
 
 def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool, ddp: Dist = Dist()):
     """Yield (epoch, global batch index, batch) forever, from batch `start_batch` of epoch `epoch`."""
-    while True:
-        loader = epoch_loader(dataset, cfg, epoch, start_batch, workers, pin_memory, ddp)
-        for index, batch in enumerate(loader, start_batch):
-            yield epoch, index, batch
-        epoch, start_batch = epoch + 1, 0
+    order = TrainOrder(len(dataset), cfg, epoch, start_batch, ddp)
+    loader = make_loader(dataset, cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin_memory,
+                         drop_last=True, seed=cfg.seed, sampler=order)
+    per_epoch = order.batches_per_epoch()
+    index = start_batch
+    for batch in loader:
+        yield epoch, index, batch
+        index += 1
+        if index == per_epoch:
+            epoch, index = epoch + 1, 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,7 +388,9 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=args.preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
     batches_per_epoch = len(dataset) // (cfg.batch_size * ddp.world)
-    epoch_loader(dataset, cfg, 0, 0, 0, False, ddp)   # DataError now if the data cannot fill one batch
+    if batches_per_epoch < 1:   # now, before anything is written
+        raise DataError(f"the dataset gives {len(dataset)} sequences, fewer than one batch of "
+                        f"{cfg.batch_size * ddp.world}: add data or lower the batch size")
 
     seed_everything(cfg.seed)
     model = SCALOR(cfg).to(device)
@@ -376,6 +401,10 @@ def setup(args, ddp: Dist = Dist()) -> Run:
         print("notice: --cuda-graph needs a CUDA device; running eagerly")
     if device.type == "cuda":   # training shapes are fixed: let cuDNN time its algorithms once
         set_precision(args.precision, cudnn_benchmark=True)
+    if args.compile and device.type == "cuda":
+        compile_blocks(model)     # in place: parameter names and checkpoints unchanged
+    elif args.compile:
+        print("notice: --compile needs a CUDA device; running eagerly")
     optimizer = make_optimizer(model, cuda_graph=use_graph)
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
     if payload is not None:
@@ -465,8 +494,8 @@ def log_generation(writer, model, cfg: Config, step: int, batch) -> None:
     """Observe cfg.observe_frames frames, then generate from the priors; reconstruction with boxes."""
     seqs = batch[:cfg.num_img_summary]
     model.eval()
-    try:
-        with torch.no_grad():
+    try:   # eval-mode shapes vary from frame to frame: run compiled blocks eagerly rather than recompile
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             out = model(seqs, step=step, tau=tau_at(cfg, step - 1), generate=True, keep_records=True)
     finally:
         model.train()
