@@ -69,8 +69,10 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "objects_tracked_mean": round(float(torch.stack(objects[args.warmup:]).mean()), 2),
         "loss_first": [round(float(v), 3) for v in losses[:5]],
         "loss_last": round(float(losses[-1]), 3),
+        "loss_trace": {i + 1: round(float(losses[i]), 1) for i in range(0, len(losses), max(1, len(losses) // 10))},
         "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
         "compile_blocks": args.compile_blocks, "checkpoint_glimpses": cfg.checkpoint_glimpses,
+        "triton_convs": cfg.triton_convs,
         "cudnn_benchmark": not args.no_cudnn_benchmark,
         "scene_objects": num_objects,
         "config": {k: getattr(cfg, k) for k in ("img_h", "num_cell_h", "glimpse_size", "max_num_obj", "batch_size",
@@ -126,6 +128,8 @@ def main(argv=None):
                    help="use cuDNN's heuristic algorithm choice instead of timing the algorithms once")
     p.add_argument("--no-checkpoint-glimpses", action="store_true",
                    help="keep glimpse activations instead of recomputing them in backward (faster, more memory)")
+    p.add_argument("--no-triton-convs", action="store_true",
+                   help="run the glimpse decoder's large 3x3 convolutions in cuDNN instead of the Triton kernels")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps and print the GPU kernels by total time")
     p.add_argument("--warmup", type=int, default=10)
@@ -139,7 +143,7 @@ def main(argv=None):
     cfg = Config(img_h=args.img_size, img_w=args.img_size, num_cell_h=args.grid, num_cell_w=args.grid,
                  glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
                  seq_len=args.seq_len, observe_frames=min(5, args.seq_len - 1), phase_conv_lstm=not args.no_conv_lstm,
-                 checkpoint_glimpses=not args.no_checkpoint_glimpses)
+                 checkpoint_glimpses=not args.no_checkpoint_glimpses, triton_convs=not args.no_triton_convs)
     if args.sync_check:
         print(json.dumps(sync_check(cfg)), flush=True)
         return 0

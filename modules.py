@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+import kernels
 from common import Config
 
 # GroupNorm groups per channel count, as the reference uses them.
@@ -27,10 +28,27 @@ def _groups(channels: int) -> int:
     return _GROUPS.get(channels, math.gcd(channels, 8))
 
 
-def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None):
-    """Conv2d -> CELU -> GroupNorm, the reference's unit."""
-    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU(),
+def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None, conv=None):
+    """Conv2d -> CELU -> GroupNorm, the reference's unit (`conv`: a module to use as the Conv2d)."""
+    return [conv or nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU(),
             nn.GroupNorm(groups or _groups(cout), cout)]
+
+
+class Conv3x3(nn.Conv2d):
+    """nn.Conv2d(cin, cout, 3, padding=1) -- same parameters, same state_dict -- that runs the Triton
+    kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (for
+    convolutions with <= 8 channels on one side cuDNN is slow there); cuDNN everywhere else."""
+
+    MIN_PIXELS = 32 * 32
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 3, 1, 1)
+
+    def forward(self, x):
+        if (x.is_cuda and x.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= self.MIN_PIXELS
+                and kernels.available() and not torch.is_autocast_enabled("cuda")):
+            return kernels.conv3x3(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 def upsample_block(cin: int, cout: int, factor: int):
@@ -193,12 +211,14 @@ class GlimpseDecoder(nn.Module):
         if G < 64:
             layers += conv_block(16, 16, 3, 1, 1)
         self.dec = nn.Sequential(*layers)
+        # the heads run at the glimpse resolution with <= 8 channels on one side: Triton kernels there
+        head = (lambda i, o: Conv3x3(i, o)) if cfg.triton_convs else (lambda i, o: nn.Conv2d(i, o, 3, 1, 1))
         if min(cfg.img_h, cfg.img_w) <= 64:
-            self.dec_o = nn.Conv2d(16, 3, 3, 1, 1)
-            self.dec_alpha = nn.Conv2d(16, 1, 3, 1, 1)
+            self.dec_o = head(16, 3)
+            self.dec_alpha = head(16, 1)
         else:
-            self.dec_o = nn.Sequential(*conv_block(16, 8, 3, 1, 1), nn.Conv2d(8, 3, 3, 1, 1))
-            self.dec_alpha = nn.Sequential(*conv_block(16, 8, 3, 1, 1), nn.Conv2d(8, 1, 3, 1, 1))
+            self.dec_o = nn.Sequential(*conv_block(16, 8, 3, conv=head(16, 8)), head(8, 3))
+            self.dec_alpha = nn.Sequential(*conv_block(16, 8, 3, conv=head(16, 8)), head(8, 1))
 
     def forward(self, z_what):                 # (N, z_what_dim)
         feat = self.dec(z_what.view(*z_what.shape, 1, 1))

@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cuda-graph", action="store_true",
                      help="replay each training step from a captured CUDA graph (GPU; same model, far less CPU overhead)")
     run.add_argument("--compile", action="store_true",
-                     help="torch.compile the convolution stacks (GPU; the first steps take a minute longer, "
-                          "then each step is ~15%% faster)")
+                     help="torch.compile the convolution stacks (GPU; the first steps take minutes longer, then "
+                          "each step is faster: 464 -> 401 ms at the default config on an H200)")
     return parser
 
 

@@ -2,8 +2,11 @@
 import os
 import sys
 
-import pytest
-import torch
+# Triton kernels (kernels.py) run in Triton's CPU interpreter in the tests; set before triton is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
