@@ -214,6 +214,19 @@ def lifespan_counts(acc) -> tuple[int, int]:
     return int((same_id / frames >= 0.8).sum()), int((matched / frames >= 0.8).sum())
 
 
+def overall_motp(accumulators: list) -> float:
+    """Mean distance of all matched pairs (MATCH and SWITCH events) over every sequence.
+
+    motmetrics' OVERALL row weights each sequence's MOTP by its detections, and a sequence
+    without any is NaN there (NaN x 0), which made the overall MOTP NaN."""
+    total, count = 0.0, 0
+    for acc in accumulators:
+        events = acc.mot_events
+        matched = events.loc[events["Type"].isin(("MATCH", "SWITCH")), "D"]
+        total, count = total + float(matched.sum()), count + len(matched)
+    return total / count if count else float("nan")
+
+
 def summarize(accumulators: list, names: list | None = None) -> dict:
     """Tracking metrics over all sequences' accumulators (motmetrics' OVERALL row, plus ours)."""
     names = names if names is not None else [str(i) for i in range(len(accumulators))]
@@ -221,7 +234,7 @@ def summarize(accumulators: list, names: list | None = None) -> dict:
                                                generate_overall=True)
     row = summary.loc["OVERALL"]
     counts = [lifespan_counts(acc) for acc in accumulators]
-    motp = float(row["motp"])
+    motp = overall_motp(accumulators)
     unique = int(row["num_unique_objects"])
     return {
         "mota": float(row["mota"]),

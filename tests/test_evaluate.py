@@ -120,6 +120,16 @@ def test_summarize_adds_up_sequences():
     assert (m["mostly_tracked"], m["mostly_lost"]) == (3, 1)
 
 
+def test_motp_is_the_mean_over_all_matches_when_a_sequence_has_none():
+    """A sequence without any match must not make the overall MOTP NaN (motmetrics' own does)."""
+    gt = moving_boxes(num_objects=1, num_frames=2)
+    shifted = [(ids, boxes + np.array([boxes[0][2] / 4, 0, 0, 0])) for ids, boxes in gt]   # IoU 0.6 each
+    nothing = [(ids[:0], boxes[:0]) for ids, boxes in gt]
+    m = ev.summarize([ev.accumulate(gt, shifted), ev.accumulate(gt, nothing)], ["a", "b"])
+    assert (m["matches"], m["misses"]) == (2, 2)
+    assert m["motp_iou"] == pytest.approx(0.6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Geometry
 # ------------------------------------------------------------------------------------------------
