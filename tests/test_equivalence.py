@@ -228,3 +228,34 @@ def test_float64_eval_many_objects_nll(boxes):
     _, _, ours, plain, _, _ = run_both(cfg, train=False, step=600, tau=1.0, nll=True, dtype=torch.float64)
     assert_equal(ours, plain, None, None, torch.float64, nll=True)
     assert ours.counts.max() > cfg.num_cells and plain["rejected"][:, 1:].sum() > 0
+
+
+def test_float64_same_losses_over_the_first_training_steps():
+    """Three optimizer steps (RMSprop, gradient clip, tau and prior schedules) from the same weights
+    and seeds: ours and the plain oracle give the same loss at every step, so the training
+    trajectories agree, not just one forward."""
+    import copy
+
+    from engine import make_optimizer
+    from utils import tau_at
+
+    cfg = config({}, seq_len=3, observe_frames=1, max_num_obj=4, lr=1e-3)
+    torch.manual_seed(0)
+    ours_model = SCALOR(cfg).double().train()
+    plain_model = copy.deepcopy(ours_model)
+    seq = smooth_sequence(cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w, dtype=torch.float64)
+    runs = [(ours_model, lambda m, s, t: m(seq, step=s, tau=t).loss()),
+            (plain_model, lambda m, s, t: plain_loss(plain_forward(m, seq, s, t)))]
+    losses = {0: [], 1: []}
+    for which, (model, loss_fn) in enumerate(runs):
+        optimizer = make_optimizer(model)
+        for step in range(1, 4):
+            torch.manual_seed(100 + step)
+            loss = loss_fn(model, step, tau_at(cfg, step - 1))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.cp)
+            optimizer.step()
+            losses[which].append(loss.item())
+    assert len(set(losses[0])) == 3                      # the weights did move
+    assert losses[0] == pytest.approx(losses[1], rel=1e-9)

@@ -132,6 +132,13 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path, capsys):
     assert read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000001.pt"))["step"] == 1
 
 
+def test_gpu_only_flags_on_the_cpu_give_notices(tmp_path, capsys):
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "1", "--compile", "--cuda-graph")) == 0
+    out = capsys.readouterr().out
+    assert "notice: --compile needs a CUDA device; running eagerly" in out
+    assert "notice: --cuda-graph needs a CUDA device; running eagerly" in out
+
+
 def test_max_minutes_must_be_positive(tmp_path, capsys):
     assert train.main(TINY + run_dirs(tmp_path, "--max-minutes", "0")) == 2
     assert capsys.readouterr().err.strip() == "error: --max-minutes=0.0 must be positive"
