@@ -230,20 +230,24 @@ def test_float64_eval_many_objects_nll(boxes):
     assert ours.counts.max() > cfg.num_cells and plain["rejected"][:, 1:].sum() > 0
 
 
-def test_float64_same_losses_over_the_first_training_steps():
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-4), (torch.float64, 1e-9)], ids=["float32", "float64"])
+def test_same_losses_over_the_first_training_steps(dtype, rtol):
     """Three optimizer steps (RMSprop, gradient clip, tau and prior schedules) from the same weights
     and seeds: ours and the plain oracle give the same loss at every step, so the training
-    trajectories agree, not just one forward."""
+    trajectories agree, not just one forward. float32 agrees to ~4e-5 at the third step: RMSprop's
+    first updates are ~lr * sign(gradient), so rounding-level differences in near-zero gradient
+    entries become lr-sized weight differences (with lr 1e-3 the third losses differ by 1%);
+    float64 shows the trajectories are the same to 1e-9."""
     import copy
 
     from engine import make_optimizer
     from utils import tau_at
 
-    cfg = config({}, seq_len=3, observe_frames=1, max_num_obj=4, lr=1e-3)
+    cfg = config({}, seq_len=3, observe_frames=1, max_num_obj=4)
     torch.manual_seed(0)
-    ours_model = SCALOR(cfg).double().train()
+    ours_model = SCALOR(cfg).to(dtype).train()
     plain_model = copy.deepcopy(ours_model)
-    seq = smooth_sequence(cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w, dtype=torch.float64)
+    seq = smooth_sequence(cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w, dtype=dtype)
     runs = [(ours_model, lambda m, s, t: m(seq, step=s, tau=t).loss()),
             (plain_model, lambda m, s, t: plain_loss(plain_forward(m, seq, s, t)))]
     losses = {0: [], 1: []}
@@ -258,4 +262,4 @@ def test_float64_same_losses_over_the_first_training_steps():
             optimizer.step()
             losses[which].append(loss.item())
     assert len(set(losses[0])) == 3                      # the weights did move
-    assert losses[0] == pytest.approx(losses[1], rel=1e-9)
+    assert losses[0] == pytest.approx(losses[1], rel=rtol)
