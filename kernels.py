@@ -42,9 +42,10 @@ if triton is not None:
                          CIN: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         # x (N, CIN, H, W), w packed (9, CIN, COUT_P) zero-padded, y (N, COUT, H, W); fp32 FMA
-        n = tl.program_id(0)
         P = H * W
-        p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        blocks = tl.cdiv(P, BLOCK)
+        n = tl.program_id(0) // blocks                                   # one flat grid: (image, block)
+        p = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
         h, w = p // W, p % W
         o = tl.arange(0, COUT_P)
         x_img = x_ptr + n.to(tl.int64) * CIN * P
@@ -108,7 +109,7 @@ def _forward(x, weight, bias, block: int = 128):
     packed = x.new_zeros(9, CIN, COUT_P)                             # (tap, in, out), zero-padded
     packed[:, :, :COUT] = weight.permute(2, 3, 1, 0).reshape(9, CIN, COUT)
     y = x.new_empty(N, COUT, H, W)
-    grid = (N, triton.cdiv(H * W, block))
+    grid = (N * triton.cdiv(H * W, block),)
     _conv3x3_fwd_fma[grid](x, packed, bias if bias is not None else packed, y, H, W, CIN, COUT, COUT_P,
                            bias is not None, block)
     return y
@@ -136,6 +137,7 @@ class _Conv3x3(torch.autograd.Function):
         return _forward(x, weight.contiguous(), bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()

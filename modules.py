@@ -45,7 +45,7 @@ class Conv3x3(nn.Conv2d):
         super().__init__(cin, cout, 3, 1, 1)
 
     def forward(self, x):
-        if (x.is_cuda and x.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= self.MIN_PIXELS
+        if (x.is_cuda and x.dtype == self.weight.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= self.MIN_PIXELS
                 and kernels.available() and not torch.is_autocast_enabled("cuda")):
             return kernels.conv3x3(x, self.weight, self.bias)
         return super().forward(x)

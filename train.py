@@ -283,7 +283,10 @@ class TrainOrder(torch.utils.data.Sampler):
 
 
 def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool, ddp: Dist = Dist()):
-    """Yield (epoch, global batch index, batch) forever, from batch `start_batch` of epoch `epoch`."""
+    """Yield (epoch, global batch index, batch) forever, from batch `start_batch` of epoch `epoch`
+    (the next epoch's first batch when `start_batch` is past the end of that epoch)."""
+    if start_batch >= len(dataset) // (cfg.batch_size * ddp.world):
+        epoch, start_batch = epoch + 1, 0
     order = TrainOrder(len(dataset), cfg, epoch, start_batch, ddp)
     loader = make_loader(dataset, cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin_memory,
                          drop_last=True, seed=cfg.seed, sampler=order)

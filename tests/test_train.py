@@ -168,6 +168,9 @@ def test_epoch_order_is_seeded_and_resumable():
     for expected in first[3:]:
         epoch, index, batch = next(later)
         assert (epoch, index) == expected[:2] and torch.equal(batch, expected[2])
+    past_the_end = train.batches(dataset, cfg, 0, 4, 0, False)      # batch 4 of epoch 0 is epoch 1's first
+    epoch, index, batch = next(past_the_end)
+    assert (epoch, index) == (1, 0) and torch.equal(batch, first[4][2])
     assert not torch.equal(first[0][2], first[4][2])   # each epoch has its own order
 
 
