@@ -32,8 +32,9 @@ Conventions:
   reported apart: `tracking_box`, the glimpse box z_where against the ground truth's tight box;
   `tracking_box_tight`, the tight box of the predicted mask against it (the glimpse is free to be
   larger than its object, so this compares like with like); `tracking_mask`, mask IoU. The
-  distance is 1 - IoU. `motp_distance` is motmetrics' MOTP (mean 1 - IoU
-  of the matches), `motp_iou` = 1 - that (mean IoU). `mostly_tracked`: ground-truth objects matched
+  distance is 1 - IoU. `motp_distance` is MOTP as motmetrics defines it (mean 1 - IoU of the
+  matched pairs, MATCH and SWITCH events), pooled over all sequences; `motp_iou` = 1 - that (mean
+  IoU). `mostly_tracked`: ground-truth objects matched
   without an id switch (motmetrics MATCH events) in >= 80% of the frames they are visible in;
   `mostly_detected`: matched by any prediction (MATCH or SWITCH) in >= 80% of them (what
   motmetrics itself calls mostly tracked); `partially_tracked` (20-80%) and `mostly_lost` (< 20%)
@@ -65,7 +66,8 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from common import ConfigError
-from data import DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, make_loader, make_sprites
+from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, make_loader, make_sprites,
+                  tight_boxes)
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
@@ -77,7 +79,7 @@ PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
 MASK_THRESHOLD = 0.5       # a pixel belongs to an object's mask where its placed alpha > this
 TEST_SEED_OFFSET = 10_000  # sprite test scenes use seed TEST_SEED_OFFSET + cfg.seed (training: cfg.seed)
 GIF_MIN_SIDE = 128         # GIF panels are upscaled (nearest) to at least this many pixels a side
-MOT_METRICS = ["mota", "motp", "num_switches", "num_false_positives", "num_misses", "mostly_tracked",
+MOT_METRICS = ["mota", "num_switches", "num_false_positives", "num_misses", "mostly_tracked",
                "mostly_lost", "partially_tracked", "num_objects", "num_unique_objects", "num_matches",
                "num_predictions", "idf1"]
 
@@ -133,13 +135,7 @@ def iou_matrix_distance(gt_xywh, pred_xywh, thresh: float = IOU_THRESHOLD) -> np
 
 def mask_boxes(masks) -> np.ndarray:
     """(n, H, W) bool masks -> (n, 4) tight boxes (x, y, w, h) of whole pixels; (0, 0, 0, 0) for an empty mask."""
-    masks = np.asarray(masks, dtype=bool)
-    boxes = np.zeros((masks.shape[0], 4), dtype=np.float64)
-    for i, m in enumerate(masks):
-        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-        if rows.size:
-            boxes[i] = (cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0])
-    return boxes
+    return tight_boxes(np.asarray(masks, dtype=bool)[None])[0].astype(np.float64)
 
 
 def mask_iou(a, b) -> np.ndarray:
@@ -568,7 +564,8 @@ def add_inference(tally: Tally, preds: list, names: list, truths, out_dir: str) 
             continue
         gt = truths[b]
         tally.box_accs.append(accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.xywh) for p in preds[b]]))
-        tally.tight_accs.append(accumulate([(g.ids, g.tight) for g in gt], [(p.ids, p.tight) for p in preds[b]]))
+        # the ground truth's xywh is already the tight box of its visible mask
+        tally.tight_accs.append(accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.tight) for p in preds[b]]))
         tally.mask_accs.append(accumulate([(g.ids, g.masks) for g in gt], [(p.ids, p.masks) for p in preds[b]],
                                           mask_iou_distance))
         tally.gt_counts.extend(g.count for g in gt)

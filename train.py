@@ -263,8 +263,11 @@ class TrainOrder(torch.utils.data.Sampler):
     the batches it would have had. One loader serves every epoch, so its workers start once."""
 
     def __init__(self, num_items: int, cfg: Config, epoch: int, start_batch: int, ddp: Dist = Dist()):
-        self.num_items, self.seed, self.epoch, self.start_batch = num_items, cfg.seed, epoch, start_batch
+        self.num_items, self.seed = num_items, cfg.seed
         self.batch, self.rank, self.world = cfg.batch_size, ddp.rank, ddp.world
+        if start_batch >= self.batches_per_epoch():   # past the end: the next epoch's first batch
+            epoch, start_batch = epoch + 1, 0
+        self.epoch, self.start_batch = epoch, start_batch
 
     def batches_per_epoch(self) -> int:
         return self.num_items // (self.batch * self.world)
@@ -285,13 +288,10 @@ class TrainOrder(torch.utils.data.Sampler):
 def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool, ddp: Dist = Dist()):
     """Yield (epoch, global batch index, batch) forever, from batch `start_batch` of epoch `epoch`
     (the next epoch's first batch when `start_batch` is past the end of that epoch)."""
-    if start_batch >= len(dataset) // (cfg.batch_size * ddp.world):
-        epoch, start_batch = epoch + 1, 0
     order = TrainOrder(len(dataset), cfg, epoch, start_batch, ddp)
     loader = make_loader(dataset, cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin_memory,
                          drop_last=True, seed=cfg.seed, sampler=order)
-    per_epoch = order.batches_per_epoch()
-    index = start_batch
+    epoch, index, per_epoch = order.epoch, order.start_batch, order.batches_per_epoch()
     for batch in loader:
         yield epoch, index, batch
         index += 1
