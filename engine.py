@@ -37,13 +37,16 @@ def set_precision(precision: str, cudnn_benchmark: bool = False) -> None:
 def compile_blocks(model) -> None:
     """torch.compile each convolution stack of the model in place (fixed shapes), fusing its
     CELU/GroupNorm passes. Parameter names and state_dict keys are unchanged; the numbers agree with
-    eager execution up to the order of summation in the fused reductions. The decoder's alpha-only
-    path (`GlimpseDecoder.alpha`) is not its forward and stays eager (compiling trunk and heads
-    apart so that it is compiled too measured slower)."""
+    eager execution up to the order of summation in the fused reductions. The decoder is compiled
+    whole (its forward: rendering's recomputation in backward) and in its two gradient-free parts
+    (`features_and_alpha`: rejection and alpha maps; `appearance`: rendering's forward)."""
     for block in (model.glimpse_enc, model.glimpse_dec, model.image_enc.image_enc, model.proposal,
                   getattr(model, "bg_enc", None), getattr(model, "bg_dec", None)):
         if block is not None:
             block.compile(dynamic=False)
+    dec = model.glimpse_dec
+    dec.features_and_alpha = torch.compile(dec.features_and_alpha, dynamic=False)
+    dec.appearance = torch.compile(dec.appearance, dynamic=False)
 
 
 def make_optimizer(model, cuda_graph: bool = False):

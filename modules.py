@@ -220,13 +220,18 @@ class GlimpseDecoder(nn.Module):
             self.dec_o = nn.Sequential(*conv_block(16, 8, 3, conv=head(16, 8)), head(8, 3))
             self.dec_alpha = nn.Sequential(*conv_block(16, 8, 3, conv=head(16, 8)), head(8, 1))
 
-    def forward(self, z_what):                 # (N, z_what_dim)
+    def forward(self, z_what):                 # (N, z_what_dim) -> o (N, 3, G, G), alpha (N, 1, G, G)
         feat = self.dec(z_what.view(*z_what.shape, 1, 1))
         return torch.sigmoid(self.dec_o(feat)), torch.sigmoid(self.dec_alpha(feat))
 
-    def alpha(self, z_what):
-        """Alpha only (skips the appearance head): for rejection tests."""
-        return torch.sigmoid(self.dec_alpha(self.dec(z_what.view(*z_what.shape, 1, 1))))
+    def features_and_alpha(self, z_what):      # (N, z_what_dim) -> trunk (N, 16, G, G), alpha (N, 1, G, G)
+        """The trunk's features and alpha, without the appearance head (rejection, alpha maps);
+        `appearance(features)` completes the decode."""
+        feat = self.dec(z_what.view(*z_what.shape, 1, 1))
+        return feat, torch.sigmoid(self.dec_alpha(feat))
+
+    def appearance(self, feat):                # trunk (N, 16, G, G) -> o (N, 3, G, G)
+        return torch.sigmoid(self.dec_o(feat))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,6 +494,41 @@ def scatter_windows(values, index, img_h: int, img_w: int):
     idx = index.reshape(B, 1, -1).expand(-1, C, -1)
     out = values.new_zeros(B, C, img_h * img_w).scatter_add(2, idx, src)
     return out.view(B, C, img_h, img_w)
+
+
+class _GivenForward(torch.autograd.Function):
+    """Outputs of `given(*inputs)`; backward recomputes `full(*inputs)` with gradient and
+    backpropagates through it into the inputs and `params`. The first output is the differentiable one."""
+
+    @staticmethod
+    def forward(ctx, given, full, num_inputs, *args):
+        ctx.full, ctx.num_inputs = full, num_inputs
+        ctx.save_for_backward(*args)
+        outputs = given(*args[:num_inputs])
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        args = ctx.saved_tensors
+        n = ctx.num_inputs
+        needs = ctx.needs_input_grad[3:]
+        inputs = [x.detach().requires_grad_(r) for x, r in zip(args[:n], needs[:n])]
+        targets = [x for x, r in zip(inputs + list(args[n:]), needs) if r]
+        with torch.enable_grad():
+            out = ctx.full(*inputs)[0]
+        grads = iter(torch.autograd.grad(out, targets, grad_out, allow_unused=True))
+        return (None, None, None, *(next(grads) if r else None for r in needs))
+
+
+def given_forward(given, full, inputs, params):
+    """given(*inputs), with the gradient of full(*inputs) (which must compute the same values; only
+    its first output is differentiable) recomputed in backward: activation recomputation whose
+    forward reuses results computed already. `params`: the parameters `full` uses."""
+    params = [p for p in params if p.requires_grad]
+    if not torch.is_grad_enabled() or not (params or any(x.requires_grad for x in inputs)):
+        return given(*inputs)
+    return _GivenForward.apply(given, full, len(inputs), *inputs, *params)
 
 
 def maybe_checkpoint(enabled: bool, fn, *args):

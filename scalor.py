@@ -32,7 +32,7 @@ from torch import nn
 from common import Config
 from modules import (BgDecoder, BgDecoderSBD, BgEncoder, GlimpseDecoder, GlimpseEncoder, ProposalNet,
                      SequenceEncoder, bernoulli_log_prob, crop, kl_bernoulli, kl_normal, kl_std_normal, normal_log_prob,
-                     maybe_checkpoint, normal_rsample, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
+                     given_forward, maybe_checkpoint, normal_rsample, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
                      window_size)
 from utils import step_switches, z_pres_prior_at
 
@@ -362,8 +362,10 @@ class SCALOR(nn.Module):
             # 2. the propagated alpha map, as discovery sees it (no gradient)
             with torch.no_grad():
                 if t > 0:
-                    alpha_prop = self._alpha_map(prop.z_what, prop.z_where, prop.z_pres)
+                    prop_decoded = self._decode_alpha(prop.z_what)                     # trunk, alpha
+                    alpha_prop = self._alpha_map(prop_decoded[1], prop.z_where, prop.z_pres)
                 else:
+                    prop_decoded = None
                     alpha_prop = x.new_zeros(B, 1, cfg.img_h, cfg.img_w)
                 alpha_prop = alpha_prop.clamp(EPS, 1 - EPS)
 
@@ -388,7 +390,11 @@ class SCALOR(nn.Module):
             index, rendered = compact(visible, capacity)
             rend = {k: gather_slots(v, index) for k, v in cand.items()}
             rend["z_pres"] = rend["z_pres"] * rendered
-            frame = self._render(rend, curriculum, C)
+            decoded = None   # every candidate's trunk features and alpha, when steps 2 and 3 decoded them
+            reuse = cfg.checkpoint_glimpses or not torch.is_grad_enabled()
+            if reuse and prop_decoded is not None and disc["decoded"] is not None:
+                decoded = [gather_slots(torch.cat(pair, 1), index) for pair in zip(prop_decoded, disc["decoded"])]
+            frame = self._render(rend, curriculum, C, decoded)
 
             # 5. background
             if cfg.phase_no_background:
@@ -451,34 +457,49 @@ class SCALOR(nn.Module):
                             log_imp=st("log_imp"), counts=st("counts"), records=records)
 
     # --------------------------------------------------------------------------------------------
-    def _placed_alpha(self, z_what, z_where):
-        """Decoded alpha only (no appearance), placed in windows: (B, K, 1, h, w) and pixel index."""
-        cfg = self.cfg
+    def _decode_alpha(self, z_what):
+        """Decoder trunk features (B, K, 16, G, G) and alpha (B, K, 1, G, G) of objects z_what
+        (B, K, z_what_dim): what rejection and alpha maps need, and what rendering reuses."""
         B, K = z_what.shape[:2]
-        alpha = self.glimpse_dec.alpha(z_what.flatten(0, 1)).view(B, K, 1, cfg.glimpse_size, cfg.glimpse_size)
-        return place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
+        feat, alpha = self.glimpse_dec.features_and_alpha(z_what.flatten(0, 1))
+        return feat.view(B, K, *feat.shape[1:]), alpha.view(B, K, *alpha.shape[1:])
 
-    def _alpha_map(self, z_what, z_where, z_pres):
-        """Sum of the objects' placed alpha times z_pres: (B, 1, H, W)."""
-        values, index = self._placed_alpha(z_what, z_where)
-        return scatter_windows(values * z_pres[..., None, None], index, self.cfg.img_h, self.cfg.img_w)
+    def _alpha_map(self, alpha, z_where, z_pres):
+        """Sum of the objects' placed alpha (B, K, 1, G, G) times z_pres: (B, 1, H, W)."""
+        cfg = self.cfg
+        values, index = place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
+        return scatter_windows(values * z_pres[..., None, None], index, cfg.img_h, cfg.img_w)
 
-    def _render(self, obj: dict, curriculum: bool, num_cells: int) -> dict:
+    def _render(self, obj: dict, curriculum: bool, num_cells: int, decoded=None) -> dict:
         """Decode and composite objects (B, R, ...): normalised importance weights
-        alpha * z_pres * sigmoid(-z_depth), alpha summed and clamped with a straight-through gradient."""
+        alpha * z_pres * sigmoid(-z_depth), alpha summed and clamped with a straight-through gradient.
+
+        decoded: the objects' trunk features and alpha (B, R, ...) computed already without gradient
+        (given only with glimpse recomputation on, or without gradient): the forward then runs only
+        the appearance head, and backward recomputes the whole decode."""
         cfg = self.cfg
         B, R = obj["z_pres"].shape
         G = cfg.glimpse_size
 
-        def decode_and_place(z_what, z_where):
-            o_att, alpha_att = self.glimpse_dec(z_what.flatten(0, 1))
-            o_att, alpha_att = o_att.view(B, R, 3, G, G), alpha_att.view(B, R, 1, G, G)
+        def place(o_att, alpha_att, z_where):
             values, index = place_windows(torch.cat((alpha_att * o_att, alpha_att), 2), z_where,
                                           cfg.img_h, cfg.img_w, *self.window)           # (B, R, 4, h, w)
             return values, index, o_att, alpha_att
 
-        values, index, o_att, alpha_att = maybe_checkpoint(cfg.checkpoint_glimpses, decode_and_place,
-                                                           obj["z_what"], obj["z_where"])
+        def decode_and_place(z_what, z_where):
+            o_att, alpha_att = self.glimpse_dec(z_what.flatten(0, 1))
+            return place(o_att.view(B, R, 3, G, G), alpha_att.view(B, R, 1, G, G), z_where)
+
+        def place_decoded(z_what, z_where):
+            feat, alpha_att = decoded
+            return place(self.glimpse_dec.appearance(feat.flatten(0, 1)).view(B, R, 3, G, G), alpha_att, z_where)
+
+        if decoded is not None:
+            values, index, o_att, alpha_att = given_forward(place_decoded, decode_and_place, (obj["z_what"], obj["z_where"]),
+                                                            self.glimpse_dec.parameters())
+        else:
+            values, index, o_att, alpha_att = maybe_checkpoint(cfg.checkpoint_glimpses, decode_and_place,
+                                                               obj["z_what"], obj["z_where"])
         z_pres = obj["z_pres"][..., None, None, None]                                    # (B, R, 1, 1, 1)
         alpha = z_pres * values[:, :, 3:]                                                # placed alpha * z_pres
         weight = alpha * torch.sigmoid(-obj["z_depth"])[..., None, None]                 # importance
@@ -531,8 +552,11 @@ class SCALOR(nn.Module):
         z_pres_before = z_pres.view(B, C)
         z_pres = z_pres_before
         pres_prior = prior_prob * torch.ones_like(z_pres_before)
+        decoded = None
         if cfg.phase_rejection and t > 0:
-            explained = self._explained_ratio(z_what, z_where, alpha_prop)            # (B, C)
+            with torch.no_grad():
+                decoded = self._decode_alpha(z_what)                                   # trunk, alpha
+            explained = self._explained_ratio(decoded[1], z_where, alpha_prop)        # (B, C)
             keep = (explained < cfg.explained_ratio_threshold).to(z_pres.dtype)
             z_pres = z_pres * keep
             pres_prior = prior_prob * keep + cfg.z_pres_masked_prior * (1 - keep)
@@ -564,15 +588,17 @@ class SCALOR(nn.Module):
                 (bernoulli_log_prob(pres_on, pres_prior) -
                  bernoulli_log_prob(pres_on, torch.sigmoid(z_pres_logits.view(B, C)))).sum(1)
 
-        disc = dict(z_what=z_what, z_where=z_where, z_depth=z_depth.view(B, C, 1), z_pres=z_pres[..., None])
+        disc = dict(z_what=z_what, z_where=z_where, z_depth=z_depth.view(B, C, 1), z_pres=z_pres[..., None],
+                    decoded=decoded)
         return disc, kl, log_imp
 
     @torch.no_grad()
-    def _explained_ratio(self, z_what, z_where, alpha_prop):
-        """Fraction of each proposal's alpha (> 0.3) lying on the propagated alpha (> 0.1): (B, C)."""
+    def _explained_ratio(self, alpha, z_where, alpha_prop):
+        """Fraction of each proposal's alpha (B, C, 1, G, G) above 0.3 lying on the propagated alpha
+        (> 0.1): (B, C)."""
         cfg = self.cfg
-        C = z_what.shape[1]
-        values, index = self._placed_alpha(z_what, z_where)
+        C = alpha.shape[1]
+        values, index = place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
         proposed = (values[:, :, 0] > cfg.proposal_alpha_threshold).flatten(2)       # (B, C, h*w)
         covered = (alpha_prop.flatten(1) > cfg.propagated_alpha_threshold)            # (B, H*W)
         covered = torch.gather(covered[:, None].expand(-1, C, -1), 2, index)          # (B, C, h*w)

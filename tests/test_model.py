@@ -430,3 +430,25 @@ def test_glimpse_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg):
         grads.append((loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_given_forward_returns_given_values_and_backpropagates_through_full():
+    """Rendering reuses the rejection's trunk features: the forward returns what `given` computed,
+    the backward recomputes `full` and gives the gradients plain autograd gives."""
+    from modules import given_forward
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(4, 2)
+    full = lambda x: (torch.tanh(lin(x)), x.detach().argmax(1))  # noqa: E731
+    with torch.no_grad():
+        cached = full(x)
+    out, idx = given_forward(lambda x: (cached[0].clone(), cached[1].clone()), full, (x,), lin.parameters())
+    assert torch.equal(out, cached[0]) and not idx.requires_grad
+    (out * w).sum().backward()
+    got = [x.grad.clone(), lin.weight.grad.clone(), lin.bias.grad.clone()]
+    x.grad = lin.weight.grad = lin.bias.grad = None
+    (full(x)[0] * w).sum().backward()
+    for a, b in zip(got, [x.grad, lin.weight.grad, lin.bias.grad]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7)
+    with torch.no_grad():   # without gradient it is `given` alone
+        assert not given_forward(lambda x: (x * 0, None), full, (x,), lin.parameters())[0].any()
