@@ -150,8 +150,9 @@ def main(argv=None):
     if not args.scaling:
         print(json.dumps(run(cfg, args, args.num_objects)), flush=True)
         return 0
-    for n in (10, 45, 100):      # objects in the scene; cap = every cell of the 8x8 grid
-        print(json.dumps({"table": "objects", **run(cfg.replace(max_num_obj=64), args, n)}), flush=True)
+    for n in (10, 45, 100):      # objects in the scene, with a cap of as many; a 16x16 grid holds 100
+        c = cfg.replace(num_cell_h=16, num_cell_w=16, max_num_obj=n)
+        print(json.dumps({"table": "objects", **run(c, args, n)}), flush=True)
     for grid in (4, 8, 16):      # grid sizes at the default cap (at most the number of cells)
         c = cfg.replace(num_cell_h=grid, num_cell_w=grid, max_num_obj=min(cfg.max_num_obj, grid * grid))
         print(json.dumps({"table": "grid", **run(c, args, args.num_objects)}), flush=True)
