@@ -11,7 +11,9 @@ Python loop over the batch and no host synchronisation in the frame loop. Per fr
                    max_num_obj - tracked survive, by z_pres;
 3. rendering    -- only objects whose z_pres is non-zero (in training at most max_num_obj) are
                    decoded with gradients and placed into the frame, each within a small window
-                   around its box; compositing is normalised over objects as in the reference;
+                   around its box; compositing is normalised over objects as in the reference.
+                   From the second frame on, the decoder trunk's features computed for steps 2 and
+                   3 are reused: the forward runs only the appearance head, backward recomputes;
 4. background   -- encoder of (frame, 1 - alpha), GRU prior, decoder;
 5. hand-off     -- propagated objects with z_pres > 0 and discovered ones with z_pres > 0.7 are
                    compacted (order kept) into the slots of the next frame.
