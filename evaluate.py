@@ -24,7 +24,8 @@ Conventions:
   MIN_GT_AREA (5) pixels, the visibility rule of the ground truth (an object that draws nothing is
   no detection; the report counts those left out as `invisible_predictions`); an object's mask is
   its decoded alpha placed into the frame (`modules.spatial_transform`, inverse) and thresholded
-  at 0.5.
+  at 0.5. `duplicate_predictions` counts the predictions whose mask IoU with another of the same
+  frame is at least 0.5 (one object claimed twice; every extra copy once).
 - Ground truth (sprites only): an object counts in a frame when at least MIN_GT_AREA (5) of its
   pixels are visible; smaller ones are dropped from that frame for tracking, counting and the
   generation centre error.
@@ -147,6 +148,15 @@ def mask_iou(a, b) -> np.ndarray:
     inter = fa @ fb.T
     union = fa.sum(1)[:, None] + fb.sum(1)[None] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def count_duplicates(masks, thresh: float = IOU_THRESHOLD) -> int:
+    """Predictions of one frame (n, H, W) whose mask IoU with an earlier one of the frame is >= thresh
+    (two cells claiming one object: each extra copy counts once)."""
+    if len(masks) < 2:
+        return 0
+    iou = np.triu(mask_iou(masks, masks), k=1)                                    # (n, n), i < j
+    return int((iou >= thresh).any(axis=0).sum())
 
 
 def mask_iou_distance(gt_masks, pred_masks, thresh: float = IOU_THRESHOLD) -> np.ndarray:
@@ -523,6 +533,7 @@ class Tally:
     centre_errors: list | None = None         # per generated step, matched distances
     predictions: dict = field(default_factory=dict)
     invisible: int = 0                        # predictions with z_pres > 0.5 left out as invisible
+    duplicates: int = 0                       # predictions repeating another of their frame (mask IoU >= 0.5)
 
 
 def nll_per_sequence(model, batch, step: int, tau: float, samples: int) -> torch.Tensor:
@@ -559,6 +570,7 @@ def add_inference(tally: Tally, preds: list, names: list, truths, out_dir: str) 
         tally.names.append(name)
         tally.predictions[name] = prediction_entries(preds[b])
         tally.invisible += sum(p.invisible for p in preds[b])
+        tally.duplicates += sum(count_duplicates(p.masks) for p in preds[b])
         write_tracks(os.path.join(out_dir, f"tracks_{name}.txt"), preds[b])
         if truths is None:
             continue
@@ -657,6 +669,7 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
         "image_size": [cfg.img_h, cfg.img_w],
         "min_gt_area": MIN_GT_AREA,
         "invisible_predictions": tally.invisible,
+        "duplicate_predictions": tally.duplicates,
         "tracking_box": summarize(tally.box_accs, tally.names) if has_truth else None,
         "tracking_box_tight": summarize(tally.tight_accs, tally.names) if has_truth else None,
         "tracking_mask": summarize(tally.mask_accs, tally.names) if has_truth else None,
@@ -680,7 +693,8 @@ def json_ready(value):
 
 def summary_table(report: dict) -> str:
     """A readable table of the main numbers."""
-    rows = [("sequences", report["num_sequences"]), ("step", report["step"])]
+    rows = [("sequences", report["num_sequences"]), ("step", report["step"]),
+            ("duplicate predictions", report["duplicate_predictions"])]
     for kind in ("tracking_box", "tracking_box_tight", "tracking_mask"):
         m = report.get(kind)
         if m:

@@ -307,7 +307,7 @@ def test_evaluation_of_perfect_predictions(tmp_path):
     assert report["tracking_mask"]["num_objects"] == num_objects     # masks are boxes here: no exact match
     tight = report["tracking_box_tight"]                             # tight boxes of box masks: the boxes
     assert tight["mota"] == 1.0 and tight["matches"] == num_objects and tight["motp_iou"] == pytest.approx(1.0)
-    assert report["invisible_predictions"] == 0
+    assert report["invisible_predictions"] == 0 and report["duplicate_predictions"] == 0
     assert report["counting"] == {"accuracy": 1.0, "mae": 0.0, "bias": 0.0, "frames": 12}
     assert report["reconstruction"]["mse"] == 0.0
     assert report["nll"]["nats_per_sequence"] == pytest.approx(0.0, abs=1e-12)   # log w = 0 for every sample
@@ -455,3 +455,17 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, checkpoint, capsys, prob
     assert not out.exists()
     err = capsys.readouterr().err.strip()
     assert err.startswith("evaluate.py: error:") and "\n" not in err
+
+
+def test_duplicates_count_each_extra_copy_of_an_object_once():
+    def box(x, y, w=8, h=8):
+        m = np.zeros((32, 32), dtype=bool)
+        m[y:y + h, x:x + w] = True
+        return m
+    a, b = box(2, 2), box(20, 20)
+    near = box(3, 2)                       # IoU 7/9 with a
+    half = box(6, 2)                       # shifted by half the width: IoU 1/3, not a copy
+    assert ev.count_duplicates(np.stack([a, b, half])) == 0
+    assert ev.count_duplicates(np.stack([a, near, b, a])) == 2
+    assert ev.count_duplicates(np.zeros((1, 32, 32), dtype=bool)) == 0
+    assert ev.count_duplicates(np.zeros((0, 32, 32), dtype=bool)) == 0
