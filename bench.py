@@ -140,7 +140,9 @@ def main(argv=None):
                    help="after timing, profile N more steps and print the GPU kernels by total time")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--scaling", action="store_true", help="table over scene objects and grids")
+    p.add_argument("--scaling", action="store_true",
+                   help="tables: scenes of 10/45/100 squares, each with a cap of as many, on a 16x16 grid; "
+                        "grids 4x4/8x8/16x16 at the cap --max-num-obj (at most the cells)")
     p.add_argument("--sync-check", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

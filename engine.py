@@ -45,8 +45,9 @@ def compile_blocks(model) -> None:
         if block is not None:
             block.compile(dynamic=False)
     dec = model.glimpse_dec
-    dec.features_and_alpha = torch.compile(dec.features_and_alpha, dynamic=False)
-    dec.appearance = torch.compile(dec.appearance, dynamic=False)
+    for name in ("features_and_alpha", "appearance"):
+        if name not in vars(dec):                              # not compiled already
+            setattr(dec, name, torch.compile(getattr(dec, name), dynamic=False))
 
 
 def make_optimizer(model, cuda_graph: bool = False):

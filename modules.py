@@ -10,6 +10,7 @@ x = sx * u + tx, y = sy * v + ty for glimpse coordinates u, v in [-1, 1].
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -496,26 +497,35 @@ def scatter_windows(values, index, img_h: int, img_w: int):
     return out.view(B, C, img_h, img_w)
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
 class _GivenForward(torch.autograd.Function):
-    """Outputs of `given(*inputs)`; backward recomputes `full(*inputs)` with gradient and
-    backpropagates through it into the inputs and `params`. The first output is the differentiable one."""
+    """Outputs of `given(*inputs)`; backward recomputes `full(*inputs)` with gradient, under the
+    forward's autocast state, and backpropagates through it into the inputs and `params`. The first
+    output is the differentiable one."""
 
     @staticmethod
     def forward(ctx, given, full, num_inputs, *args):
         ctx.full, ctx.num_inputs = full, num_inputs
+        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
         ctx.save_for_backward(*args)
         outputs = given(*args[:num_inputs])
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, *unused):
         args = ctx.saved_tensors
         n = ctx.num_inputs
         needs = ctx.needs_input_grad[3:]
         inputs = [x.detach().requires_grad_(r) for x, r in zip(args[:n], needs[:n])]
         targets = [x for x, r in zip(inputs + list(args[n:]), needs) if r]
-        with torch.enable_grad():
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            for device, enabled, dtype in ctx.autocast:   # as torch.utils.checkpoint restores it
+                if enabled != torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
             out = ctx.full(*inputs)[0]
         grads = iter(torch.autograd.grad(out, targets, grad_out, allow_unused=True))
         return (None, None, None, *(next(grads) if r else None for r in needs))

@@ -392,11 +392,14 @@ class SCALOR(nn.Module):
             index, rendered = compact(visible, capacity)
             rend = {k: gather_slots(v, index) for k, v in cand.items()}
             rend["z_pres"] = rend["z_pres"] * rendered
-            decoded = None   # every candidate's trunk features and alpha, when steps 2 and 3 decoded them
+            decoded = None   # the rendered objects' trunk features and alpha, when steps 2 and 3 decoded them
+            disc_decoded = disc.pop("decoded")
             reuse = cfg.checkpoint_glimpses or not torch.is_grad_enabled()
-            if reuse and prop_decoded is not None and disc["decoded"] is not None:
-                decoded = [gather_slots(torch.cat(pair, 1), index) for pair in zip(prop_decoded, disc["decoded"])]
+            if reuse and prop_decoded is not None and disc_decoded is not None:
+                decoded = [gather_slots(torch.cat(pair, 1), index) for pair in zip(prop_decoded, disc_decoded)]
+            prop_decoded = disc_decoded = None                   # (B, K + C, 16, G, G): free them now
             frame = self._render(rend, curriculum, C, decoded)
+            decoded = None
 
             # 5. background
             if cfg.phase_no_background:

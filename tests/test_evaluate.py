@@ -467,5 +467,8 @@ def test_duplicates_count_each_extra_copy_of_an_object_once():
     half = box(6, 2)                       # shifted by half the width: IoU 1/3, not a copy
     assert ev.count_duplicates(np.stack([a, b, half])) == 0
     assert ev.count_duplicates(np.stack([a, near, b, a])) == 2
+    assert ev.count_duplicates(np.stack([a, box(2, 2, 8, 4)])) == 1      # IoU exactly 0.5 counts
+    assert ev.count_duplicates(np.stack([a, box(2, 2, 8, 3)])) == 0      # IoU 3/8
+    assert ev.count_duplicates(np.zeros((2, 32, 32), dtype=bool)) == 0    # empty masks: IoU 0
     assert ev.count_duplicates(np.zeros((1, 32, 32), dtype=bool)) == 0
     assert ev.count_duplicates(np.zeros((0, 32, 32), dtype=bool)) == 0

@@ -434,21 +434,42 @@ def test_glimpse_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg):
 
 def test_given_forward_returns_given_values_and_backpropagates_through_full():
     """Rendering reuses the rejection's trunk features: the forward returns what `given` computed,
-    the backward recomputes `full` and gives the gradients plain autograd gives."""
+    the backward recomputes `full` and gives the gradients plain autograd gives (several inputs,
+    one without gradient, a frozen parameter)."""
     from modules import given_forward
     torch.manual_seed(0)
-    lin = torch.nn.Linear(3, 2)
-    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(4, 2)
-    full = lambda x: (torch.tanh(lin(x)), x.detach().argmax(1))  # noqa: E731
-    with torch.no_grad():
-        cached = full(x)
-    out, idx = given_forward(lambda x: (cached[0].clone(), cached[1].clone()), full, (x,), lin.parameters())
-    assert torch.equal(out, cached[0]) and not idx.requires_grad
+    lin, frozen = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2).requires_grad_(False)
+    x, y = torch.randn(4, 3, requires_grad=True), torch.randn(4, 2)      # y: no gradient
+    w = torch.randn(4, 2)
+    full = lambda x, y: (frozen(torch.tanh(lin(x))) * y, x.detach().argmax(1))  # noqa: E731
+    given = lambda x, y: (torch.full((4, 2), 7.0), torch.zeros(4, dtype=torch.long))  # noqa: E731
+    params = list(lin.parameters()) + list(frozen.parameters())
+    out, idx = given_forward(given, full, (x, y), params)
+    assert (out == 7.0).all() and not idx.requires_grad                 # the forward is `given`'s
     (out * w).sum().backward()
     got = [x.grad.clone(), lin.weight.grad.clone(), lin.bias.grad.clone()]
+    assert frozen.weight.grad is None and y.grad is None
     x.grad = lin.weight.grad = lin.bias.grad = None
-    (full(x)[0] * w).sum().backward()
+    (full(x, y)[0] * w).sum().backward()
     for a, b in zip(got, [x.grad, lin.weight.grad, lin.bias.grad]):
         assert torch.allclose(a, b, rtol=0, atol=1e-7)
     with torch.no_grad():   # without gradient it is `given` alone
-        assert not given_forward(lambda x: (x * 0, None), full, (x,), lin.parameters())[0].any()
+        assert (given_forward(given, full, (x, y), params)[0] == 7.0).all()
+
+
+def test_given_forward_recomputes_under_the_forward_autocast():
+    """bf16 autocast around the forward, backward outside it (as TrainStep does): the recomputation
+    runs in bf16 as torch.utils.checkpoint's would, so the gradients are those of the bf16 function."""
+    from modules import given_forward
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    x, w = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
+    full = lambda x: (torch.tanh(lin(x)).float(),)  # noqa: E731
+    grads = []
+    for use_given in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = given_forward(full, full, (x,), lin.parameters())[0] if use_given else full(x)[0]
+        (out * w).sum().backward()
+        grads.append((x.grad.clone(), lin.weight.grad.clone()))
+        x.grad = lin.weight.grad = lin.bias.grad = None
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
