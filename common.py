@@ -62,6 +62,8 @@ class Config:
     phase_conv_lstm: bool = True          # ConvLSTM over the image features
     phase_no_background: bool = False     # no background module (black background)
     phase_rejection: bool = True          # reject proposals already explained by tracked objects
+    first_frame_rejection: bool = False   # not in the reference: also reject, in the first frame, proposals
+                                          # explained by proposals of larger z_pres (no duplicates at t = 0)
     phase_obj_num_contrain: bool = True   # training-time cap of max_num_obj (reference spelling)
     using_bg_sbd: bool = False            # weaker spatial-broadcast background decoder
     phase_bg_alpha_curriculum: bool = False   # fix discovery alpha early so foreground learns

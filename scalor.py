@@ -558,10 +558,13 @@ class SCALOR(nn.Module):
         z_pres = z_pres_before
         pres_prior = prior_prob * torch.ones_like(z_pres_before)
         decoded = None
-        if cfg.phase_rejection and t > 0:
+        if cfg.phase_rejection and (t > 0 or cfg.first_frame_rejection):
             with torch.no_grad():
                 decoded = self._decode_alpha(z_what)                                   # trunk, alpha
-            explained = self._explained_ratio(decoded[1], z_where, alpha_prop)        # (B, C)
+                if t > 0:
+                    explained = self._explained_ratio(decoded[1], z_where, alpha_prop)    # (B, C)
+                else:
+                    explained = self._explained_by_stronger(decoded[1], z_where, z_pres)
             keep = (explained < cfg.explained_ratio_threshold).to(z_pres.dtype)
             z_pres = z_pres * keep
             pres_prior = prior_prob * keep + cfg.z_pres_masked_prior * (1 - keep)
@@ -601,11 +604,33 @@ class SCALOR(nn.Module):
     def _explained_ratio(self, alpha, z_where, alpha_prop):
         """Fraction of each proposal's alpha (B, C, 1, G, G) above 0.3 lying on the propagated alpha
         (> 0.1): (B, C)."""
-        cfg = self.cfg
         C = alpha.shape[1]
+        values, index = place_windows(alpha, z_where, self.cfg.img_h, self.cfg.img_w, *self.window)
+        return self._covered_fraction(values, index, alpha_prop.flatten(1)[:, None].expand(-1, C, -1))
+
+    @torch.no_grad()
+    def _explained_by_stronger(self, alpha, z_where, z_pres):
+        """First-frame rejection (`first_frame_rejection`): the explained fraction of each proposal
+        (alpha (B, C, 1, G, G)) as `_explained_ratio` measures it, against the alpha map (alpha *
+        z_pres, summed) of the proposals ranked above it by z_pres (B, C) (ties: the lower cell first)
+        in place of the propagated objects: (B, C). Every proposal ranked above counts, rejected or not."""
+        cfg = self.cfg
+        B, C = z_pres.shape
         values, index = place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
+        placed = values.new_zeros(B, C, cfg.img_h * cfg.img_w).scatter_(
+            2, index, values[:, :, 0].flatten(2) * z_pres[..., None])                # (B, C, H*W)
+        order = torch.sort(z_pres, dim=1, descending=True, stable=True).indices       # rank -> cell
+        rank = torch.argsort(order, dim=1)                                            # cell -> rank
+        by_rank = torch.gather(placed, 1, order[..., None].expand_as(placed))
+        above = torch.cumsum(by_rank, 1) - by_rank                                    # maps of those ranked above
+        stronger = torch.gather(above, 1, rank[..., None].expand_as(placed))          # (B, C, H*W), per cell
+        return self._covered_fraction(values, index, stronger)
+
+    def _covered_fraction(self, values, index, alpha_cover):
+        """Fraction of each proposal's window pixels with alpha (values (B, C, 1, h, w)) above
+        proposal_alpha_threshold where alpha_cover (B, C, H*W) exceeds propagated_alpha_threshold."""
+        cfg = self.cfg
         proposed = (values[:, :, 0] > cfg.proposal_alpha_threshold).flatten(2)       # (B, C, h*w)
-        covered = (alpha_prop.flatten(1) > cfg.propagated_alpha_threshold)            # (B, H*W)
-        covered = torch.gather(covered[:, None].expand(-1, C, -1), 2, index)          # (B, C, h*w)
+        covered = torch.gather(alpha_cover, 2, index) > cfg.propagated_alpha_threshold  # (B, C, h*w)
         area = proposed.sum(2).to(values.dtype)
         return (proposed & covered).sum(2).to(values.dtype) / (area + EPS)

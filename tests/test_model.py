@@ -117,6 +117,59 @@ def test_rejection_threshold_and_only_from_second_frame(tiny_cfg, monkeypatch):
     assert not torch.allclose(kl1["pres"], kl0["pres"])
 
 
+def _stronger_oracle(cfg, alpha, z_where, z_pres):
+    """Plain first-frame explained ratio: full-frame placements, a loop over proposals and ranks."""
+    B, C = z_pres.shape
+    G = alpha.shape[-1]
+    placed = spatial_transform(alpha.flatten(0, 1), z_where.flatten(0, 1), (B * C, 1, cfg.img_h, cfg.img_w),
+                               inverse=True).view(B, C, -1)                 # (B, C, H*W)
+    out = torch.zeros(B, C)
+    for b in range(B):
+        for i in range(C):
+            above = [j for j in range(C) if z_pres[b, j] > z_pres[b, i] or (z_pres[b, j] == z_pres[b, i] and j < i)]
+            cover = sum((placed[b, j] * z_pres[b, j] for j in above), torch.zeros(cfg.img_h * cfg.img_w))
+            proposed = placed[b, i] > cfg.proposal_alpha_threshold
+            out[b, i] = (proposed & (cover > cfg.propagated_alpha_threshold)).sum() / (proposed.sum() + 1e-15)
+    return out
+
+
+def test_first_frame_rejection_weaker_duplicates_explained(tiny_cfg):
+    cfg = tiny_cfg.replace(first_frame_rejection=True)
+    m = SCALOR(cfg).eval()
+    C, G, s = cfg.num_cells, cfg.glimpse_size, cfg.size_anc
+    alpha = torch.ones(1, C, 1, G, G)
+    centres = {0: (-0.6, -0.6), 1: (-0.6, -0.6),          # a duplicate pair: 0.9 vs 0.95
+               2: (0.6, -0.6), 3: (0.6, -0.6),            # 0.8 vs 0.05: the weak one is explained
+               4: (-0.6, 0.6), 5: (-0.6, 0.6),            # 0.09 * alpha <= 0.1 covers nothing
+               6: (0.6, 0.6), 7: (0.6, 0.6)}              # a tie at 1.0: the lower cell ranks first
+    z_pres = torch.tensor([[0.9, 0.95, 0.8, 0.05, 0.09, 0.01, 1.0, 1.0] + [0.0] * (C - 8)])
+    z_where = torch.tensor([[[s, s, *centres.get(c, (0.0, 0.0))] for c in range(C)]])
+    explained = m._explained_by_stronger(alpha, z_where, z_pres)
+    assert explained[0, :8].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    # random scenes: the same numbers as full-frame placements and a loop over ranks
+    torch.manual_seed(0)
+    alpha = torch.rand(2, C, 1, G, G)
+    z_where = torch.cat((anchor_box(cfg, torch.randn(2, C, 2)), torch.rand(2, C, 2) * 1.2 - 0.6), -1)
+    z_pres = torch.rand(2, C).round(decimals=1)            # ties included
+    assert torch.allclose(m._explained_by_stronger(alpha, z_where, z_pres), _stronger_oracle(cfg, alpha, z_where, z_pres),
+                          atol=1e-6)
+
+
+def test_first_frame_rejection_only_when_asked(tiny_cfg, monkeypatch):
+    explained = torch.zeros(1, tiny_cfg.num_cells)
+    explained[0, :3] = torch.tensor([0.29, 0.3, 1.0])
+    off = SCALOR(tiny_cfg).eval()
+    on = SCALOR(tiny_cfg.replace(first_frame_rejection=True)).eval()
+    on.load_state_dict(off.state_dict())
+    monkeypatch.setattr(on, "_explained_by_stronger", lambda *a: explained)
+    disc_off, kl_off, _ = _discover(off, 0, None, monkeypatch, explained)   # (_explained_ratio: unused at t = 0)
+    disc_on, kl_on, _ = _discover(on, 0, None, monkeypatch, explained)
+    z_off, z_on = disc_off["z_pres"][0, :, 0], disc_on["z_pres"][0, :, 0]
+    assert disc_off["decoded"] is None and (z_off > 0).all()
+    assert z_on[0] == z_off[0] and (z_on[1:3] == 0).all() and (z_on[3:] == z_off[3:]).all()
+    assert torch.equal(kl_on["what"], kl_off["what"]) and not torch.allclose(kl_on["pres"], kl_off["pres"])
+
+
 def test_kl_weighted_by_pre_rejection_z_pres(tiny_cfg, monkeypatch):
     m = SCALOR(tiny_cfg).eval()
     explained = torch.ones(2, tiny_cfg.num_cells)        # everything rejected
