@@ -63,11 +63,16 @@ INJECT_NAN_ENV = "SCALOR_INJECT_NAN_AT"   # test hook: comma-separated steps who
 
 def config_comments() -> dict:
     """{field: its comment in common.py}, the help text of the config flags."""
-    comments = {}
+    comments, last, column = {}, None, -1
     for line in inspect.getsource(Config).splitlines():
         match = re.match(r"\s+(\w+): [\w.]+ = [^#]+#\s*(.+)", line)
         if match:
-            comments[match.group(1)] = match.group(2).replace("%", "%%")
+            last, column = match.group(1), line.index("#")
+            comments[last] = match.group(2).replace("%", "%%")
+        elif last and line.strip().startswith("#") and line.index("#") == column:   # a continuation line
+            comments[last] += " " + line.strip()[1:].strip().replace("%", "%%")
+        else:
+            last = None
     return comments
 
 

@@ -72,6 +72,14 @@ def test_every_config_field_is_a_flag_with_its_type():
             assert "--no-" + name.replace("_", "-") in options
 
 
+def test_flag_help_is_the_whole_config_comment():
+    comments = train.config_comments()
+    assert comments["checkpoint_glimpses"] == ("recompute glimpse encoder/decoder activations in backward: "
+                                               "far less memory, a little more time, the same numbers")
+    assert comments["phase_conv_lstm"] == "ConvLSTM over the image features"   # a section header does not join
+    assert comments["first_frame_rejection"].startswith("not in the reference")
+
+
 def test_bool_flags_take_no_value(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.build_parser().parse_args(["--phase-conv-lstm", "False"])
