@@ -76,7 +76,7 @@ def test_flag_help_is_the_whole_config_comment():
     comments = train.config_comments()
     assert comments["checkpoint_glimpses"] == ("recompute glimpse encoder/decoder activations in backward: "
                                                "far less memory, a little more time, the same numbers")
-    assert comments["phase_conv_lstm"] == "ConvLSTM over the image features"   # a section header does not join
+    assert comments["pres_logit_factor"] == "z_pres logits = factor * tanh(.)"   # the next section header does not join
     assert comments["first_frame_rejection"].startswith("not in the reference")
 
 
