@@ -4,13 +4,14 @@ The glimpse decoder's convolutions at the glimpse resolution have 8-32 channels 
 glimpses at once; cuDNN is far from the memory bound there (its weight-gradient kernels most of all).
 `conv3x3` computes the same convolution as `F.conv2d(x, weight, bias, padding=1)`:
 
-- forward: per image and block of pixels, fp32 FMAs over the 9 taps and the input channels into
-  all output channels at once;
+- forward: per image and block of pixels, into all output channels at once: with >= 8 input
+  channels one TF32 tl.dot per tap where cuDNN may use TF32 (torch.backends.cudnn.allow_tf32,
+  PyTorch's default, which these kernels replace), else fp32 FMAs over the taps and input channels;
 - input gradient: the same kernel on the output gradient with the weight transposed and flipped;
-- weight gradient: per image and quarter of its pixels, the 9 products (C_out x pixels) @
-  (pixels x C_in) with tl.dot, written apart and summed in a fixed order (deterministic, no atomics);
-  its products are TF32 where cuDNN may use TF32 (torch.backends.cudnn.allow_tf32, PyTorch's
-  default, which these kernels replace), else fp32.
+- weight gradient: per image and half of its pixels, one product (C_out x pixels) @ (pixels x
+  (9 taps x C_in)) per block of pixels with tl.dot, written apart and summed in a fixed order
+  (deterministic, no atomics); TF32 where cuDNN may use TF32, else fp32.
+Loads run along the pixels, contiguous in memory (the shifted index hh * W + ww is p + shift).
 
 Measured on an H200 (900 glimpses of 64x64, docs/PERF_NOTES.md) they beat cuDNN where one side of the
 convolution has at most 8 channels: the glimpse decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1).
@@ -54,7 +55,7 @@ if triton is not None:
             hh = h + (k // 3 - 1)
             ww = w + (k % 3 - 1)
             ok = (p < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            src = x_img + hh * W + ww
+            src = x_img + p + ((k // 3 - 1) * W + (k % 3 - 1))   # = hh * W + ww where ok: contiguous in p
             for c in range(CIN):
                 xv = tl.load(src + c * P, mask=ok, other=0.0)                     # (BLOCK,)
                 wv = tl.load(w_ptr + (k * CIN + c) * COUT_P + o)                  # (COUT_P,)
@@ -65,66 +66,116 @@ if triton is not None:
         tl.store(y_img + o[None, :] * P + p[:, None], acc, mask=(p < P)[:, None] & (o[None, :] < COUT))
 
     @triton.jit
-    def _conv3x3_wgrad(x_ptr, g_ptr, out_ptr, H, W, CHUNK,
-                       CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
-                       TF32: tl.constexpr, BLOCK: tl.constexpr):
-        # program (n, s) sums pixels [s*CHUNK, (s+1)*CHUNK) of image n:
-        # out[n, s, k] = sum_p g[n, :, p] (outer) x[n, :, p + shift_k]  -> (9, COUT_P, CIN_P)
-        n = tl.program_id(0)
-        s = tl.program_id(1)
+    def _conv3x3_fwd_dot(x_ptr, w_ptr, b_ptr, y_ptr, H, W,
+                         CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        # x (N, CIN, H, W), w packed (9, CIN_P, COUT_P) zero-padded, y (N, COUT, H, W);
+        # per tap one TF32 product (pixels x CIN_P) @ (CIN_P x COUT_P)
         P = H * W
+        blocks = tl.cdiv(P, BLOCK)
+        n = tl.program_id(0) // blocks                                   # one flat grid: (image, block)
+        p = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
+        h, w = p // W, p % W
         c = tl.arange(0, CIN_P)
         o = tl.arange(0, COUT_P)
         x_img = x_ptr + n.to(tl.int64) * CIN * P
-        g_img = g_ptr + n.to(tl.int64) * COUT * P
-        out = out_ptr + (n.to(tl.int64) * tl.num_programs(1) + s) * 9 * COUT_P * CIN_P
+        acc = tl.zeros((BLOCK, COUT_P), dtype=tl.float32)
         for k in tl.static_range(9):
-            acc = tl.zeros((COUT_P, CIN_P), dtype=tl.float32)
-            for start in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
-                p = start + tl.arange(0, BLOCK)
-                h, w = p // W, p % W
-                hh = h + (k // 3 - 1)
-                ww = w + (k % 3 - 1)
-                ok = (p < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                gt = tl.load(g_img + o[:, None] * P + p[None, :],
-                             mask=(o[:, None] < COUT) & (p < P)[None, :], other=0.0)      # (COUT_P, BLOCK)
-                xk = tl.load(x_img + c[None, :] * P + (hh * W + ww)[:, None],
-                             mask=ok[:, None] & (c[None, :] < CIN), other=0.0)        # (BLOCK, CIN_P)
-                if TF32:
-                    acc += tl.dot(gt, xk, input_precision="tf32")
-                else:
-                    acc += tl.dot(gt, xk, input_precision="ieee")
-            tl.store(out + k * COUT_P * CIN_P + o[:, None] * CIN_P + c[None, :], acc)
+            hh = h + (k // 3 - 1)
+            ww = w + (k % 3 - 1)
+            ok = (p < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            # pixels along the last axis, contiguous (hh * W + ww = p + shift where ok): coalesced loads
+            xt = tl.load(x_img + c[:, None] * P + (p + ((k // 3 - 1) * W + (k % 3 - 1)))[None, :],
+                         mask=ok[None, :] & (c[:, None] < CIN), other=0.0)            # (CIN_P, BLOCK)
+            wk = tl.load(w_ptr + (k * CIN_P + c[:, None]) * COUT_P + o[None, :])    # (CIN_P, COUT_P)
+            acc += tl.dot(tl.trans(xt), wk, input_precision="tf32")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + o, mask=o < COUT, other=0.0)[None, :]
+        y_img = y_ptr + n.to(tl.int64) * COUT * P
+        tl.store(y_img + o[None, :] * P + p[:, None], acc, mask=(p < P)[:, None] & (o[None, :] < COUT))
+
+    @triton.jit
+    def _conv3x3_wgrad(x_ptr, g_ptr, out_ptr, H, W, CHUNK,
+                       CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
+                       TF32: tl.constexpr, BLOCK: tl.constexpr):
+        # program (n, s) sums pixels [s*CHUNK, (s+1)*CHUNK) of image n. The 9 taps are stacked as the
+        # columns (tap, c) of one product, so g is loaded once per block of pixels:
+        # out[n, s] = sum_p g[n, :, p] (outer) x[n, c, p + shift_tap]  -> (COUT_P, 16, CIN_P), taps 9..15 zero
+        n = tl.program_id(0)
+        s = tl.program_id(1)
+        P = H * W
+        j = tl.arange(0, 16 * CIN_P)
+        tap = j // CIN_P
+        c = j % CIN_P
+        dy = tap // 3 - 1
+        dx = tap % 3 - 1
+        column_ok = (tap < 9) & (c < CIN)
+        o = tl.arange(0, COUT_P)
+        x_img = x_ptr + n.to(tl.int64) * CIN * P
+        g_img = g_ptr + n.to(tl.int64) * COUT * P
+        acc = tl.zeros((COUT_P, 16 * CIN_P), dtype=tl.float32)
+        for start in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
+            p = start + tl.arange(0, BLOCK)
+            h, w = p // W, p % W
+            gt = tl.load(g_img + o[:, None] * P + p[None, :],
+                         mask=(o[:, None] < COUT) & (p < P)[None, :], other=0.0)          # (COUT_P, BLOCK)
+            hh = h[None, :] + dy[:, None]
+            ww = w[None, :] + dx[:, None]
+            ok = column_ok[:, None] & (p < P)[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            xt = tl.load(x_img + c[:, None] * P + p[None, :] + (dy * W + dx)[:, None],
+                         mask=ok, other=0.0)                                           # (16 * CIN_P, BLOCK)
+            if TF32:
+                acc += tl.dot(gt, tl.trans(xt), input_precision="tf32")
+            else:
+                acc += tl.dot(gt, tl.trans(xt), input_precision="ieee")
+        out = out_ptr + (n.to(tl.int64) * tl.num_programs(1) + s) * COUT_P * 16 * CIN_P
+        tl.store(out + o[:, None] * (16 * CIN_P) + j[None, :], acc)
 
 
 def _use_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
 
 
-def _forward(x, weight, bias, block: int = 128):
+def _dot_forward(cin: int) -> bool:
+    """Forward by TF32 products where cuDNN may use TF32 and the input has >= 8 channels (measured
+    faster there); else exact fp32 FMAs."""
+    return _use_tf32() and cin >= 8
+
+
+def _forward(x, weight, bias):
     """y = F.conv2d(x, weight, bias, padding=1) for weight (COUT, CIN, 3, 3)."""
     N, CIN, H, W = x.shape
     COUT = weight.shape[0]
-    COUT_P = triton.next_power_of_2(COUT)
-    packed = x.new_zeros(9, CIN, COUT_P)                             # (tap, in, out), zero-padded
-    packed[:, :, :COUT] = weight.permute(2, 3, 1, 0).reshape(9, CIN, COUT)
     y = x.new_empty(N, COUT, H, W)
-    grid = (N * triton.cdiv(H * W, block),)
-    _conv3x3_fwd_fma[grid](x, packed, bias if bias is not None else packed, y, H, W, CIN, COUT, COUT_P,
-                           bias is not None, block)
+    taps = weight.permute(2, 3, 1, 0).reshape(9, CIN, COUT)          # (tap, in, out)
+    if _dot_forward(CIN):
+        CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
+        packed = x.new_zeros(9, CIN_P, COUT_P)
+        packed[:, :CIN, :COUT] = taps
+        block = 128
+        _conv3x3_fwd_dot[(N * triton.cdiv(H * W, block),)](
+            x, packed, bias if bias is not None else packed, y, H, W, CIN, CIN_P, COUT, COUT_P,
+            bias is not None, block)
+        return y
+    COUT_P = triton.next_power_of_2(COUT)
+    packed = x.new_zeros(9, CIN, COUT_P)                             # zero-padded outputs
+    packed[:, :, :COUT] = taps
+    block = 128
+    _conv3x3_fwd_fma[(N * triton.cdiv(H * W, block),)](
+        x, packed, bias if bias is not None else packed, y, H, W, CIN, COUT, COUT_P, bias is not None, block)
     return y
 
 
-def _weight_grad(x, grad_y, block: int = 128, splits: int = 4):
+def _weight_grad(x, grad_y, block: int = 32, splits: int = 2):
     N, CIN, H, W = x.shape
     COUT = grad_y.shape[1]
     CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
     splits = min(splits, triton.cdiv(H * W, block))
     chunk = triton.cdiv(triton.cdiv(H * W, splits), block) * block
-    partial = x.new_empty(N, splits, 9, COUT_P, CIN_P)
+    partial = x.new_empty(N, splits, COUT_P, 16, CIN_P)
     _conv3x3_wgrad[(N, splits)](x, grad_y, partial, H, W, chunk, CIN, CIN_P, COUT, COUT_P, _use_tf32(), block)
-    grad = partial.sum((0, 1))[:, :COUT, :CIN]                      # (9, COUT, CIN), a fixed order
-    return grad.permute(1, 2, 0).reshape(COUT, CIN, 3, 3)
+    grad = partial.sum((0, 1))[:COUT, :9, :CIN]                     # (COUT, 9, CIN), a fixed order
+    return grad.permute(0, 2, 1).reshape(COUT, CIN, 3, 3)
 
 
 class _Conv3x3(torch.autograd.Function):

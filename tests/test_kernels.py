@@ -29,7 +29,13 @@ def ieee_fp32():
 
 @pytest.mark.parametrize("n, cin, cout, h, w", [(3, 16, 8, 32, 32), (2, 8, 3, 17, 33), (2, 16, 1, 12, 12),
                                                  (2, 32, 32, 8, 8), (1, 8, 1, 1, 1)])
-def test_conv3x3_matches_conv2d(n, cin, cout, h, w):
+@pytest.mark.parametrize("tf32", [False, True])
+def test_conv3x3_matches_conv2d(n, cin, cout, h, w, tf32):
+    """fp32 products, and with TF32 allowed (the forward's tl.dot path; the interpreter multiplies in
+    fp32, a GPU in TF32: tolerance 1e-2 there)."""
+    torch.backends.cudnn.allow_tf32 = tf32
+    assert kernels._dot_forward(cin) == (tf32 and cin >= 8)
+    tol = dict(rtol=1e-2, atol=1e-2) if tf32 and DEVICE == "cuda" else {}
     gen = torch.Generator().manual_seed(n * 1000 + cin * 10 + cout)
     x = torch.randn(n, cin, h, w, generator=gen).to(DEVICE).requires_grad_()
     weight = (torch.randn(cout, cin, 3, 3, generator=gen) / 6).to(DEVICE).requires_grad_()
@@ -40,9 +46,9 @@ def test_conv3x3_matches_conv2d(n, cin, cout, h, w):
     y_ref = F.conv2d(x, weight, bias, padding=1)
     grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), grad_y)
     assert y.shape == y_ref.shape
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **(tol or dict(rtol=1e-5, atol=1e-5)))
     for got, want in zip(grads, grads_ref):     # the weight gradient sums n*h*w products
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, want, **(tol or dict(rtol=1e-5, atol=1e-4)))
 
 
 def test_conv3x3_without_bias_and_input_grad():
