@@ -4,14 +4,14 @@ The glimpse decoder's convolutions at the glimpse resolution have 8-32 channels 
 glimpses at once; cuDNN is far from the memory bound there (its weight-gradient kernels most of all).
 `conv3x3` computes the same convolution as `F.conv2d(x, weight, bias, padding=1)`:
 
-- forward: per image and block of pixels, into all output channels at once: with >= 8 input
-  channels one TF32 tl.dot per tap where cuDNN may use TF32 (torch.backends.cudnn.allow_tf32,
-  PyTorch's default, which these kernels replace), else fp32 FMAs over the taps and input channels;
+- forward: per image and block of pixels, fp32 FMAs over the 9 taps and the input channels into
+  all output channels at once;
 - input gradient: the same kernel on the output gradient with the weight transposed and flipped;
 - weight gradient: per image and half of its pixels, one product (C_out x pixels) @ (pixels x
   (9 taps x C_in)) per block of pixels with tl.dot, written apart and summed in a fixed order
-  (deterministic, no atomics); TF32 where cuDNN may use TF32, else fp32.
-Loads run along the pixels, contiguous in memory (the shifted index hh * W + ww is p + shift).
+  (deterministic, no atomics); its products are TF32 where cuDNN may use TF32
+  (torch.backends.cudnn.allow_tf32, PyTorch's default, which these kernels replace), else fp32.
+  Its loads run along the pixels, contiguous in memory (the shifted index hh * W + ww is p + shift).
 
 Measured on an H200 (900 glimpses of 64x64, docs/PERF_NOTES.md) they beat cuDNN where one side of the
 convolution has at most 8 channels: the glimpse decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1).
@@ -55,40 +55,11 @@ if triton is not None:
             hh = h + (k // 3 - 1)
             ww = w + (k % 3 - 1)
             ok = (p < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            src = x_img + p + ((k // 3 - 1) * W + (k % 3 - 1))   # = hh * W + ww where ok: contiguous in p
+            src = x_img + hh * W + ww
             for c in range(CIN):
                 xv = tl.load(src + c * P, mask=ok, other=0.0)                     # (BLOCK,)
                 wv = tl.load(w_ptr + (k * CIN + c) * COUT_P + o)                  # (COUT_P,)
                 acc += xv[:, None] * wv[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + o, mask=o < COUT, other=0.0)[None, :]
-        y_img = y_ptr + n.to(tl.int64) * COUT * P
-        tl.store(y_img + o[None, :] * P + p[:, None], acc, mask=(p < P)[:, None] & (o[None, :] < COUT))
-
-    @triton.jit
-    def _conv3x3_fwd_dot(x_ptr, w_ptr, b_ptr, y_ptr, H, W,
-                         CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        # x (N, CIN, H, W), w packed (9, CIN_P, COUT_P) zero-padded, y (N, COUT, H, W);
-        # per tap one TF32 product (pixels x CIN_P) @ (CIN_P x COUT_P)
-        P = H * W
-        blocks = tl.cdiv(P, BLOCK)
-        n = tl.program_id(0) // blocks                                   # one flat grid: (image, block)
-        p = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
-        h, w = p // W, p % W
-        c = tl.arange(0, CIN_P)
-        o = tl.arange(0, COUT_P)
-        x_img = x_ptr + n.to(tl.int64) * CIN * P
-        acc = tl.zeros((BLOCK, COUT_P), dtype=tl.float32)
-        for k in tl.static_range(9):
-            hh = h + (k // 3 - 1)
-            ww = w + (k % 3 - 1)
-            ok = (p < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            # pixels along the last axis, contiguous (hh * W + ww = p + shift where ok): coalesced loads
-            xt = tl.load(x_img + c[:, None] * P + (p + ((k // 3 - 1) * W + (k % 3 - 1)))[None, :],
-                         mask=ok[None, :] & (c[:, None] < CIN), other=0.0)            # (CIN_P, BLOCK)
-            wk = tl.load(w_ptr + (k * CIN_P + c[:, None]) * COUT_P + o[None, :])    # (CIN_P, COUT_P)
-            acc += tl.dot(tl.trans(xt), wk, input_precision="tf32")
         if HAS_BIAS:
             acc += tl.load(b_ptr + o, mask=o < COUT, other=0.0)[None, :]
         y_img = y_ptr + n.to(tl.int64) * COUT * P
@@ -136,33 +107,17 @@ def _use_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
 
 
-def _dot_forward(cin: int) -> bool:
-    """Forward by TF32 products where cuDNN may use TF32 and the input has >= 8 channels (measured
-    faster there); else exact fp32 FMAs."""
-    return _use_tf32() and cin >= 8
-
-
-def _forward(x, weight, bias):
+def _forward(x, weight, bias, block: int = 128):
     """y = F.conv2d(x, weight, bias, padding=1) for weight (COUT, CIN, 3, 3)."""
     N, CIN, H, W = x.shape
     COUT = weight.shape[0]
-    y = x.new_empty(N, COUT, H, W)
-    taps = weight.permute(2, 3, 1, 0).reshape(9, CIN, COUT)          # (tap, in, out)
-    if _dot_forward(CIN):
-        CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
-        packed = x.new_zeros(9, CIN_P, COUT_P)
-        packed[:, :CIN, :COUT] = taps
-        block = 128
-        _conv3x3_fwd_dot[(N * triton.cdiv(H * W, block),)](
-            x, packed, bias if bias is not None else packed, y, H, W, CIN, CIN_P, COUT, COUT_P,
-            bias is not None, block)
-        return y
     COUT_P = triton.next_power_of_2(COUT)
-    packed = x.new_zeros(9, CIN, COUT_P)                             # zero-padded outputs
-    packed[:, :, :COUT] = taps
-    block = 128
-    _conv3x3_fwd_fma[(N * triton.cdiv(H * W, block),)](
-        x, packed, bias if bias is not None else packed, y, H, W, CIN, COUT, COUT_P, bias is not None, block)
+    packed = x.new_zeros(9, CIN, COUT_P)                             # (tap, in, out), zero-padded
+    packed[:, :, :COUT] = weight.permute(2, 3, 1, 0).reshape(9, CIN, COUT)
+    y = x.new_empty(N, COUT, H, W)
+    grid = (N * triton.cdiv(H * W, block),)
+    _conv3x3_fwd_fma[grid](x, packed, bias if bias is not None else packed, y, H, W, CIN, COUT, COUT_P,
+                           bias is not None, block)
     return y
 
 
