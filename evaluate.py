@@ -668,6 +668,7 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
         "seq_len": cfg.seq_len,
         "image_size": [cfg.img_h, cfg.img_w],
         "min_gt_area": MIN_GT_AREA,
+        "first_frame_rejection": cfg.first_frame_rejection,
         "invisible_predictions": tally.invisible,
         "duplicate_predictions": tally.duplicates,
         "tracking_box": summarize(tally.box_accs, tally.names) if has_truth else None,
@@ -694,6 +695,7 @@ def json_ready(value):
 def summary_table(report: dict) -> str:
     """A readable table of the main numbers."""
     rows = [("sequences", report["num_sequences"]), ("step", report["step"]),
+            ("first-frame rejection", "on" if report.get("first_frame_rejection") else "off"),
             ("duplicate predictions", report["duplicate_predictions"])]
     for kind in ("tracking_box", "tracking_box_tight", "tracking_mask"):
         m = report.get(kind)
@@ -748,6 +750,10 @@ def parse_args(argv):
     p.add_argument("--gif", type=int, default=0, help="write GIFs of the first N sequences")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's sampling")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None,
+                   help="reject first-frame proposals explained by proposals of larger z_pres, an inference rule "
+                        "without parameters that the reference lacks (no duplicates born in the first frame; "
+                        "default: the checkpoint's first_frame_rejection)")
     args = p.parse_args(argv)
     for name in ("num_sequences", "batch_size", "frame_skip"):
         value = getattr(args, name)
@@ -758,10 +764,11 @@ def parse_args(argv):
     return args
 
 
-def load_model(path: str, device) -> tuple:
-    """(model in eval mode, checkpoint payload), the weights loaded strictly."""
+def load_model(path: str, device, **changes) -> tuple:
+    """(model in eval mode, checkpoint payload), the weights loaded strictly; `changes`: config fields
+    that have no parameters (e.g. first_frame_rejection) to set differently from the checkpoint's."""
     payload = read_checkpoint(path, map_location="cpu")
-    model = SCALOR(payload["config"])
+    model = SCALOR(payload["config"].replace(**changes))
     try:
         load_model_state(model, payload, path)
     except RuntimeError as e:   # strict load_state_dict: missing or unexpected keys, wrong shapes
@@ -773,7 +780,8 @@ def prepare(argv):
     """Parse, load and check everything before anything is written: (args, model, step, dataset, num, device)."""
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, payload = load_model(args.checkpoint, device)
+    changes = {} if args.first_frame_rejection is None else {"first_frame_rejection": args.first_frame_rejection}
+    model, payload = load_model(args.checkpoint, device, **changes)
     trained = payload.get("data")
     resolve_data(args, trained if isinstance(trained, dict) else {})
     dataset, num = build_dataset(args, model.cfg)

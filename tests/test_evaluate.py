@@ -414,6 +414,20 @@ def test_track_mode_writes_exports_only(tmp_path, checkpoint):
     assert names == ["predictions.json", "tracks_000000_000000.txt"]      # one 3-frame sequence, no report
 
 
+def test_first_frame_rejection_switched_at_evaluation(tmp_path, checkpoint):
+    """An inference rule without parameters: the checkpoint's value unless the flag is given."""
+    _, default, *_ = ev.prepare(["--checkpoint", checkpoint, "--device", "cpu"])
+    _, on, *_ = ev.prepare(["--checkpoint", checkpoint, "--device", "cpu", "--first-frame-rejection"])
+    assert default.cfg.first_frame_rejection is False and on.cfg.first_frame_rejection is True
+    assert on.cfg.replace(first_frame_rejection=False) == default.cfg
+    assert all(torch.equal(a, b) for a, b in zip(on.state_dict().values(), default.state_dict().values()))
+    out = str(tmp_path / "eval")
+    assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "1", "--out", out, "--device", "cpu",
+                    "--first-frame-rejection"]) == 0
+    with open(os.path.join(out, "report.json")) as f:
+        assert json.load(f)["first_frame_rejection"] is True
+
+
 def data_flags(**given):
     flags = dict(dataset=None, data_dir=None, preset=None, frame_skip=None, track=False)
     flags.update(given)
