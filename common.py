@@ -63,7 +63,7 @@ class Config:
     phase_no_background: bool = False     # no background module (black background)
     phase_rejection: bool = True          # reject proposals already explained by tracked objects
     first_frame_rejection: bool = False   # not in the reference: also reject, in the first frame, proposals
-                                          # explained by proposals of larger z_pres (no duplicates at t = 0)
+                                          # explained by kept proposals of larger z_pres (no duplicates at t = 0)
     phase_obj_num_contrain: bool = True   # training-time cap of max_num_obj (reference spelling)
     using_bg_sbd: bool = False            # weaker spatial-broadcast background decoder
     phase_bg_alpha_curriculum: bool = False   # fix discovery alpha early so foreground learns
@@ -198,6 +198,8 @@ class Config:
             fail("z_pres_anneal_end_step must not precede z_pres_anneal_start_step")
         if self.num_img_summary < 1 or self.color_num < 1:
             fail("num_img_summary and color_num must be positive")
+        if self.first_frame_rejection and not self.phase_rejection:
+            fail("first_frame_rejection extends rejection to the first frame: it needs phase_rejection on")
 
 
 def small_config(**changes) -> Config:

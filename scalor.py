@@ -612,19 +612,25 @@ class SCALOR(nn.Module):
     def _explained_by_stronger(self, alpha, z_where, z_pres):
         """First-frame rejection (`first_frame_rejection`): the explained fraction of each proposal
         (alpha (B, C, 1, G, G)) as `_explained_ratio` measures it, against the alpha map (alpha *
-        z_pres, summed) of the proposals ranked above it by z_pres (B, C) (ties: the lower cell first)
-        in place of the propagated objects: (B, C). Every proposal ranked above counts, rejected or not."""
+        z_pres, summed) of the proposals kept before it, in place of the propagated objects: proposals
+        are taken by decreasing z_pres (B, C) (ties: the lower cell first), each kept when explained
+        below explained_ratio_threshold (greedy; a rejected proposal explains nothing). (B, C)."""
         cfg = self.cfg
         B, C = z_pres.shape
         values, index = place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
-        placed = values.new_zeros(B, C, cfg.img_h * cfg.img_w).scatter_(
-            2, index, values[:, :, 0].flatten(2) * z_pres[..., None])                # (B, C, H*W)
+        weighted = (values[:, :, 0].flatten(2) * z_pres[..., None]).to(values.dtype)   # (B, C, h*w)
         order = torch.sort(z_pres, dim=1, descending=True, stable=True).indices       # rank -> cell
-        rank = torch.argsort(order, dim=1)                                            # cell -> rank
-        by_rank = torch.gather(placed, 1, order[..., None].expand_as(placed))
-        above = torch.cumsum(by_rank, 1) - by_rank                                    # maps of those ranked above
-        stronger = torch.gather(above, 1, rank[..., None].expand_as(placed))          # (B, C, H*W), per cell
-        return self._covered_fraction(values, index, stronger)
+        rows = torch.arange(B, device=z_pres.device)
+        kept_map = values.new_zeros(B, 1, cfg.img_h * cfg.img_w)                     # alpha of those kept
+        explained = values.new_zeros(B, C)
+        for rank in range(C):
+            cell = order[:, rank]                                                     # (B,)
+            idx = index[rows, cell][:, None]                                          # (B, 1, h*w)
+            ratio = self._covered_fraction(values[rows, cell][:, None], idx, kept_map)[:, 0]   # (B,)
+            explained[rows, cell] = ratio
+            kept = (ratio < cfg.explained_ratio_threshold).to(values.dtype)
+            kept_map = kept_map.scatter_add(2, idx, weighted[rows, cell][:, None] * kept[:, None, None])
+        return explained
 
     def _covered_fraction(self, values, index, alpha_cover):
         """Fraction of each proposal's window pixels with alpha (values (B, C, 1, h, w)) above

@@ -428,6 +428,17 @@ def test_first_frame_rejection_switched_at_evaluation(tmp_path, checkpoint):
         assert json.load(f)["first_frame_rejection"] is True
 
 
+def test_first_frame_rejection_needs_rejection(tmp_path, tiny_cfg, capsys):
+    cfg = tiny_cfg.replace(phase_rejection=False)
+    path = str(tmp_path / "norej.pt")
+    save_checkpoint(path, SCALOR(cfg), step=1, cfg=cfg)
+    out = tmp_path / "eval"
+    assert ev.main(["--checkpoint", path, "--first-frame-rejection", "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "first_frame_rejection" in err and "phase_rejection" in err
+    assert not out.exists()
+
+
 def data_flags(**given):
     flags = dict(dataset=None, data_dir=None, preset=None, frame_skip=None, track=False)
     flags.update(given)

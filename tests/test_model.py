@@ -118,18 +118,19 @@ def test_rejection_threshold_and_only_from_second_frame(tiny_cfg, monkeypatch):
 
 
 def _stronger_oracle(cfg, alpha, z_where, z_pres):
-    """Plain first-frame explained ratio: full-frame placements, a loop over proposals and ranks."""
+    """Plain first-frame explained ratio: full-frame placements, proposals taken one by one by
+    decreasing z_pres (ties: lower cell first), each tested against the map of those kept so far."""
     B, C = z_pres.shape
-    G = alpha.shape[-1]
     placed = spatial_transform(alpha.flatten(0, 1), z_where.flatten(0, 1), (B * C, 1, cfg.img_h, cfg.img_w),
                                inverse=True).view(B, C, -1)                 # (B, C, H*W)
     out = torch.zeros(B, C)
     for b in range(B):
-        for i in range(C):
-            above = [j for j in range(C) if z_pres[b, j] > z_pres[b, i] or (z_pres[b, j] == z_pres[b, i] and j < i)]
-            cover = sum((placed[b, j] * z_pres[b, j] for j in above), torch.zeros(cfg.img_h * cfg.img_w))
+        kept_map = torch.zeros(cfg.img_h * cfg.img_w)
+        for i in sorted(range(C), key=lambda c: (-float(z_pres[b, c]), c)):
             proposed = placed[b, i] > cfg.proposal_alpha_threshold
-            out[b, i] = (proposed & (cover > cfg.propagated_alpha_threshold)).sum() / (proposed.sum() + 1e-15)
+            out[b, i] = (proposed & (kept_map > cfg.propagated_alpha_threshold)).sum() / (proposed.sum() + 1e-15)
+            if out[b, i] < cfg.explained_ratio_threshold:
+                kept_map = kept_map + placed[b, i] * z_pres[b, i]
     return out
 
 
@@ -141,11 +142,14 @@ def test_first_frame_rejection_weaker_duplicates_explained(tiny_cfg):
     centres = {0: (-0.6, -0.6), 1: (-0.6, -0.6),          # a duplicate pair: 0.9 vs 0.95
                2: (0.6, -0.6), 3: (0.6, -0.6),            # 0.8 vs 0.05: the weak one is explained
                4: (-0.6, 0.6), 5: (-0.6, 0.6),            # 0.09 * alpha <= 0.1 covers nothing
-               6: (0.6, 0.6), 7: (0.6, 0.6)}              # a tie at 1.0: the lower cell ranks first
-    z_pres = torch.tensor([[0.9, 0.95, 0.8, 0.05, 0.09, 0.01, 1.0, 1.0] + [0.0] * (C - 8)])
-    z_where = torch.tensor([[[s, s, *centres.get(c, (0.0, 0.0))] for c in range(C)]])
+               6: (0.6, 0.6), 7: (0.6, 0.6),              # a tie at 1.0: the lower cell ranks first
+               8: (-0.2, 0.0), 9: (0.0, 0.0), 10: (0.2, 0.0)}   # a row: 9 overlaps 8 and 10, 8 not 10
+    z_pres = torch.tensor([[0.9, 0.95, 0.8, 0.05, 0.09, 0.01, 1.0, 1.0, 0.7, 0.6, 0.5] + [0.0] * (C - 11)])
+    z_where = torch.tensor([[[s, s, *centres.get(c, (0.0, 0.8))] for c in range(C)]])
     explained = m._explained_by_stronger(alpha, z_where, z_pres)
     assert explained[0, :8].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    # 9 is rejected by 8; rejected, it explains nothing of 10, which stays
+    assert explained[0, 8] == 0 and explained[0, 9] >= cfg.explained_ratio_threshold and explained[0, 10] == 0
     # random scenes: the same numbers as full-frame placements and a loop over ranks
     torch.manual_seed(0)
     alpha = torch.rand(2, C, 1, G, G)
