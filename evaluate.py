@@ -751,7 +751,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the model's sampling")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None,
-                   help="reject first-frame proposals explained by proposals of larger z_pres, an inference rule "
+                   help="reject first-frame proposals explained by kept proposals of larger z_pres, an inference rule "
                         "without parameters that the reference lacks (no duplicates born in the first frame; "
                         "default: the checkpoint's first_frame_rejection)")
     args = p.parse_args(argv)

@@ -564,7 +564,7 @@ class SCALOR(nn.Module):
                 if t > 0:
                     explained = self._explained_ratio(decoded[1], z_where, alpha_prop)    # (B, C)
                 else:
-                    explained = self._explained_by_stronger(decoded[1], z_where, z_pres)
+                    explained = self._explained_by_kept(decoded[1], z_where, z_pres)
             keep = (explained < cfg.explained_ratio_threshold).to(z_pres.dtype)
             z_pres = z_pres * keep
             pres_prior = prior_prob * keep + cfg.z_pres_masked_prior * (1 - keep)
@@ -609,7 +609,7 @@ class SCALOR(nn.Module):
         return self._covered_fraction(values, index, alpha_prop.flatten(1)[:, None].expand(-1, C, -1))
 
     @torch.no_grad()
-    def _explained_by_stronger(self, alpha, z_where, z_pres):
+    def _explained_by_kept(self, alpha, z_where, z_pres):
         """First-frame rejection (`first_frame_rejection`): the explained fraction of each proposal
         (alpha (B, C, 1, G, G)) as `_explained_ratio` measures it, against the alpha map (alpha *
         z_pres, summed) of the proposals kept before it, in place of the propagated objects: proposals
@@ -618,18 +618,18 @@ class SCALOR(nn.Module):
         cfg = self.cfg
         B, C = z_pres.shape
         values, index = place_windows(alpha, z_where, cfg.img_h, cfg.img_w, *self.window)
-        weighted = (values[:, :, 0].flatten(2) * z_pres[..., None]).to(values.dtype)   # (B, C, h*w)
         order = torch.sort(z_pres, dim=1, descending=True, stable=True).indices       # rank -> cell
         rows = torch.arange(B, device=z_pres.device)
         kept_map = values.new_zeros(B, 1, cfg.img_h * cfg.img_w)                     # alpha of those kept
         explained = values.new_zeros(B, C)
         for rank in range(C):
             cell = order[:, rank]                                                     # (B,)
-            idx = index[rows, cell][:, None]                                          # (B, 1, h*w)
-            ratio = self._covered_fraction(values[rows, cell][:, None], idx, kept_map)[:, 0]   # (B,)
+            window, idx = values[rows, cell][:, None], index[rows, cell][:, None]     # (B, 1, 1, h, w), (B, 1, h*w)
+            ratio = self._covered_fraction(window, idx, kept_map)[:, 0]               # (B,)
             explained[rows, cell] = ratio
             kept = (ratio < cfg.explained_ratio_threshold).to(values.dtype)
-            kept_map = kept_map.scatter_add(2, idx, weighted[rows, cell][:, None] * kept[:, None, None])
+            weight = (z_pres[rows, cell] * kept)[:, None, None, None, None]
+            kept_map = kept_map + scatter_windows(window * weight, idx, cfg.img_h, cfg.img_w).flatten(2)
         return explained
 
     def _covered_fraction(self, values, index, alpha_cover):

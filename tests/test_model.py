@@ -117,7 +117,7 @@ def test_rejection_threshold_and_only_from_second_frame(tiny_cfg, monkeypatch):
     assert not torch.allclose(kl1["pres"], kl0["pres"])
 
 
-def _stronger_oracle(cfg, alpha, z_where, z_pres):
+def _kept_oracle(cfg, alpha, z_where, z_pres):
     """Plain first-frame explained ratio: full-frame placements, proposals taken one by one by
     decreasing z_pres (ties: lower cell first), each tested against the map of those kept so far."""
     B, C = z_pres.shape
@@ -146,7 +146,7 @@ def test_first_frame_rejection_weaker_duplicates_explained(tiny_cfg):
                8: (-0.2, 0.0), 9: (0.0, 0.0), 10: (0.2, 0.0)}   # a row: 9 overlaps 8 and 10, 8 not 10
     z_pres = torch.tensor([[0.9, 0.95, 0.8, 0.05, 0.09, 0.01, 1.0, 1.0, 0.7, 0.6, 0.5] + [0.0] * (C - 11)])
     z_where = torch.tensor([[[s, s, *centres.get(c, (0.0, 0.8))] for c in range(C)]])
-    explained = m._explained_by_stronger(alpha, z_where, z_pres)
+    explained = m._explained_by_kept(alpha, z_where, z_pres)
     assert explained[0, :8].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     # 9 is rejected by 8; rejected, it explains nothing of 10, which stays
     assert explained[0, 8] == 0 and explained[0, 9] >= cfg.explained_ratio_threshold and explained[0, 10] == 0
@@ -155,7 +155,7 @@ def test_first_frame_rejection_weaker_duplicates_explained(tiny_cfg):
     alpha = torch.rand(2, C, 1, G, G)
     z_where = torch.cat((anchor_box(cfg, torch.randn(2, C, 2)), torch.rand(2, C, 2) * 1.2 - 0.6), -1)
     z_pres = torch.rand(2, C).round(decimals=1)            # ties included
-    assert torch.allclose(m._explained_by_stronger(alpha, z_where, z_pres), _stronger_oracle(cfg, alpha, z_where, z_pres),
+    assert torch.allclose(m._explained_by_kept(alpha, z_where, z_pres), _kept_oracle(cfg, alpha, z_where, z_pres),
                           atol=1e-6)
 
 
@@ -165,7 +165,7 @@ def test_first_frame_rejection_only_when_asked(tiny_cfg, monkeypatch):
     off = SCALOR(tiny_cfg).eval()
     on = SCALOR(tiny_cfg.replace(first_frame_rejection=True)).eval()
     on.load_state_dict(off.state_dict())
-    monkeypatch.setattr(on, "_explained_by_stronger", lambda *a: explained)
+    monkeypatch.setattr(on, "_explained_by_kept", lambda *a: explained)
     disc_off, kl_off, _ = _discover(off, 0, None, monkeypatch, explained)   # (_explained_ratio: unused at t = 0)
     disc_on, kl_on, _ = _discover(on, 0, None, monkeypatch, explained)
     z_off, z_on = disc_off["z_pres"][0, :, 0], disc_on["z_pres"][0, :, 0]
