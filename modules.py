@@ -38,18 +38,19 @@ def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: 
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(cin, cout, 3, padding=1) -- same parameters, same state_dict -- that runs the Triton
     kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (for
-    convolutions with <= 8 channels on one side cuDNN is slow there); cuDNN everywhere else."""
+    convolutions with <= 8 channels on one side cuDNN is slow there); cuDNN everywhere else.
+    `_conv_forward(x, weight, bias)` makes the same choice for other weights (stacked heads)."""
 
     MIN_PIXELS = 32 * 32
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 3, 1, 1)
 
-    def forward(self, x):
-        if (x.is_cuda and x.dtype == self.weight.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= self.MIN_PIXELS
+    def _conv_forward(self, x, weight, bias):
+        if (x.is_cuda and x.dtype == weight.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= self.MIN_PIXELS
                 and kernels.available() and not torch.is_autocast_enabled("cuda")):
-            return kernels.conv3x3(x, self.weight, self.bias)
-        return super().forward(x)
+            return kernels.conv3x3(x, weight, bias)
+        return super()._conv_forward(x, weight, bias)
 
 
 def upsample_block(cin: int, cout: int, factor: int):
@@ -223,7 +224,24 @@ class GlimpseDecoder(nn.Module):
 
     def forward(self, z_what):                 # (N, z_what_dim) -> o (N, 3, G, G), alpha (N, 1, G, G)
         feat = self.dec(z_what.view(*z_what.shape, 1, 1))
-        return torch.sigmoid(self.dec_o(feat)), torch.sigmoid(self.dec_alpha(feat))
+        o, alpha = self._both_heads(feat)
+        return torch.sigmoid(o), torch.sigmoid(alpha)
+
+    def _both_heads(self, feat):               # trunk (N, 16, G, G) -> dec_o(feat), dec_alpha(feat)
+        """The two heads with their first convolutions run as one (16 -> 8 + 8, or 16 -> 3 + 1: one
+        pass over the features, one weight gradient) and their GroupNorms as one (same groups of
+        channels): the numbers of dec_o(feat), dec_alpha(feat)."""
+        stacked = isinstance(self.dec_o, nn.Sequential)
+        first_o, first_a = (self.dec_o[0], self.dec_alpha[0]) if stacked else (self.dec_o, self.dec_alpha)
+        h = first_o._conv_forward(feat, torch.cat((first_o.weight, first_a.weight)),
+                                  torch.cat((first_o.bias, first_a.bias)))             # (N, Co + Ca, G, G)
+        if not stacked:
+            return h.split((first_o.out_channels, first_a.out_channels), 1)
+        (_, celu, norm_o, last_o), (_, _, norm_a, last_a) = self.dec_o, self.dec_alpha
+        h = F.group_norm(celu(h), norm_o.num_groups + norm_a.num_groups, torch.cat((norm_o.weight, norm_a.weight)),
+                         torch.cat((norm_o.bias, norm_a.bias)), norm_o.eps)
+        h_o, h_a = h.split((first_o.out_channels, first_a.out_channels), 1)
+        return last_o(h_o), last_a(h_a)
 
     def features_and_alpha(self, z_what):      # (N, z_what_dim) -> trunk (N, 16, G, G), alpha (N, 1, G, G)
         """The trunk's features and alpha, without the appearance head (rejection, alpha maps);

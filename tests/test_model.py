@@ -530,3 +530,37 @@ def test_given_forward_recomputes_under_the_forward_autocast():
         grads.append((x.grad.clone(), lin.weight.grad.clone()))
         x.grad = lin.weight.grad = lin.bias.grad = None
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_decoder_runs_both_heads_at_once_with_the_same_numbers(size):
+    """GlimpseDecoder.forward stacks the two heads' first convolutions (and, on 128-px frames, their
+    GroupNorms): outputs and every gradient equal those of dec_o and dec_alpha run apart, and of the
+    gradient-free parts (features_and_alpha, appearance) that rendering's forward uses."""
+    from modules import GlimpseDecoder
+    cfg = small_config(img_h=size, img_w=size, glimpse_size=32)
+    torch.manual_seed(0)
+    dec = GlimpseDecoder(cfg)
+    for p in dec.parameters():       # GroupNorm affine away from 1 / 0, so a wrong pairing would show
+        p.data += 0.1 * torch.randn_like(p)
+    z = torch.randn(6, cfg.z_what_dim)
+    w_o, w_a = torch.randn(6, 3, 32, 32), torch.randn(6, 1, 32, 32)
+    results = []
+    for both in (True, False):
+        dec.zero_grad()
+        if both:
+            o, alpha = dec(z)
+        else:
+            feat = dec.dec(z.view(*z.shape, 1, 1))
+            o, alpha = torch.sigmoid(dec.dec_o(feat)), torch.sigmoid(dec.dec_alpha(feat))
+        ((o * w_o).sum() + (alpha * w_a).sum()).backward()
+        results.append((o.detach(), alpha.detach(), [p.grad.clone() for p in dec.parameters()]))
+    (o1, a1, g1), (o2, a2, g2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-6)
+    for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        feat, alpha = dec.features_and_alpha(z)
+        torch.testing.assert_close(alpha, a1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dec.appearance(feat), o1, rtol=1e-5, atol=1e-6)
