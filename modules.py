@@ -231,11 +231,11 @@ class GlimpseDecoder(nn.Module):
         """The two heads with their first convolutions run as one (16 -> 8 + 8, or 16 -> 3 + 1: one
         pass over the features, one weight gradient) and their GroupNorms as one (same groups of
         channels): the numbers of dec_o(feat), dec_alpha(feat)."""
-        stacked = isinstance(self.dec_o, nn.Sequential)
-        first_o, first_a = (self.dec_o[0], self.dec_alpha[0]) if stacked else (self.dec_o, self.dec_alpha)
+        two_convs = isinstance(self.dec_o, nn.Sequential)     # conv -> CELU -> GN -> conv, else one conv
+        first_o, first_a = (self.dec_o[0], self.dec_alpha[0]) if two_convs else (self.dec_o, self.dec_alpha)
         h = first_o._conv_forward(feat, torch.cat((first_o.weight, first_a.weight)),
                                   torch.cat((first_o.bias, first_a.bias)))             # (N, Co + Ca, G, G)
-        if not stacked:
+        if not two_convs:
             return h.split((first_o.out_channels, first_a.out_channels), 1)
         (_, celu, norm_o, last_o), (_, _, norm_a, last_a) = self.dec_o, self.dec_alpha
         h = F.group_norm(celu(h), norm_o.num_groups + norm_a.num_groups, torch.cat((norm_o.weight, norm_a.weight)),
