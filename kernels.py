@@ -4,8 +4,8 @@ The glimpse decoder's convolutions at the glimpse resolution have 8-32 channels 
 glimpses at once; cuDNN is far from the memory bound there (its weight-gradient kernels most of all).
 `conv3x3` computes the same convolution as `F.conv2d(x, weight, bias, padding=1)`:
 
-- forward: per image and block of pixels, fp32 FMAs over the 9 taps and the input channels into
-  all output channels at once;
+- forward: per image, block of 512 pixels and group of up to 8 output channels, fp32 FMAs over the
+  9 taps and the input channels, each thread holding all the group's channels of 4 pixels;
 - input gradient: the same kernel on the output gradient with the weight transposed and flipped;
 - weight gradient: per image and half of its pixels, one product (C_out x pixels) @ (pixels x
   (9 taps x C_in)) per block of pixels with tl.dot, written apart and summed in a fixed order
@@ -42,30 +42,37 @@ if triton is not None:
 
     @triton.jit
     def _conv3x3_fwd_fma(x_ptr, w_ptr, b_ptr, y_ptr, H, W,
-                         CIN: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
+                         CIN: tl.constexpr, COUT: tl.constexpr, COUT_G: tl.constexpr, GROUPS: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        # x (N, CIN, H, W), w packed (9, CIN, COUT_P) zero-padded, y (N, COUT, H, W); fp32 FMA
+        # x (N, CIN, H, W), w packed (GROUPS, 9, CIN, COUT_G) zero-padded, y (N, COUT, H, W); fp32 FMA.
+        # Program (image, block of pixels, group of COUT_G output channels). The accumulator is
+        # (COUT_G, BLOCK) with the pixels along threads, so each thread holds every output channel of
+        # its pixels: one load of x feeds COUT_G FMAs (a (BLOCK, COUT) accumulator spreads the
+        # channels over threads and loads each x COUT_G times: 1.85x slower on the H200).
         P = H * W
         blocks = tl.cdiv(P, BLOCK)
-        n = tl.program_id(0) // blocks                                   # one flat grid: (image, block)
-        p = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.program_id(0) % GROUPS
+        n = tl.program_id(0) // (GROUPS * blocks)
+        p = (tl.program_id(0) // GROUPS % blocks) * BLOCK + tl.arange(0, BLOCK)
         h, w = p // W, p % W
-        o = tl.arange(0, COUT_P)
+        o = tl.arange(0, COUT_G)
         x_img = x_ptr + n.to(tl.int64) * CIN * P
-        acc = tl.zeros((BLOCK, COUT_P), dtype=tl.float32)
+        w_group = w_ptr + g * 9 * CIN * COUT_G
+        acc = tl.zeros((COUT_G, BLOCK), dtype=tl.float32)
         for k in tl.static_range(9):
             hh = h + (k // 3 - 1)
             ww = w + (k % 3 - 1)
             ok = (p < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             src = x_img + hh * W + ww
-            for c in range(CIN):
+            for c in tl.static_range(CIN):
                 xv = tl.load(src + c * P, mask=ok, other=0.0)                     # (BLOCK,)
-                wv = tl.load(w_ptr + (k * CIN + c) * COUT_P + o)                  # (COUT_P,)
-                acc += xv[:, None] * wv[None, :]
+                wv = tl.load(w_group + (k * CIN + c) * COUT_G + o)               # (COUT_G,)
+                acc += wv[:, None] * xv[None, :]
+        oc = g * COUT_G + o                                                      # output channels
         if HAS_BIAS:
-            acc += tl.load(b_ptr + o, mask=o < COUT, other=0.0)[None, :]
+            acc += tl.load(b_ptr + oc, mask=oc < COUT, other=0.0)[:, None]
         y_img = y_ptr + n.to(tl.int64) * COUT * P
-        tl.store(y_img + o[None, :] * P + p[:, None], acc, mask=(p < P)[:, None] & (o[None, :] < COUT))
+        tl.store(y_img + oc[:, None] * P + p[None, :], acc, mask=(oc < COUT)[:, None] & (p < P)[None, :])
 
     @triton.jit
     def _conv3x3_wgrad(x_ptr, g_ptr, out_ptr, H, W, CHUNK,
@@ -109,25 +116,27 @@ def _use_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
 
 
-def _forward(x, weight, bias):
+def _forward(x, weight, bias, block: int = 512, num_warps: int = 4):
     """y = F.conv2d(x, weight, bias, padding=1) for weight (COUT, CIN, 3, 3)."""
     N, CIN, H, W = x.shape
     COUT = weight.shape[0]
-    COUT_P = triton.next_power_of_2(COUT)
-    block = 256 if COUT_P == 4 else 128       # measured best for the decoder's 8 -> 3 head (H200)
-    packed = x.new_zeros(9, CIN, COUT_P)                             # (tap, in, out), zero-padded
-    packed[:, :, :COUT] = weight.permute(2, 3, 1, 0).reshape(9, CIN, COUT)
+    COUT_G = min(8, triton.next_power_of_2(COUT))   # output channels per program (registers: 8 x 4 pixels)
+    groups = triton.cdiv(COUT, COUT_G)
+    packed = x.new_zeros(groups * COUT_G, CIN, 9)                    # (out, in, tap), zero-padded
+    packed[:COUT] = weight.reshape(COUT, CIN, 9)
+    packed = packed.view(groups, COUT_G, CIN, 9).permute(0, 3, 2, 1).contiguous()   # (group, tap, in, out)
     y = x.new_empty(N, COUT, H, W)
-    grid = (N * triton.cdiv(H * W, block),)
-    _conv3x3_fwd_fma[grid](x, packed, bias if bias is not None else packed, y, H, W, CIN, COUT, COUT_P,
-                           bias is not None, block)
+    grid = (N * triton.cdiv(H * W, block) * groups,)
+    _conv3x3_fwd_fma[grid](x, packed, bias if bias is not None else packed, y, H, W, CIN, COUT, COUT_G, groups,
+                           bias is not None, block, num_warps=num_warps)
     return y
 
 
 def _weight_grad(x, grad_y, block: int = 32, splits: int = 2):
     N, CIN, H, W = x.shape
     COUT = grad_y.shape[1]
-    CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
+    # columns (tap, c): 16 x CIN_P >= 16 as tl.dot needs; padding 8 input channels to 16 cost 1.7x
+    CIN_P, COUT_P = triton.next_power_of_2(CIN), _pad16(COUT)
     splits = min(splits, triton.cdiv(H * W, block))
     chunk = triton.cdiv(triton.cdiv(H * W, splits), block) * block
     partial = x.new_empty(N, splits, COUT_P, 16, CIN_P)

@@ -28,7 +28,7 @@ def ieee_fp32():
 
 
 @pytest.mark.parametrize("n, cin, cout, h, w", [(3, 16, 8, 32, 32), (2, 8, 3, 17, 33), (2, 16, 1, 12, 12),
-                                                 (2, 32, 32, 8, 8), (1, 8, 1, 1, 1)])
+                                                 (2, 32, 32, 8, 8), (2, 8, 12, 23, 23), (1, 8, 1, 1, 1)])
 @pytest.mark.parametrize("tf32", [False, True])
 def test_conv3x3_matches_conv2d(n, cin, cout, h, w, tf32):
     """fp32 products, and with TF32 allowed (the weight gradient's tl.dot; the interpreter multiplies
