@@ -41,6 +41,13 @@ def _pad16(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _fma_channel(acc, src, ok, w_tap, c, P, COUT_G: tl.constexpr):
+        # acc (COUT_G, BLOCK) += w_tap[c, :] (outer) x[c] at one tap's shifted pixels src (masked by ok)
+        xv = tl.load(src + c * P, mask=ok, other=0.0)                             # (BLOCK,)
+        wv = tl.load(w_tap + c * COUT_G + tl.arange(0, COUT_G))                   # (COUT_G,)
+        return acc + wv[:, None] * xv[None, :]
+
+    @triton.jit
     def _conv3x3_fwd_fma(x_ptr, w_ptr, b_ptr, y_ptr, H, W,
                          CIN: tl.constexpr, COUT: tl.constexpr, COUT_G: tl.constexpr, GROUPS: tl.constexpr,
                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
@@ -64,10 +71,13 @@ if triton is not None:
             ww = w + (k % 3 - 1)
             ok = (p < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             src = x_img + hh * W + ww
-            for c in tl.static_range(CIN):
-                xv = tl.load(src + c * P, mask=ok, other=0.0)                     # (BLOCK,)
-                wv = tl.load(w_group + (k * CIN + c) * COUT_G + o)               # (COUT_G,)
-                acc += wv[:, None] * xv[None, :]
+            w_tap = w_group + k * CIN * COUT_G
+            if CIN <= 16:   # unrolled: 1.6x faster than the loop; compiling takes ~10 s at 16, ~60 s at 32
+                for c in tl.static_range(CIN):
+                    acc = _fma_channel(acc, src, ok, w_tap, c, P, COUT_G)
+            else:
+                for c in range(CIN):
+                    acc = _fma_channel(acc, src, ok, w_tap, c, P, COUT_G)
         oc = g * COUT_G + o                                                      # output channels
         if HAS_BIAS:
             acc += tl.load(b_ptr + oc, mask=oc < COUT, other=0.0)[:, None]
