@@ -13,8 +13,9 @@ glimpses at once; cuDNN is far from the memory bound there (its weight-gradient 
   (torch.backends.cudnn.allow_tf32, PyTorch's default, which these kernels replace), else fp32.
   Its loads run along the pixels, contiguous in memory (the shifted index hh * W + ww is p + shift).
 
-Measured on an H200 (900 glimpses of 64x64, docs/PERF_NOTES.md) they beat cuDNN where one side of the
-convolution has at most 8 channels: the glimpse decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1).
+Measured on an H200 (900 glimpses of 64x64, docs/PERF_NOTES.md) they beat cuDNN on the glimpse
+decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1, the first convolutions also stacked as 16 -> 16),
+convolutions with 16 channels or fewer on each side.
 The kernels are custom operators (torch.ops.scalor.conv3x3 and its weight gradient), so torch.compile
 traces through them. `tests/test_kernels.py` checks the three results against F.conv2d's (Triton's
 interpreter on CPU) and the operators' registration (torch.library.opcheck).

@@ -213,7 +213,7 @@ class GlimpseDecoder(nn.Module):
         if G < 64:
             layers += conv_block(16, 16, 3, 1, 1)
         self.dec = nn.Sequential(*layers)
-        # the heads run at the glimpse resolution with <= 8 channels on one side: Triton kernels there
+        # the heads run at the glimpse resolution with <= 16 input channels: Triton kernels there
         head = (lambda i, o: Conv3x3(i, o)) if cfg.triton_convs else (lambda i, o: nn.Conv2d(i, o, 3, 1, 1))
         if min(cfg.img_h, cfg.img_w) <= 64:
             self.dec_o = head(16, 3)
