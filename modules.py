@@ -37,8 +37,8 @@ def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: 
 
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(cin, cout, 3, padding=1) -- same parameters, same state_dict -- that runs the Triton
-    kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (for
-    convolutions with <= 8 channels on one side cuDNN is slow there); cuDNN everywhere else.
+    kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (the
+    decoder heads' convolutions, 16 channels or fewer a side, where cuDNN is slow); cuDNN everywhere else.
     `_conv_forward(x, weight, bias)` makes the same choice for other weights (stacked heads)."""
 
     MIN_PIXELS = 32 * 32
