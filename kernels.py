@@ -54,11 +54,13 @@ if triton is not None:
         return acc + wv[:, None] * xv[None, :]
 
     @triton.jit
-    def _conv_fwd_fma(x_ptr, w_ptr, b_ptr, y_ptr, H, W, HO, WO,
+    def _conv_fwd_fma(x_ptr, x2_ptr, rows_ptr, N1, w_ptr, b_ptr, y_ptr, H, W, HO, WO,
                       CIN: tl.constexpr, COUT: tl.constexpr, COUT_G: tl.constexpr, GROUPS: tl.constexpr,
-                      KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                      KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                      BLOCK: tl.constexpr):
         # x (N, CIN, H, W), w packed (GROUPS, KSIZE^2, CIN, COUT_G) zero-padded, y (N, COUT, HO, WO);
-        # padding 1; fp32 FMA. Program (image, block of output pixels, group of COUT_G output
+        # padding 1; fp32 FMA. With HAS_ROWS, output image n is computed from image rows[n] of the
+        # concatenation [x (N1 images); x2] (a gather fused into the loads). Program (image, block of output pixels, group of COUT_G output
         # channels). The accumulator is (COUT_G, BLOCK) with the pixels along threads, so each thread
         # holds every output channel of its pixels: one load of x feeds COUT_G FMAs (a (BLOCK, COUT)
         # accumulator spreads the channels over threads and loads each x COUT_G times: 1.85x slower
@@ -74,7 +76,14 @@ if triton is not None:
         p = (tl.program_id(0) // GROUPS % blocks) * BLOCK + tl.arange(0, BLOCK)
         h, w = p // WO, p % WO
         o = tl.arange(0, COUT_G)
-        x_img = x_ptr + n.to(tl.int64) * CIN * P
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + n).to(tl.int64)
+            if r < N1:
+                x_img = x_ptr + r * CIN * P
+            else:
+                x_img = x2_ptr + (r - N1) * CIN * P
+        else:
+            x_img = x_ptr + n.to(tl.int64) * CIN * P
         w_group = w_ptr + g * KSIZE * KSIZE * CIN * COUT_G
         acc = tl.zeros((COUT_G, BLOCK), dtype=tl.float32)
         for k in tl.static_range(KSIZE * KSIZE):
@@ -186,8 +195,9 @@ def _out_size(n: int, ksize: int, stride: int) -> int:
     return (n + 2 - ksize) // stride + 1                             # padding 1
 
 
-def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int = 4):
-    """y = F.conv2d(x, weight, bias, stride, padding=1) for weight (COUT, CIN, K, K), K^2 <= 16."""
+def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int = 4, x2=None, rows=None):
+    """y = F.conv2d(x, weight, bias, stride, padding=1) for weight (COUT, CIN, K, K), K^2 <= 16; with
+    x2 and rows (M,) long, of torch.cat((x, x2))[rows] instead (without gathering it)."""
     N, CIN, H, W = x.shape
     COUT, K = weight.shape[0], weight.shape[-1]
     COUT_G = min(8, triton.next_power_of_2(COUT))   # output channels per program (registers: 8 x 4 pixels)
@@ -196,10 +206,12 @@ def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int 
     packed[:COUT] = weight.reshape(COUT, CIN, K * K)
     packed = packed.view(groups, COUT_G, CIN, K * K).permute(0, 3, 2, 1).contiguous()   # (group, tap, in, out)
     HO, WO = _out_size(H, K, stride), _out_size(W, K, stride)
-    y = x.new_empty(N, COUT, HO, WO)
-    grid = (N * triton.cdiv(HO * WO, block) * groups,)
-    _conv_fwd_fma[grid](x, packed, bias if bias is not None else packed, y, H, W, HO, WO, CIN, COUT, COUT_G,
-                        groups, K, stride, bias is not None, block, num_warps=num_warps)
+    M = N if rows is None else rows.shape[0]
+    y = x.new_empty(M, COUT, HO, WO)
+    grid = (M * triton.cdiv(HO * WO, block) * groups,)
+    _conv_fwd_fma[grid](x, x if x2 is None else x2, packed if rows is None else rows, N, packed,
+                        bias if bias is not None else packed, y, H, W, HO, WO, CIN, COUT, COUT_G,
+                        groups, K, stride, bias is not None, rows is not None, block, num_warps=num_warps)
     return y
 
 
@@ -244,6 +256,17 @@ def _conv3x3_op(x, weight, bias):
 @_conv3x3_op.register_fake
 def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+
+
+@torch.library.custom_op("scalor::conv3x3_rows", mutates_args=(),
+                         schema="(Tensor x1, Tensor x2, Tensor rows, Tensor weight, Tensor? bias) -> Tensor")
+def _conv3x3_rows_op(x1, x2, rows, weight, bias):
+    return _forward(x1.contiguous(), weight.contiguous(), bias, x2=x2.contiguous(), rows=rows.contiguous())
+
+
+@_conv3x3_rows_op.register_fake
+def _(x1, x2, rows, weight, bias):
+    return x1.new_empty(rows.shape[0], weight.shape[0], x1.shape[2], x1.shape[3])
 
 
 @torch.library.custom_op("scalor::conv4x4s2", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
@@ -316,6 +339,12 @@ def conv3x3(x, weight, bias=None):
     """F.conv2d(x, weight, bias, stride=1, padding=1) by the Triton kernels (x fp32, NCHW): the
     custom operator torch.ops.scalor.conv3x3, differentiable in x, weight and bias."""
     return _conv3x3_op(x, weight, bias)
+
+
+def conv3x3_rows(x1, x2, rows, weight, bias=None):
+    """F.conv2d(torch.cat((x1, x2))[rows], weight, bias, padding=1) without gathering the images
+    (rows: (M,) long): the custom operator torch.ops.scalor.conv3x3_rows, forward only (no gradient)."""
+    return _conv3x3_rows_op(x1, x2, rows, weight, bias)
 
 
 def conv4x4s2(x, weight, bias=None):

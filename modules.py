@@ -274,6 +274,17 @@ class GlimpseDecoder(nn.Module):
     def appearance(self, feat):                # trunk (N, 16, G, G) -> o (N, 3, G, G)
         return torch.sigmoid(self.dec_o(feat))
 
+    def appearance_of_rows(self, feats, rows):  # trunks (N1, 16, G, G), (N2, ...), rows (M,) -> o (M, 3, G, G)
+        """appearance(torch.cat(feats)[rows]): with the Triton kernels the first convolution reads the
+        rows where they are (no concatenation, no gather), else the features are gathered first."""
+        two_convs = isinstance(self.dec_o, nn.Sequential)
+        first = self.dec_o[0] if two_convs else self.dec_o
+        if isinstance(first, Conv3x3) and _triton_fits(feats[0], first.weight, Conv3x3.MIN_PIXELS):
+            h = kernels.conv3x3_rows(feats[0], feats[1], rows, first.weight, first.bias)
+        else:
+            h = first(torch.cat(feats)[rows])
+        return torch.sigmoid(self.dec_o[1:](h) if two_convs else h)
+
 
 # ------------------------------------------------------------------------------------------------
 # Discovery proposal network

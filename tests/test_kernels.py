@@ -130,3 +130,23 @@ def test_conv4x4s2_operators_and_module():
     on, off = (GlimpseEncoder(cfg.replace(triton_convs=t)) for t in (True, False))
     assert [(k, v.shape) for k, v in on.state_dict().items()] == [(k, v.shape) for k, v in off.state_dict().items()]
     assert isinstance(on.enc_cnn[0], Conv4x4Stride2) and not any(isinstance(m, Conv4x4Stride2) for m in off.modules())
+
+
+def test_conv3x3_rows_reads_gathered_images_in_place():
+    """conv3x3_rows(x1, x2, rows) is F.conv2d(torch.cat((x1, x2))[rows]) (rows repeated, out of
+    order, from both sources), and passes opcheck; the decoder's appearance_of_rows (which gathers
+    first on the CPU) equals appearance of the gathered features."""
+    gen = torch.Generator().manual_seed(3)
+    x1, x2 = (torch.randn(n, 16, 11, 13, generator=gen).to(DEVICE) for n in (4, 6))
+    rows = torch.tensor([9, 0, 4, 3, 5, 5, 1], device=DEVICE)
+    weight, bias = torch.randn(8, 16, 3, 3, generator=gen).to(DEVICE), torch.randn(8, generator=gen).to(DEVICE)
+    torch.testing.assert_close(kernels.conv3x3_rows(x1, x2, rows, weight, bias),
+                               F.conv2d(torch.cat((x1, x2))[rows], weight, bias, padding=1), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.scalor.conv3x3_rows.default, (x1, x2, rows, weight, bias))
+    for size in (64, 128):                      # one-conv and two-conv heads
+        cfg = small_config(img_h=size, img_w=size)
+        dec, G = GlimpseDecoder(cfg).to(DEVICE), cfg.glimpse_size
+        feats = (torch.randn(3, 16, G, G, device=DEVICE), torch.randn(2, 16, G, G, device=DEVICE))
+        rows = torch.tensor([4, 0, 2, 3], device=DEVICE)
+        torch.testing.assert_close(dec.appearance_of_rows(feats, rows), dec.appearance(torch.cat(feats)[rows]),
+                                   rtol=1e-5, atol=1e-5)
