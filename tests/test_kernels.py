@@ -124,6 +124,8 @@ def test_conv4x4s2_operators_and_module():
     grad_y = torch.randn(2, 5, 4, 3, device=DEVICE)
     torch.library.opcheck(torch.ops.scalor.conv4x4s2_input_grad.default, (grad_y, weight.detach(), 8, 6))
     torch.library.opcheck(torch.ops.scalor.conv_weight_grad.default, (x.detach(), grad_y, 4, 2))
+    explained = torch._dynamo.explain(lambda x: F.celu(kernels.conv4x4s2(x, weight, bias)))(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
     conv, plain = Conv4x4Stride2(3, 16), torch.nn.Conv2d(3, 16, 4, 2, 1)
     assert list(conv.state_dict()) == list(plain.state_dict())
     cfg = small_config()
@@ -143,6 +145,8 @@ def test_conv3x3_rows_reads_gathered_images_in_place():
     torch.testing.assert_close(kernels.conv3x3_rows(x1, x2, rows, weight, bias),
                                F.conv2d(torch.cat((x1, x2))[rows], weight, bias, padding=1), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.scalor.conv3x3_rows.default, (x1, x2, rows, weight, bias))
+    explained = torch._dynamo.explain(lambda a, b: torch.sigmoid(kernels.conv3x3_rows(a, b, rows, weight, bias)))(x1, x2)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
     for size in (64, 128):                      # one-conv and two-conv heads
         cfg = small_config(img_h=size, img_w=size)
         dec, G = GlimpseDecoder(cfg).to(DEVICE), cfg.glimpse_size
