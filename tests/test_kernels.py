@@ -46,11 +46,19 @@ def _check_against_conv2d(conv, ksize, stride, n, cin, cout, h, w, tf32):
     y_ref = F.conv2d(x, weight, bias, stride=stride, padding=1)
     grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), grad_y)
     assert y.shape == y_ref.shape
-    for got, want, atol in zip((y, *grads), (y_ref, *grads_ref), (1e-5, 1e-5, 1e-4, 1e-4)):
+    # The weight and bias gradients sum n*h*w products in another order than cuDNN's: in fp32 they
+    # may differ by a few ulps of the sum of the products' magnitudes (~1.5e-4 seen on a GPU for
+    # n*h*w = 3,072), so they are compared to 2e-7 (under 2 ulps) of that sum.
+    weight_abs = torch.nn.grad.conv2d_weight(x.detach().abs(), weight.shape, grad_y.abs(), stride, padding=1)
+    bias_abs = grad_y.abs().sum((0, 2, 3))
+    atols = (1e-5, 1e-5, 1e-4 + 2e-7 * weight_abs, 1e-4 + 2e-7 * bias_abs)
+    for got, want, atol in zip((y, *grads), (y_ref, *grads_ref), atols):
         if tf32_gpu:     # the weight gradient sums n*h*w products
             torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
-        else:
+        elif isinstance(atol, float):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+        else:
+            assert ((got - want).abs() <= atol + 1e-5 * want.abs()).all(), float((got - want).abs().max())
 
 
 @pytest.mark.parametrize("n, cin, cout, h, w", [(3, 16, 8, 32, 32), (2, 8, 3, 17, 33), (2, 16, 1, 12, 12),
