@@ -39,13 +39,14 @@ def compile_blocks(model) -> None:
     CELU/GroupNorm passes. Parameter names and state_dict keys are unchanged; the numbers agree with
     eager execution up to the order of summation in the fused reductions. The decoder is compiled
     whole (its forward: rendering's recomputation in backward) and in its two gradient-free parts
-    (`features_and_alpha`: rejection and alpha maps; `appearance`: rendering's forward)."""
+    (`features_and_alpha`: rejection and alpha maps; `appearance`, `appearance_of_rows`: rendering's
+    forward)."""
     for block in (model.glimpse_enc, model.glimpse_dec, model.image_enc.image_enc, model.proposal,
                   getattr(model, "bg_enc", None), getattr(model, "bg_dec", None)):
         if block is not None:
             block.compile(dynamic=False)
     dec = model.glimpse_dec
-    for name in ("features_and_alpha", "appearance"):
+    for name in ("features_and_alpha", "appearance", "appearance_of_rows"):
         if name not in vars(dec):                              # not compiled already
             setattr(dec, name, torch.compile(getattr(dec, name), dynamic=False))
 

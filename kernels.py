@@ -1,24 +1,29 @@
-"""Triton kernels for 3x3 convolutions (stride 1, padding 1) with few channels over many images.
+"""Triton kernels for small convolutions (padding 1) with few channels over many images.
 
-The glimpse decoder's convolutions at the glimpse resolution have 8-32 channels and run on ~1,000
-glimpses at once; cuDNN is far from the memory bound there (its weight-gradient kernels most of all).
-`conv3x3` computes the same convolution as `F.conv2d(x, weight, bias, padding=1)`:
+The glimpse networks' convolutions at the glimpse resolution have 1-16 channels a side and run on
+~1,000 glimpses at once; cuDNN is far from the memory bound there (its weight-gradient kernels most
+of all). `conv3x3` computes F.conv2d(x, weight, bias, padding=1) for 3x3 weights, `conv4x4s2`
+F.conv2d(x, weight, bias, stride=2, padding=1) for 4x4 weights:
 
-- forward: per image, block of 512 pixels and group of up to 8 output channels, fp32 FMAs over the
-  9 taps and the input channels, each thread holding all the group's channels of 4 pixels;
-- input gradient: the same kernel on the output gradient with the weight transposed and flipped;
-- weight gradient: per image and half of its pixels, one product (C_out x pixels) @ (pixels x
-  (9 taps x C_in)) per block of pixels with tl.dot, written apart and summed in a fixed order
+- forward (one kernel for both): per image, block of 512 output pixels and group of up to 8 output
+  channels, fp32 FMAs over the taps and the input channels, each thread holding all the group's
+  channels of 4 pixels;
+- input gradient: for 3x3 the forward kernel on the output gradient with the weight transposed and
+  flipped; for 4x4 of stride 2 a kernel per parity class of input pixels (each receives from 2x2
+  outputs through 2x2 of the taps);
+- weight gradient: per image and half of its output pixels, one product (C_out x pixels) @ (pixels
+  x (taps x C_in)) per block of pixels with tl.dot, written apart and summed in a fixed order
   (deterministic, no atomics); its products are TF32 where cuDNN may use TF32
   (torch.backends.cudnn.allow_tf32, PyTorch's default, which these kernels replace), else fp32.
-  Its loads run along the pixels, contiguous in memory (the shifted index hh * W + ww is p + shift).
+  For 3x3 its loads run along the pixels, contiguous in memory (the shifted index hh * W + ww is
+  p + shift).
 
-Measured on an H200 (900 glimpses of 64x64, docs/PERF_NOTES.md) they beat cuDNN on the glimpse
-decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1, the first convolutions also stacked as 16 -> 16),
-convolutions with 16 channels or fewer on each side.
-The kernels are custom operators (torch.ops.scalor.conv3x3 and its weight gradient), so torch.compile
-traces through them. `tests/test_kernels.py` checks the three results against F.conv2d's (Triton's
-interpreter on CPU) and the operators' registration (torch.library.opcheck).
+Measured on an H200 (900 glimpses of 64x64, docs/PERF_NOTES.md) the 3x3 kernels beat cuDNN on the
+glimpse decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1, the first convolutions also stacked as
+16 -> 16). The 4x4 stride-2 kernels (the glimpse encoder's first layer, 3 -> 16) are not measured
+yet. The kernels are custom operators (torch.ops.scalor.conv3x3, conv4x4s2, their gradients), so
+torch.compile traces through them. `tests/test_kernels.py` checks every result against F.conv2d's
+(Triton's interpreter on CPU) and the operators' registration (torch.library.opcheck).
 """
 from __future__ import annotations
 
@@ -49,28 +54,42 @@ if triton is not None:
         return acc + wv[:, None] * xv[None, :]
 
     @triton.jit
-    def _conv3x3_fwd_fma(x_ptr, w_ptr, b_ptr, y_ptr, H, W,
-                         CIN: tl.constexpr, COUT: tl.constexpr, COUT_G: tl.constexpr, GROUPS: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        # x (N, CIN, H, W), w packed (GROUPS, 9, CIN, COUT_G) zero-padded, y (N, COUT, H, W); fp32 FMA.
-        # Program (image, block of pixels, group of COUT_G output channels). The accumulator is
-        # (COUT_G, BLOCK) with the pixels along threads, so each thread holds every output channel of
-        # its pixels: one load of x feeds COUT_G FMAs (a (BLOCK, COUT) accumulator spreads the
-        # channels over threads and loads each x COUT_G times: 1.85x slower on the H200).
+    def _conv_fwd_fma(x_ptr, x2_ptr, rows_ptr, N1, w_ptr, b_ptr, y_ptr, H, W, HO, WO,
+                      CIN: tl.constexpr, COUT: tl.constexpr, COUT_G: tl.constexpr, GROUPS: tl.constexpr,
+                      KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        # x (N, CIN, H, W), w packed (GROUPS, KSIZE^2, CIN, COUT_G) zero-padded, y (N, COUT, HO, WO);
+        # padding 1; fp32 FMA. With HAS_ROWS, output image n is computed from image rows[n] of the
+        # concatenation [x (N1 images); x2] (a gather fused into the loads). Program (image, block of output pixels, group of COUT_G output
+        # channels). The accumulator is (COUT_G, BLOCK) with the pixels along threads, so each thread
+        # holds every output channel of its pixels: one load of x feeds COUT_G FMAs (a (BLOCK, COUT)
+        # accumulator spreads the channels over threads and loads each x COUT_G times: 1.85x slower
+        # on the H200).
+        if STRIDE == 1:   # 3x3, padding 1: the output is the input's size (the same code as for 3x3 alone)
+            HO = H
+            WO = W
         P = H * W
-        blocks = tl.cdiv(P, BLOCK)
+        PO = HO * WO
+        blocks = tl.cdiv(PO, BLOCK)
         g = tl.program_id(0) % GROUPS
         n = tl.program_id(0) // (GROUPS * blocks)
         p = (tl.program_id(0) // GROUPS % blocks) * BLOCK + tl.arange(0, BLOCK)
-        h, w = p // W, p % W
+        h, w = p // WO, p % WO
         o = tl.arange(0, COUT_G)
-        x_img = x_ptr + n.to(tl.int64) * CIN * P
-        w_group = w_ptr + g * 9 * CIN * COUT_G
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + n).to(tl.int64)
+            if r < N1:
+                x_img = x_ptr + r * CIN * P
+            else:
+                x_img = x2_ptr + (r - N1) * CIN * P
+        else:
+            x_img = x_ptr + n.to(tl.int64) * CIN * P
+        w_group = w_ptr + g * KSIZE * KSIZE * CIN * COUT_G
         acc = tl.zeros((COUT_G, BLOCK), dtype=tl.float32)
-        for k in tl.static_range(9):
-            hh = h + (k // 3 - 1)
-            ww = w + (k % 3 - 1)
-            ok = (p < P) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        for k in tl.static_range(KSIZE * KSIZE):
+            hh = STRIDE * h + (k // KSIZE - 1)
+            ww = STRIDE * w + (k % KSIZE - 1)
+            ok = (p < PO) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             src = x_img + hh * W + ww
             w_tap = w_group + k * CIN * COUT_G
             if CIN <= 16:   # unrolled: 1.6x faster than the loop; compiling takes ~10 s at 16, ~60 s at 32
@@ -82,39 +101,84 @@ if triton is not None:
         oc = g * COUT_G + o                                                      # output channels
         if HAS_BIAS:
             acc += tl.load(b_ptr + oc, mask=oc < COUT, other=0.0)[:, None]
-        y_img = y_ptr + n.to(tl.int64) * COUT * P
-        tl.store(y_img + oc[:, None] * P + p[None, :], acc, mask=(oc < COUT)[:, None] & (p < P)[None, :])
+        y_img = y_ptr + n.to(tl.int64) * COUT * PO
+        tl.store(y_img + oc[:, None] * PO + p[None, :], acc, mask=(oc < COUT)[:, None] & (p < PO)[None, :])
 
     @triton.jit
-    def _conv3x3_wgrad(x_ptr, g_ptr, out_ptr, H, W, CHUNK,
-                       CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
-                       TF32: tl.constexpr, BLOCK: tl.constexpr):
-        # program (n, s) sums pixels [s*CHUNK, (s+1)*CHUNK) of image n. The 9 taps are stacked as the
-        # columns (tap, c) of one product, so g is loaded once per block of pixels:
-        # out[n, s] = sum_p g[n, :, p] (outer) x[n, c, p + shift_tap]  -> (COUT_P, 16, CIN_P), taps 9..15 zero
+    def _conv4x4s2_input_grad(g_ptr, w_ptr, dx_ptr, H, W, HO, WO,
+                              COUT: tl.constexpr, CIN: tl.constexpr, CIN_G: tl.constexpr, GROUPS: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        # Input gradient of a 4x4 convolution of stride 2, padding 1: g (N, COUT, HO, WO), w packed
+        # (GROUPS, 16 taps, COUT, CIN_G), dx (N, CIN, H, W). Pixel (i, j) = (2a + pi, 2b + pj) receives
+        # from the 2x2 outputs (a + pi - th, b + pj - tw) through taps (1 - pi + 2 th, 1 - pj + 2 tw),
+        # th, tw in {0, 1}: a program takes one parity class (pi, pj), a block of its pixels and a
+        # group of CIN_G input channels.
+        HA = (H + 1) // 2
+        WB = (W + 1) // 2
+        blocks = tl.cdiv(HA * WB, BLOCK)
+        g = tl.program_id(0) % GROUPS
+        rest = tl.program_id(0) // GROUPS
+        q = (rest % blocks) * BLOCK + tl.arange(0, BLOCK)
+        parity = rest // blocks % 4
+        n = rest // blocks // 4
+        pi = parity // 2
+        pj = parity % 2
+        a, b = q // WB, q % WB
+        i, j = 2 * a + pi, 2 * b + pj
+        valid = (q < HA * WB) & (i < H) & (j < W)
+        c = tl.arange(0, CIN_G)
+        g_img = g_ptr + n.to(tl.int64) * COUT * HO * WO
+        w_group = w_ptr + g * 16 * COUT * CIN_G
+        acc = tl.zeros((CIN_G, BLOCK), dtype=tl.float32)
+        for t in tl.static_range(4):
+            uh = a + pi - t // 2
+            vw = b + pj - t % 2
+            ok = valid & (uh >= 0) & (uh < HO) & (vw >= 0) & (vw < WO)
+            w_tap = w_group + ((1 - pi + 2 * (t // 2)) * 4 + (1 - pj + 2 * (t % 2))) * COUT * CIN_G
+            src = g_img + uh * WO + vw
+            for o in tl.static_range(COUT):
+                acc = _fma_channel(acc, src, ok, w_tap, o, HO * WO, CIN_G)
+        cc = g * CIN_G + c                                                       # input channels
+        dx_img = dx_ptr + n.to(tl.int64) * CIN * H * W
+        tl.store(dx_img + cc[:, None] * (H * W) + (i * W + j)[None, :], acc, mask=(cc < CIN)[:, None] & valid[None, :])
+
+    @triton.jit
+    def _conv_wgrad(x_ptr, g_ptr, out_ptr, H, W, HO, WO, CHUNK,
+                    CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
+                    KSIZE: tl.constexpr, STRIDE: tl.constexpr, TF32: tl.constexpr, BLOCK: tl.constexpr):
+        # program (n, s) sums output pixels [s*CHUNK, (s+1)*CHUNK) of image n. The KSIZE^2 <= 16 taps are
+        # stacked as the columns (tap, c) of one product, so g is loaded once per block of pixels:
+        # out[n, s] = sum_p g[n, :, p] (outer) x[n, c, at p's tap]  -> (COUT_P, 16, CIN_P), unused taps zero
         n = tl.program_id(0)
         s = tl.program_id(1)
+        if STRIDE == 1:   # 3x3, padding 1: the output is the input's size (the same code as for 3x3 alone)
+            HO = H
+            WO = W
         P = H * W
+        PO = HO * WO
         j = tl.arange(0, 16 * CIN_P)
         tap = j // CIN_P
         c = j % CIN_P
-        dy = tap // 3 - 1
-        dx = tap % 3 - 1
-        column_ok = (tap < 9) & (c < CIN)
+        dy = tap // KSIZE - 1
+        dx = tap % KSIZE - 1
+        column_ok = (tap < KSIZE * KSIZE) & (c < CIN)
         o = tl.arange(0, COUT_P)
         x_img = x_ptr + n.to(tl.int64) * CIN * P
-        g_img = g_ptr + n.to(tl.int64) * COUT * P
+        g_img = g_ptr + n.to(tl.int64) * COUT * PO
         acc = tl.zeros((COUT_P, 16 * CIN_P), dtype=tl.float32)
         for start in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
             p = start + tl.arange(0, BLOCK)
-            h, w = p // W, p % W
-            gt = tl.load(g_img + o[:, None] * P + p[None, :],
-                         mask=(o[:, None] < COUT) & (p < P)[None, :], other=0.0)          # (COUT_P, BLOCK)
-            hh = h[None, :] + dy[:, None]
-            ww = w[None, :] + dx[:, None]
-            ok = column_ok[:, None] & (p < P)[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            xt = tl.load(x_img + c[:, None] * P + p[None, :] + (dy * W + dx)[:, None],
-                         mask=ok, other=0.0)                                           # (16 * CIN_P, BLOCK)
+            h, w = p // WO, p % WO
+            gt = tl.load(g_img + o[:, None] * PO + p[None, :],
+                         mask=(o[:, None] < COUT) & (p < PO)[None, :], other=0.0)         # (COUT_P, BLOCK)
+            hh = STRIDE * h[None, :] + dy[:, None]
+            ww = STRIDE * w[None, :] + dx[:, None]
+            ok = column_ok[:, None] & (p < PO)[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            if STRIDE == 1:   # hh * W + ww is p + shift: loads contiguous along the pixels
+                xt = tl.load(x_img + c[:, None] * P + p[None, :] + (dy * W + dx)[:, None],
+                             mask=ok, other=0.0)                                       # (16 * CIN_P, BLOCK)
+            else:
+                xt = tl.load(x_img + c[:, None] * P + hh * W + ww, mask=ok, other=0.0)
             if TF32:
                 acc += tl.dot(gt, tl.trans(xt), input_precision="tf32")
             else:
@@ -127,37 +191,62 @@ def _use_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
 
 
-def _forward(x, weight, bias, block: int = 512, num_warps: int = 4):
-    """y = F.conv2d(x, weight, bias, padding=1) for weight (COUT, CIN, 3, 3)."""
+def _out_size(n: int, ksize: int, stride: int) -> int:
+    return (n + 2 - ksize) // stride + 1                             # padding 1
+
+
+def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int = 4, x2=None, rows=None):
+    """y = F.conv2d(x, weight, bias, stride, padding=1) for weight (COUT, CIN, K, K), K^2 <= 16; with
+    x2 and rows (M,) long, of torch.cat((x, x2))[rows] instead (without gathering it)."""
     N, CIN, H, W = x.shape
-    COUT = weight.shape[0]
+    COUT, K = weight.shape[0], weight.shape[-1]
     COUT_G = min(8, triton.next_power_of_2(COUT))   # output channels per program (registers: 8 x 4 pixels)
     groups = triton.cdiv(COUT, COUT_G)
-    packed = x.new_zeros(groups * COUT_G, CIN, 9)                    # (out, in, tap), zero-padded
-    packed[:COUT] = weight.reshape(COUT, CIN, 9)
-    packed = packed.view(groups, COUT_G, CIN, 9).permute(0, 3, 2, 1).contiguous()   # (group, tap, in, out)
-    y = x.new_empty(N, COUT, H, W)
-    grid = (N * triton.cdiv(H * W, block) * groups,)
-    _conv3x3_fwd_fma[grid](x, packed, bias if bias is not None else packed, y, H, W, CIN, COUT, COUT_G, groups,
-                           bias is not None, block, num_warps=num_warps)
+    packed = x.new_zeros(groups * COUT_G, CIN, K * K)                # (out, in, tap), zero-padded
+    packed[:COUT] = weight.reshape(COUT, CIN, K * K)
+    packed = packed.view(groups, COUT_G, CIN, K * K).permute(0, 3, 2, 1).contiguous()   # (group, tap, in, out)
+    HO, WO = _out_size(H, K, stride), _out_size(W, K, stride)
+    M = N if rows is None else rows.shape[0]
+    y = x.new_empty(M, COUT, HO, WO)
+    grid = (M * triton.cdiv(HO * WO, block) * groups,)
+    _conv_fwd_fma[grid](x, x if x2 is None else x2, packed if rows is None else rows, N, packed,
+                        bias if bias is not None else packed, y, H, W, HO, WO, CIN, COUT, COUT_G,
+                        groups, K, stride, bias is not None, rows is not None, block, num_warps=num_warps)
     return y
 
 
-def _weight_grad(x, grad_y, block: int = 32, splits: int = 2):
+def _input_grad_4x4s2(grad_y, weight, H: int, W: int, block: int = 512, num_warps: int = 4):
+    """dx (N, CIN, H, W) of y = F.conv2d(x, weight, stride=2, padding=1), weight (COUT, CIN, 4, 4)."""
+    N, COUT, HO, WO = grad_y.shape
+    CIN = weight.shape[1]
+    CIN_G = min(8, triton.next_power_of_2(CIN))
+    groups = triton.cdiv(CIN, CIN_G)
+    packed = weight.new_zeros(COUT, groups * CIN_G, 16)               # (out, in, tap), zero-padded
+    packed[:, :CIN] = weight.reshape(COUT, CIN, 16)
+    packed = packed.view(COUT, groups, CIN_G, 16).permute(1, 3, 0, 2).contiguous()   # (group, tap, out, in)
+    dx = grad_y.new_empty(N, CIN, H, W)
+    grid = (N * 4 * triton.cdiv(((H + 1) // 2) * ((W + 1) // 2), block) * groups,)
+    _conv4x4s2_input_grad[grid](grad_y, packed, dx, H, W, HO, WO, COUT, CIN, CIN_G, groups, block,
+                                num_warps=num_warps)
+    return dx
+
+
+def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32, splits: int = 2):
     N, CIN, H, W = x.shape
-    COUT = grad_y.shape[1]
+    COUT, HO, WO = grad_y.shape[1:]
     # columns (tap, c): 16 x CIN_P >= 16 as tl.dot needs; padding 8 input channels to 16 cost 1.7x
     CIN_P, COUT_P = triton.next_power_of_2(CIN), _pad16(COUT)
-    splits = min(splits, triton.cdiv(H * W, block))
-    chunk = triton.cdiv(triton.cdiv(H * W, splits), block) * block
+    splits = min(splits, triton.cdiv(HO * WO, block))
+    chunk = triton.cdiv(triton.cdiv(HO * WO, splits), block) * block
     partial = x.new_empty(N, splits, COUT_P, 16, CIN_P)
-    _conv3x3_wgrad[(N, splits)](x, grad_y, partial, H, W, chunk, CIN, CIN_P, COUT, COUT_P, _use_tf32(), block)
-    grad = partial.sum((0, 1))[:COUT, :9, :CIN]                     # (COUT, 9, CIN), a fixed order
-    return grad.permute(0, 2, 1).reshape(COUT, CIN, 3, 3)
+    _conv_wgrad[(N, splits)](x, grad_y, partial, H, W, HO, WO, chunk, CIN, CIN_P, COUT, COUT_P, ksize, stride,
+                             _use_tf32(), block)
+    grad = partial.sum((0, 1))[:COUT, :ksize * ksize, :CIN]           # (COUT, K^2, CIN), a fixed order
+    return grad.permute(0, 2, 1).reshape(COUT, CIN, ksize, ksize)
 
 
 # The kernels are custom operators, so torch.compile traces through them (no graph break): inductor
-# fuses the CELU and GroupNorm around them and the glimpse decoder compiles as one graph.
+# fuses the CELU and GroupNorm around them and the glimpse networks compile as one graph each.
 
 @torch.library.custom_op("scalor::conv3x3", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 def _conv3x3_op(x, weight, bias):
@@ -169,14 +258,47 @@ def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
 
 
-@torch.library.custom_op("scalor::conv3x3_weight_grad", mutates_args=(), schema="(Tensor x, Tensor grad_y) -> Tensor")
-def _weight_grad_op(x, grad_y):
-    return _weight_grad(x.contiguous(), grad_y.contiguous()).contiguous()
+@torch.library.custom_op("scalor::conv3x3_rows", mutates_args=(),
+                         schema="(Tensor x1, Tensor x2, Tensor rows, Tensor weight, Tensor? bias) -> Tensor")
+def _conv3x3_rows_op(x1, x2, rows, weight, bias):
+    return _forward(x1.contiguous(), weight.contiguous(), bias, x2=x2.contiguous(), rows=rows.contiguous())
+
+
+@_conv3x3_rows_op.register_fake
+def _(x1, x2, rows, weight, bias):
+    return x1.new_empty(rows.shape[0], weight.shape[0], x1.shape[2], x1.shape[3])
+
+
+@torch.library.custom_op("scalor::conv4x4s2", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+def _conv4x4s2_op(x, weight, bias):
+    return _forward(x.contiguous(), weight.contiguous(), bias, stride=2)
+
+
+@_conv4x4s2_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0], _out_size(x.shape[2], 4, 2), _out_size(x.shape[3], 4, 2))
+
+
+@torch.library.custom_op("scalor::conv4x4s2_input_grad", mutates_args=(),
+                         schema="(Tensor grad_y, Tensor weight, int H, int W) -> Tensor")
+def _input_grad_4x4s2_op(grad_y, weight, H, W):
+    return _input_grad_4x4s2(grad_y.contiguous(), weight.contiguous(), H, W)
+
+
+@_input_grad_4x4s2_op.register_fake
+def _(grad_y, weight, H, W):
+    return grad_y.new_empty(grad_y.shape[0], weight.shape[1], H, W)
+
+
+@torch.library.custom_op("scalor::conv_weight_grad", mutates_args=(),
+                         schema="(Tensor x, Tensor grad_y, int ksize, int stride) -> Tensor")
+def _weight_grad_op(x, grad_y, ksize, stride):
+    return _weight_grad(x.contiguous(), grad_y.contiguous(), ksize, stride).contiguous()
 
 
 @_weight_grad_op.register_fake
-def _(x, grad_y):
-    return x.new_empty(grad_y.shape[1], x.shape[1], 3, 3)
+def _(x, grad_y, ksize, stride):
+    return x.new_empty(grad_y.shape[1], x.shape[1], ksize, ksize)
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,22 +307,47 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_y):
+def _backward_3x3(ctx, grad_y):
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:   # correlation with the transposed, flipped kernel
         grad_x = _conv3x3_op(grad_y, weight.transpose(0, 1).flip(2, 3), None)
     if ctx.needs_input_grad[1]:
-        grad_w = _weight_grad_op(x, grad_y)
+        grad_w = _weight_grad_op(x, grad_y, 3, 1)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_y.sum((0, 2, 3))
     return grad_x, grad_w, grad_b
 
 
-_conv3x3_op.register_autograd(_backward, setup_context=_setup_context)
+def _backward_4x4s2(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _input_grad_4x4s2_op(grad_y, weight, x.shape[2], x.shape[3])
+    if ctx.needs_input_grad[1]:
+        grad_w = _weight_grad_op(x, grad_y, 4, 2)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_y.sum((0, 2, 3))
+    return grad_x, grad_w, grad_b
+
+
+_conv3x3_op.register_autograd(_backward_3x3, setup_context=_setup_context)
+_conv4x4s2_op.register_autograd(_backward_4x4s2, setup_context=_setup_context)
 
 
 def conv3x3(x, weight, bias=None):
     """F.conv2d(x, weight, bias, stride=1, padding=1) by the Triton kernels (x fp32, NCHW): the
     custom operator torch.ops.scalor.conv3x3, differentiable in x, weight and bias."""
     return _conv3x3_op(x, weight, bias)
+
+
+def conv3x3_rows(x1, x2, rows, weight, bias=None):
+    """F.conv2d(torch.cat((x1, x2))[rows], weight, bias, padding=1) without gathering the images
+    (rows: (M,) long): the custom operator torch.ops.scalor.conv3x3_rows, forward only (no gradient)."""
+    return _conv3x3_rows_op(x1, x2, rows, weight, bias)
+
+
+def conv4x4s2(x, weight, bias=None):
+    """F.conv2d(x, weight, bias, stride=2, padding=1) for a 4x4 weight by the Triton kernels (x fp32,
+    NCHW): the custom operator torch.ops.scalor.conv4x4s2, differentiable in x, weight and bias."""
+    return _conv4x4s2_op(x, weight, bias)

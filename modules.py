@@ -35,6 +35,13 @@ def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: 
             nn.GroupNorm(groups or _groups(cout), cout)]
 
 
+def _triton_fits(x, weight, min_pixels: int = 0) -> bool:
+    """Whether the Triton convolutions of `kernels` take this input: fp32 CUDA tensors of at least
+    `min_pixels` pixels, outside autocast, with Triton installed."""
+    return (x.is_cuda and x.dtype == weight.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= min_pixels
+            and kernels.available() and not torch.is_autocast_enabled("cuda"))
+
+
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(cin, cout, 3, padding=1) -- same parameters, same state_dict -- that runs the Triton
     kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (the
@@ -47,9 +54,23 @@ class Conv3x3(nn.Conv2d):
         super().__init__(cin, cout, 3, 1, 1)
 
     def _conv_forward(self, x, weight, bias):
-        if (x.is_cuda and x.dtype == weight.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= self.MIN_PIXELS
-                and kernels.available() and not torch.is_autocast_enabled("cuda")):
+        if _triton_fits(x, weight, self.MIN_PIXELS):
             return kernels.conv3x3(x, weight, bias)
+        return super()._conv_forward(x, weight, bias)
+
+
+class Conv4x4Stride2(nn.Conv2d):
+    """nn.Conv2d(cin, cout, 4, stride=2, padding=1) -- same parameters, same state_dict -- that runs
+    the Triton kernels of `kernels.conv4x4s2` on fp32 CUDA inputs outside autocast (the glimpse
+    encoder's first layer, 3 -> 16 channels, whose backward cuDNN takes ~1 ms per 1,280 glimpses
+    over); cuDNN everywhere else."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 4, 2, 1)
+
+    def _conv_forward(self, x, weight, bias):
+        if _triton_fits(x, weight):
+            return kernels.conv4x4s2(x, weight, bias)
         return super()._conv_forward(x, weight, bias)
 
 
@@ -171,7 +192,8 @@ class GlimpseEncoder(nn.Module):
         layers, cin = [], 3
         for i in range(num_down):
             cout = widths[min(i, 3)]
-            layers += conv_block(cin, cout, 4, 2, 1)
+            first = Conv4x4Stride2(cin, cout) if i == 0 and cfg.triton_convs else None   # Triton kernels
+            layers += conv_block(cin, cout, 4, 2, 1, conv=first)
             cin = cout
         if cin < 128:
             layers += conv_block(cin, cin, 3, 1, 1)
@@ -251,6 +273,17 @@ class GlimpseDecoder(nn.Module):
 
     def appearance(self, feat):                # trunk (N, 16, G, G) -> o (N, 3, G, G)
         return torch.sigmoid(self.dec_o(feat))
+
+    def appearance_of_rows(self, feats, rows):  # trunks (N1, 16, G, G), (N2, ...), rows (M,) -> o (M, 3, G, G)
+        """appearance(torch.cat(feats)[rows]): with the Triton kernels the first convolution reads the
+        rows where they are (no concatenation, no gather), else the features are gathered first."""
+        two_convs = isinstance(self.dec_o, nn.Sequential)
+        first = self.dec_o[0] if two_convs else self.dec_o
+        if isinstance(first, Conv3x3) and _triton_fits(feats[0], first.weight, Conv3x3.MIN_PIXELS):
+            h = kernels.conv3x3_rows(feats[0], feats[1], rows, first.weight, first.bias)
+        else:
+            h = first(torch.cat(feats)[rows])
+        return torch.sigmoid(self.dec_o[1:](h) if two_convs else h)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -396,8 +396,12 @@ class SCALOR(nn.Module):
             disc_decoded = disc.pop("decoded")
             reuse = cfg.checkpoint_glimpses or not torch.is_grad_enabled()
             if reuse and prop_decoded is not None and disc_decoded is not None:
-                decoded = [gather_slots(torch.cat(pair, 1), index) for pair in zip(prop_decoded, disc_decoded)]
-            prop_decoded = disc_decoded = None                   # (B, K + C, 16, G, G): free them now
+                # rows of [propagated (B*K); discovered (B*C)] rendered: the features stay where they are
+                rows = torch.where(index < K, torch.arange(B, device=dev)[:, None] * K + index,
+                                   B * K + torch.arange(B, device=dev)[:, None] * C + index - K)     # (B, R)
+                decoded = dict(feats=(prop_decoded[0].flatten(0, 1), disc_decoded[0].flatten(0, 1)),
+                               rows=rows.flatten(), alpha=gather_slots(torch.cat((prop_decoded[1], disc_decoded[1]), 1), index))
+            prop_decoded = disc_decoded = None
             frame = self._render(rend, curriculum, C, decoded)
             decoded = None
 
@@ -479,9 +483,11 @@ class SCALOR(nn.Module):
         """Decode and composite objects (B, R, ...): normalised importance weights
         alpha * z_pres * sigmoid(-z_depth), alpha summed and clamped with a straight-through gradient.
 
-        decoded: the objects' trunk features and alpha (B, R, ...) computed already without gradient
-        (given only with glimpse recomputation on, or without gradient): the forward then runs only
-        the appearance head, and backward recomputes the whole decode."""
+        decoded: the trunk features computed already without gradient, as `feats` (propagated
+        (B*K, 16, G, G), discovered (B*C, ...)) and the rendered objects' `rows` (B*R,) in their
+        concatenation, and the objects' `alpha` (B, R, 1, G, G) (given only with glimpse recomputation
+        on, or without gradient): the forward then runs only the appearance head, and backward
+        recomputes the whole decode."""
         cfg = self.cfg
         B, R = obj["z_pres"].shape
         G = cfg.glimpse_size
@@ -496,8 +502,8 @@ class SCALOR(nn.Module):
             return place(o_att.view(B, R, 3, G, G), alpha_att.view(B, R, 1, G, G), z_where)
 
         def place_decoded(z_what, z_where):
-            feat, alpha_att = decoded
-            return place(self.glimpse_dec.appearance(feat.flatten(0, 1)).view(B, R, 3, G, G), alpha_att, z_where)
+            o_att = self.glimpse_dec.appearance_of_rows(decoded["feats"], decoded["rows"])
+            return place(o_att.view(B, R, 3, G, G), decoded["alpha"], z_where)
 
         if decoded is not None:
             values, index, o_att, alpha_att = given_forward(place_decoded, decode_and_place, (obj["z_what"], obj["z_where"]),

@@ -1,4 +1,5 @@
-"""The Triton 3x3 convolution (kernels.py) against F.conv2d: output, input, weight and bias gradients.
+"""The Triton convolutions (kernels.py: 3x3, and 4x4 of stride 2) against F.conv2d: output, input,
+weight and bias gradients.
 
 The kernels run in Triton's CPU interpreter here (conftest sets TRITON_INTERPRET=1); on a GPU the
 same comparison is `python -m pytest tests/test_kernels.py` with TRITON_INTERPRET=0 and CUDA tensors
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 import kernels
 from common import small_config
-from modules import Conv3x3, GlimpseDecoder
+from modules import Conv3x3, Conv4x4Stride2, GlimpseDecoder, GlimpseEncoder
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
@@ -27,30 +28,44 @@ def ieee_fp32():
     torch.backends.cudnn.allow_tf32 = before
 
 
+def _check_against_conv2d(conv, ksize, stride, n, cin, cout, h, w, tf32):
+    """conv(x, weight, bias) against F.conv2d(x, weight, bias, stride, padding=1): output and the x,
+    weight and bias gradients. fp32 products, or TF32 allowed (the weight gradient's tl.dot; the
+    interpreter multiplies in fp32; on a GPU both it and cuDNN's reference round to TF32, so they are
+    compared to 1e-2 of the largest value: a weight gradient sums n*h*w products, each with TF32's
+    ~5e-4 rounding)."""
+    torch.backends.cudnn.allow_tf32 = tf32
+    tf32_gpu = tf32 and DEVICE == "cuda"
+    gen = torch.Generator().manual_seed(n * 1000 + cin * 10 + cout + h * ksize)
+    x = torch.randn(n, cin, h, w, generator=gen).to(DEVICE).requires_grad_()
+    weight = (torch.randn(cout, cin, ksize, ksize, generator=gen) / 6).to(DEVICE).requires_grad_()
+    bias = torch.randn(cout, generator=gen).to(DEVICE).requires_grad_()
+    y = conv(x, weight, bias)
+    grad_y = torch.randn(y.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_y)
+    y_ref = F.conv2d(x, weight, bias, stride=stride, padding=1)
+    grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), grad_y)
+    assert y.shape == y_ref.shape
+    # The weight and bias gradients sum n*h*w products in another order than cuDNN's: in fp32 they
+    # may differ by a few ulps of the sum of the products' magnitudes (~1.5e-4 seen on a GPU for
+    # n*h*w = 3,072), so they are compared to 2e-7 (under 2 ulps) of that sum.
+    weight_abs = torch.nn.grad.conv2d_weight(x.detach().abs(), weight.shape, grad_y.abs(), stride, padding=1)
+    bias_abs = grad_y.abs().sum((0, 2, 3))
+    atols = (1e-5, 1e-5, 1e-4 + 2e-7 * weight_abs, 1e-4 + 2e-7 * bias_abs)
+    for got, want, atol in zip((y, *grads), (y_ref, *grads_ref), atols):
+        if tf32_gpu:     # the weight gradient sums n*h*w products
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
+        elif isinstance(atol, float):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+        else:
+            assert ((got - want).abs() <= atol + 1e-5 * want.abs()).all(), float((got - want).abs().max())
+
+
 @pytest.mark.parametrize("n, cin, cout, h, w", [(3, 16, 8, 32, 32), (2, 8, 3, 17, 33), (2, 16, 1, 12, 12),
                                                  (2, 32, 32, 8, 8), (2, 8, 12, 23, 23), (1, 8, 1, 1, 1)])
 @pytest.mark.parametrize("tf32", [False, True])
 def test_conv3x3_matches_conv2d(n, cin, cout, h, w, tf32):
-    """fp32 products, and with TF32 allowed (the weight gradient's tl.dot; the interpreter multiplies
-    in fp32; on a GPU both it and cuDNN's reference round to TF32, so they are compared to 1e-2 of
-    the largest value: a weight gradient sums n*h*w products, each with TF32's ~5e-4 rounding)."""
-    torch.backends.cudnn.allow_tf32 = tf32
-    tf32_gpu = tf32 and DEVICE == "cuda"
-    gen = torch.Generator().manual_seed(n * 1000 + cin * 10 + cout)
-    x = torch.randn(n, cin, h, w, generator=gen).to(DEVICE).requires_grad_()
-    weight = (torch.randn(cout, cin, 3, 3, generator=gen) / 6).to(DEVICE).requires_grad_()
-    bias = torch.randn(cout, generator=gen).to(DEVICE).requires_grad_()
-    y = kernels.conv3x3(x, weight, bias)
-    grad_y = torch.randn(y.shape, generator=gen).to(DEVICE)
-    grads = torch.autograd.grad(y, (x, weight, bias), grad_y)
-    y_ref = F.conv2d(x, weight, bias, padding=1)
-    grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), grad_y)
-    assert y.shape == y_ref.shape
-    for got, want, atol in zip((y, *grads), (y_ref, *grads_ref), (1e-5, 1e-5, 1e-4, 1e-4)):
-        if tf32_gpu:     # the weight gradient sums n*h*w products
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+    _check_against_conv2d(kernels.conv3x3, 3, 1, n, cin, cout, h, w, tf32)
 
 
 def test_conv3x3_without_bias_and_input_grad():
@@ -88,10 +103,62 @@ def test_conv3x3_is_a_custom_operator_that_compile_traces():
     bias = torch.randn(3, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.scalor.conv3x3.default, (x, weight, bias))
     torch.library.opcheck(torch.ops.scalor.conv3x3.default, (x, weight, None))
-    torch.library.opcheck(torch.ops.scalor.conv3x3_weight_grad.default, (x.detach(), torch.randn(2, 3, 6, 6, device=DEVICE)))
+    torch.library.opcheck(torch.ops.scalor.conv_weight_grad.default, (x.detach(), torch.randn(2, 3, 6, 6, device=DEVICE), 3, 1))
 
     def head(x):
         return torch.sigmoid(kernels.conv3x3(F.group_norm(F.celu(x), 4), weight, bias))
 
     explained = torch._dynamo.explain(head)(x)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+@pytest.mark.parametrize("n, cin, cout, h, w", [(2, 3, 16, 32, 32), (2, 3, 16, 9, 7), (1, 4, 8, 2, 2),
+                                                 (3, 1, 16, 16, 16), (1, 3, 20, 5, 6)])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_conv4x4s2_matches_conv2d(n, cin, cout, h, w, tf32):
+    """4x4, stride 2, padding 1 (the glimpse encoder's first layer), on even and odd sizes (the input
+    gradient runs per parity class of pixels)."""
+    _check_against_conv2d(kernels.conv4x4s2, 4, 2, n, cin, cout, h, w, tf32)
+
+
+def test_conv4x4s2_operators_and_module():
+    """The operators pass torch.library.opcheck; Conv4x4Stride2 has nn.Conv2d's parameters and is the
+    glimpse encoder's first convolution exactly when triton_convs is on (same state_dict either way)."""
+    x = torch.randn(2, 3, 8, 6, device=DEVICE, requires_grad=True)
+    weight = torch.randn(5, 3, 4, 4, device=DEVICE, requires_grad=True)
+    bias = torch.randn(5, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.scalor.conv4x4s2.default, (x, weight, bias))
+    torch.library.opcheck(torch.ops.scalor.conv4x4s2.default, (x, weight, None))
+    grad_y = torch.randn(2, 5, 4, 3, device=DEVICE)
+    torch.library.opcheck(torch.ops.scalor.conv4x4s2_input_grad.default, (grad_y, weight.detach(), 8, 6))
+    torch.library.opcheck(torch.ops.scalor.conv_weight_grad.default, (x.detach(), grad_y, 4, 2))
+    explained = torch._dynamo.explain(lambda x: F.celu(kernels.conv4x4s2(x, weight, bias)))(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    conv, plain = Conv4x4Stride2(3, 16), torch.nn.Conv2d(3, 16, 4, 2, 1)
+    assert list(conv.state_dict()) == list(plain.state_dict())
+    cfg = small_config()
+    on, off = (GlimpseEncoder(cfg.replace(triton_convs=t)) for t in (True, False))
+    assert [(k, v.shape) for k, v in on.state_dict().items()] == [(k, v.shape) for k, v in off.state_dict().items()]
+    assert isinstance(on.enc_cnn[0], Conv4x4Stride2) and not any(isinstance(m, Conv4x4Stride2) for m in off.modules())
+
+
+def test_conv3x3_rows_reads_gathered_images_in_place():
+    """conv3x3_rows(x1, x2, rows) is F.conv2d(torch.cat((x1, x2))[rows]) (rows repeated, out of
+    order, from both sources), and passes opcheck; the decoder's appearance_of_rows (which gathers
+    first on the CPU) equals appearance of the gathered features."""
+    gen = torch.Generator().manual_seed(3)
+    x1, x2 = (torch.randn(n, 16, 11, 13, generator=gen).to(DEVICE) for n in (4, 6))
+    rows = torch.tensor([9, 0, 4, 3, 5, 5, 1], device=DEVICE)
+    weight, bias = torch.randn(8, 16, 3, 3, generator=gen).to(DEVICE), torch.randn(8, generator=gen).to(DEVICE)
+    torch.testing.assert_close(kernels.conv3x3_rows(x1, x2, rows, weight, bias),
+                               F.conv2d(torch.cat((x1, x2))[rows], weight, bias, padding=1), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.scalor.conv3x3_rows.default, (x1, x2, rows, weight, bias))
+    explained = torch._dynamo.explain(lambda a, b: torch.sigmoid(kernels.conv3x3_rows(a, b, rows, weight, bias)))(x1, x2)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    for size in (64, 128):                      # one-conv and two-conv heads
+        cfg = small_config(img_h=size, img_w=size)
+        dec, G = GlimpseDecoder(cfg).to(DEVICE), cfg.glimpse_size
+        feats = (torch.randn(3, 16, G, G, device=DEVICE), torch.randn(2, 16, G, G, device=DEVICE))
+        rows = torch.tensor([4, 0, 2, 3], device=DEVICE)
+        torch.testing.assert_close(dec.appearance_of_rows(feats, rows), dec.appearance(torch.cat(feats)[rows]),
+                                   rtol=1e-5, atol=1e-5)
