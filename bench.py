@@ -135,7 +135,7 @@ def main(argv=None):
     p.add_argument("--no-checkpoint-glimpses", action="store_true",
                    help="keep glimpse activations instead of recomputing them in backward (faster, more memory)")
     p.add_argument("--no-triton-convs", action="store_true",
-                   help="run the glimpse decoder's large 3x3 convolutions in cuDNN instead of the Triton kernels")
+                   help="run the small-channel 3x3 and 4x4/2 convolutions in cuDNN instead of the Triton kernels")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps and print the GPU kernels by total time")
     p.add_argument("--warmup", type=int, default=10)

@@ -73,8 +73,9 @@ class Config:
     remove_detach_step: int = 30000       # step from which gradients cross frames
     checkpoint_glimpses: bool = True      # recompute glimpse encoder/decoder activations in backward:
                                           # far less memory, a little more time, the same numbers
-    triton_convs: bool = True             # Triton kernels for the glimpse decoder's heads and encoder's first conv
-                                          # by Triton kernels on CUDA in fp32; off: cuDNN. Same numbers
+    triton_convs: bool = True             # 3x3 and 4x4/2 convs of <= 16 channels a side (glimpse decoder heads,
+                                          # encoders' first layers, background decoder's last) by Triton
+                                          # kernels on CUDA in fp32; off: cuDNN. Same numbers
     # ---- thresholds -----------------------------------------------------------------------------
     explained_ratio_threshold: float = 0.3    # reject a proposal this much inside tracked alpha
     proposal_alpha_threshold: float = 0.3     # proposal pixel counts where its alpha > this

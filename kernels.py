@@ -54,11 +54,12 @@ if triton is not None:
         return acc + wv[:, None] * xv[None, :]
 
     @triton.jit
-    def _conv_fwd_fma(x_ptr, x2_ptr, rows_ptr, N1, w_ptr, b_ptr, y_ptr, H, W, HO, WO,
+    def _conv_fwd_fma(x_ptr, x2_ptr, rows_ptr, N1, XN, X2N, w_ptr, b_ptr, y_ptr, H, W, HO, WO,
                       CIN: tl.constexpr, COUT: tl.constexpr, COUT_G: tl.constexpr, GROUPS: tl.constexpr,
                       KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
                       BLOCK: tl.constexpr):
-        # x (N, CIN, H, W), w packed (GROUPS, KSIZE^2, CIN, COUT_G) zero-padded, y (N, COUT, HO, WO);
+        # x (N, CIN, H, W) with images XN apart (planes contiguous: a channel slice of a wider tensor
+        # is read in place), w packed (GROUPS, KSIZE^2, CIN, COUT_G) zero-padded, y (N, COUT, HO, WO);
         # padding 1; fp32 FMA. With HAS_ROWS, output image n is computed from image rows[n] of the
         # concatenation [x (N1 images); x2] (a gather fused into the loads). Program (image, block of output pixels, group of COUT_G output
         # channels). The accumulator is (COUT_G, BLOCK) with the pixels along threads, so each thread
@@ -79,11 +80,11 @@ if triton is not None:
         if HAS_ROWS:
             r = tl.load(rows_ptr + n).to(tl.int64)
             if r < N1:
-                x_img = x_ptr + r * CIN * P
+                x_img = x_ptr + r * XN
             else:
-                x_img = x2_ptr + (r - N1) * CIN * P
+                x_img = x2_ptr + (r - N1) * X2N
         else:
-            x_img = x_ptr + n.to(tl.int64) * CIN * P
+            x_img = x_ptr + n.to(tl.int64) * XN
         w_group = w_ptr + g * KSIZE * KSIZE * CIN * COUT_G
         acc = tl.zeros((COUT_G, BLOCK), dtype=tl.float32)
         for k in tl.static_range(KSIZE * KSIZE):
@@ -143,10 +144,10 @@ if triton is not None:
         tl.store(dx_img + cc[:, None] * (H * W) + (i * W + j)[None, :], acc, mask=(cc < CIN)[:, None] & valid[None, :])
 
     @triton.jit
-    def _conv_wgrad(x_ptr, g_ptr, out_ptr, H, W, HO, WO, CHUNK,
+    def _conv_wgrad(x_ptr, g_ptr, out_ptr, XN, H, W, HO, WO, CHUNK,
                     CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
                     KSIZE: tl.constexpr, STRIDE: tl.constexpr, TF32: tl.constexpr, BLOCK: tl.constexpr):
-        # program (n, s) sums output pixels [s*CHUNK, (s+1)*CHUNK) of image n. The KSIZE^2 <= 16 taps are
+        # program (n, s) sums output pixels [s*CHUNK, (s+1)*CHUNK) of image n (x's images XN apart). The KSIZE^2 <= 16 taps are
         # stacked as the columns (tap, c) of one product, so g is loaded once per block of pixels:
         # out[n, s] = sum_p g[n, :, p] (outer) x[n, c, at p's tap]  -> (COUT_P, 16, CIN_P), unused taps zero
         n = tl.program_id(0)
@@ -163,7 +164,7 @@ if triton is not None:
         dx = tap % KSIZE - 1
         column_ok = (tap < KSIZE * KSIZE) & (c < CIN)
         o = tl.arange(0, COUT_P)
-        x_img = x_ptr + n.to(tl.int64) * CIN * P
+        x_img = x_ptr + n.to(tl.int64) * XN
         g_img = g_ptr + n.to(tl.int64) * COUT * PO
         acc = tl.zeros((COUT_P, 16 * CIN_P), dtype=tl.float32)
         for start in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
@@ -195,9 +196,20 @@ def _out_size(n: int, ksize: int, stride: int) -> int:
     return (n + 2 - ksize) // stride + 1                             # padding 1
 
 
+def _planes(x):
+    """x (N, C, H, W) as the kernels read it: each channel a contiguous H x W plane, planes H * W
+    apart, images any distance apart (x.stride(0)): as it is when so (a channel slice such as the
+    stacked heads' halves), else a contiguous copy."""
+    N, C, H, W = x.shape
+    if (W == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == W) and (C == 1 or x.stride(1) == H * W):
+        return x
+    return x.contiguous()
+
+
 def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int = 4, x2=None, rows=None):
     """y = F.conv2d(x, weight, bias, stride, padding=1) for weight (COUT, CIN, K, K), K^2 <= 16; with
-    x2 and rows (M,) long, of torch.cat((x, x2))[rows] instead (without gathering it)."""
+    x2 and rows (M,) long, of torch.cat((x, x2))[rows] instead (without gathering it). x and x2 as
+    `_planes` gives them."""
     N, CIN, H, W = x.shape
     COUT, K = weight.shape[0], weight.shape[-1]
     COUT_G = min(8, triton.next_power_of_2(COUT))   # output channels per program (registers: 8 x 4 pixels)
@@ -209,7 +221,8 @@ def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int 
     M = N if rows is None else rows.shape[0]
     y = x.new_empty(M, COUT, HO, WO)
     grid = (M * triton.cdiv(HO * WO, block) * groups,)
-    _conv_fwd_fma[grid](x, x if x2 is None else x2, packed if rows is None else rows, N, packed,
+    x2 = x if x2 is None else x2
+    _conv_fwd_fma[grid](x, x2, packed if rows is None else rows, N, x.stride(0), x2.stride(0), packed,
                         bias if bias is not None else packed, y, H, W, HO, WO, CIN, COUT, COUT_G,
                         groups, K, stride, bias is not None, rows is not None, block, num_warps=num_warps)
     return y
@@ -231,15 +244,19 @@ def _input_grad_4x4s2(grad_y, weight, H: int, W: int, block: int = 512, num_warp
     return dx
 
 
-def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32, splits: int = 2):
+def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32):
+    """dL/dweight (COUT, CIN, K, K) of y = F.conv2d(x, weight, stride=stride, padding=1), x as
+    `_planes` gives it, grad_y contiguous."""
     N, CIN, H, W = x.shape
     COUT, HO, WO = grad_y.shape[1:]
     # columns (tap, c): 16 x CIN_P >= 16 as tl.dot needs; padding 8 input channels to 16 cost 1.7x
     CIN_P, COUT_P = triton.next_power_of_2(CIN), _pad16(COUT)
-    splits = min(splits, triton.cdiv(HO * WO, block))
+    # programs (image, part of its pixels): 2 parts per glimpse (900 of them, measured); for a few
+    # large frames (the background's 20 of 128^2) more parts, so that ~1,000 programs fill the GPU
+    splits = min(max(2, triton.cdiv(1024, N)), triton.cdiv(HO * WO, block))
     chunk = triton.cdiv(triton.cdiv(HO * WO, splits), block) * block
     partial = x.new_empty(N, splits, COUT_P, 16, CIN_P)
-    _conv_wgrad[(N, splits)](x, grad_y, partial, H, W, HO, WO, chunk, CIN, CIN_P, COUT, COUT_P, ksize, stride,
+    _conv_wgrad[(N, splits)](x, grad_y, partial, x.stride(0), H, W, HO, WO, chunk, CIN, CIN_P, COUT, COUT_P, ksize, stride,
                              _use_tf32(), block)
     grad = partial.sum((0, 1))[:COUT, :ksize * ksize, :CIN]           # (COUT, K^2, CIN), a fixed order
     return grad.permute(0, 2, 1).reshape(COUT, CIN, ksize, ksize)
@@ -250,7 +267,7 @@ def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32, sp
 
 @torch.library.custom_op("scalor::conv3x3", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 def _conv3x3_op(x, weight, bias):
-    return _forward(x.contiguous(), weight.contiguous(), bias)
+    return _forward(_planes(x), weight.contiguous(), bias)
 
 
 @_conv3x3_op.register_fake
@@ -261,7 +278,7 @@ def _(x, weight, bias):
 @torch.library.custom_op("scalor::conv3x3_rows", mutates_args=(),
                          schema="(Tensor x1, Tensor x2, Tensor rows, Tensor weight, Tensor? bias) -> Tensor")
 def _conv3x3_rows_op(x1, x2, rows, weight, bias):
-    return _forward(x1.contiguous(), weight.contiguous(), bias, x2=x2.contiguous(), rows=rows.contiguous())
+    return _forward(_planes(x1), weight.contiguous(), bias, x2=_planes(x2), rows=rows.contiguous())
 
 
 @_conv3x3_rows_op.register_fake
@@ -271,7 +288,7 @@ def _(x1, x2, rows, weight, bias):
 
 @torch.library.custom_op("scalor::conv4x4s2", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 def _conv4x4s2_op(x, weight, bias):
-    return _forward(x.contiguous(), weight.contiguous(), bias, stride=2)
+    return _forward(_planes(x), weight.contiguous(), bias, stride=2)
 
 
 @_conv4x4s2_op.register_fake
@@ -293,7 +310,7 @@ def _(grad_y, weight, H, W):
 @torch.library.custom_op("scalor::conv_weight_grad", mutates_args=(),
                          schema="(Tensor x, Tensor grad_y, int ksize, int stride) -> Tensor")
 def _weight_grad_op(x, grad_y, ksize, stride):
-    return _weight_grad(x.contiguous(), grad_y.contiguous(), ksize, stride).contiguous()
+    return _weight_grad(_planes(x), grad_y.contiguous(), ksize, stride).contiguous()
 
 
 @_weight_grad_op.register_fake

@@ -29,10 +29,23 @@ def _groups(channels: int) -> int:
     return _GROUPS.get(channels, math.gcd(channels, 8))
 
 
-def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None, conv=None):
-    """Conv2d -> CELU -> GroupNorm, the reference's unit (`conv`: a module to use as the Conv2d)."""
-    return [conv or nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU(),
+def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None,
+               triton: bool = False):
+    """Conv2d -> CELU -> GroupNorm, the reference's unit (the conv as `make_conv` picks it)."""
+    return [make_conv(cin, cout, kernel, stride, padding, triton), nn.CELU(),
             nn.GroupNorm(groups or _groups(cout), cout)]
+
+
+def make_conv(cin: int, cout: int, kernel, stride: int = 1, padding=0, triton: bool = False) -> nn.Conv2d:
+    """nn.Conv2d(cin, cout, kernel, stride, padding); with `triton` (cfg.triton_convs), for the
+    shapes where the Triton kernels beat cuDNN -- 3x3 and 4x4 of stride 2, padding 1, at most 16
+    channels a side -- its twin Conv3x3 or Conv4x4Stride2: same parameters, same state_dict."""
+    if triton and max(cin, cout) <= 16 and padding == 1:
+        if (kernel, stride) == (3, 1):
+            return Conv3x3(cin, cout)
+        if (kernel, stride) == (4, 2):
+            return Conv4x4Stride2(cin, cout)
+    return nn.Conv2d(cin, cout, kernel, stride, padding)
 
 
 def _triton_fits(x, weight, min_pixels: int = 0) -> bool:
@@ -44,9 +57,10 @@ def _triton_fits(x, weight, min_pixels: int = 0) -> bool:
 
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(cin, cout, 3, padding=1) -- same parameters, same state_dict -- that runs the Triton
-    kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (the
-    decoder heads' convolutions, 16 channels or fewer a side, where cuDNN is slow); cuDNN everywhere else.
-    `_conv_forward(x, weight, bias)` makes the same choice for other weights (stacked heads)."""
+    kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (made
+    by `make_conv` for 16 channels or fewer a side, where cuDNN is slow: the glimpse decoder's heads,
+    the background decoder's last layers); cuDNN everywhere else. `_conv_forward(x, weight, bias)`
+    makes the same choice for other weights (stacked heads)."""
 
     MIN_PIXELS = 32 * 32
 
@@ -61,9 +75,9 @@ class Conv3x3(nn.Conv2d):
 
 class Conv4x4Stride2(nn.Conv2d):
     """nn.Conv2d(cin, cout, 4, stride=2, padding=1) -- same parameters, same state_dict -- that runs
-    the Triton kernels of `kernels.conv4x4s2` on fp32 CUDA inputs outside autocast (the glimpse
-    encoder's first layer, 3 -> 16 channels, whose backward cuDNN takes ~1 ms per 1,280 glimpses
-    over); cuDNN everywhere else."""
+    the Triton kernels of `kernels.conv4x4s2` on fp32 CUDA inputs outside autocast (made by
+    `make_conv` for the encoders' first layers, <= 4 -> 16 channels: cuDNN takes ~1 ms over the
+    glimpse encoder's backward per 1,280 glimpses, the Triton kernels 0.5); cuDNN everywhere else."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 4, 2, 1)
@@ -107,9 +121,9 @@ class ImageEncoder(nn.Module):
                 cout = (16, 32, 64)[i]
             else:
                 cout = 128 if last and min(cfg.img_h, cfg.img_w) >= 128 else 64
-            layers += conv_block(cin, cout, 4, 2, 1)
+            layers += conv_block(cin, cout, 4, 2, 1, triton=cfg.triton_convs)
             if i <= max(2, num_down - 2):
-                layers += conv_block(cout, cout, 3, 1, 1)
+                layers += conv_block(cout, cout, 3, 1, 1, triton=cfg.triton_convs)
             cin = cout
         d = cfg.img_encode_dim
         layers += conv_block(cin, d, 1, groups=16)
@@ -192,11 +206,10 @@ class GlimpseEncoder(nn.Module):
         layers, cin = [], 3
         for i in range(num_down):
             cout = widths[min(i, 3)]
-            first = Conv4x4Stride2(cin, cout) if i == 0 and cfg.triton_convs else None   # Triton kernels
-            layers += conv_block(cin, cout, 4, 2, 1, conv=first)
+            layers += conv_block(cin, cout, 4, 2, 1, triton=cfg.triton_convs)
             cin = cout
         if cin < 128:
-            layers += conv_block(cin, cin, 3, 1, 1)
+            layers += conv_block(cin, cin, 3, 1, 1, triton=cfg.triton_convs)
         layers += conv_block(cin, cfg.z_what_enc_dim, 4)
         self.enc_cnn = nn.Sequential(*layers)
         self.enc_what = nn.Linear(cfg.z_what_enc_dim, 2 * cfg.z_what_dim)
@@ -230,19 +243,19 @@ class GlimpseDecoder(nn.Module):
         for s, (f, c) in enumerate(zip(factors, widths)):
             layers += upsample_block(cin, c, f)
             if G >= 64 and s < 3:
-                layers += conv_block(c, c, 3, 1, 1)
+                layers += conv_block(c, c, 3, 1, 1, triton=cfg.triton_convs)
             cin = c
         if G < 64:
-            layers += conv_block(16, 16, 3, 1, 1)
+            layers += conv_block(16, 16, 3, 1, 1, triton=cfg.triton_convs)
         self.dec = nn.Sequential(*layers)
-        # the heads run at the glimpse resolution with <= 16 input channels: Triton kernels there
-        head = (lambda i, o: Conv3x3(i, o)) if cfg.triton_convs else (lambda i, o: nn.Conv2d(i, o, 3, 1, 1))
+        # the heads run at the glimpse resolution with <= 16 channels: Triton kernels there
+        head = lambda i, o: make_conv(i, o, 3, 1, 1, cfg.triton_convs)   # noqa: E731
         if min(cfg.img_h, cfg.img_w) <= 64:
             self.dec_o = head(16, 3)
             self.dec_alpha = head(16, 1)
         else:
-            self.dec_o = nn.Sequential(*conv_block(16, 8, 3, conv=head(16, 8)), head(8, 3))
-            self.dec_alpha = nn.Sequential(*conv_block(16, 8, 3, conv=head(16, 8)), head(8, 1))
+            self.dec_o = nn.Sequential(*conv_block(16, 8, 3, 1, 1, triton=cfg.triton_convs), head(8, 3))
+            self.dec_alpha = nn.Sequential(*conv_block(16, 8, 3, 1, 1, triton=cfg.triton_convs), head(8, 1))
 
     def forward(self, z_what):                 # (N, z_what_dim) -> o (N, 3, G, G), alpha (N, 1, G, G)
         feat = self.dec(z_what.view(*z_what.shape, 1, 1))
@@ -300,9 +313,9 @@ class ProposalNet(nn.Module):
         layers, cin = [], 1
         for i in range(num_down):
             cout = (16, 32)[i] if i < 2 else 64
-            layers += conv_block(cin, cout, 4, 2, 1)
+            layers += conv_block(cin, cout, 4, 2, 1, triton=cfg.triton_convs)
             if 1 <= i <= max(2, num_down - 2):
-                layers += conv_block(cout, cout, 3, 1, 1)
+                layers += conv_block(cout, cout, 3, 1, 1, triton=cfg.triton_convs)
             cin = cout
         layers += conv_block(cin, cfg.propagate_encode_dim, 1)
         self.mask_enc_net = nn.Sequential(*layers)
@@ -336,7 +349,7 @@ class BgEncoder(nn.Module):
         layers, cin = [], 4
         for i in range(num_down):
             cout = (16, 32)[i] if i < 2 else 64
-            layers += conv_block(cin, cout, 4, 2, 1)
+            layers += conv_block(cin, cout, 4, 2, 1, triton=cfg.triton_convs)
             cin = cout
         layers.append(nn.Conv2d(cin, 2 * cfg.bg_what_dim, (cfg.img_h >> num_down, cfg.img_w >> num_down)))
         self.enc = nn.Sequential(*layers)
@@ -364,10 +377,11 @@ class BgDecoder(nn.Module):
         cin = 256
         for f, c in zip(factors, widths):
             layers += upsample_block(cin, c, f)
-            layers += conv_block(c, c, 3, 1, 1)
+            layers += conv_block(c, c, 3, 1, 1, triton=cfg.triton_convs)
             cin = c
         self.dec = nn.Sequential(*layers)
-        self.bg_dec = nn.Sequential(*conv_block(16, 16, 3, 1, 1), nn.Conv2d(16, 3, 3, 1, 1))
+        self.bg_dec = nn.Sequential(*conv_block(16, 16, 3, 1, 1, triton=cfg.triton_convs),
+                                    make_conv(16, 3, 3, 1, 1, cfg.triton_convs))
 
     def forward(self, z_bg):                   # (B, bg_what_dim)
         x = z_bg[..., None, None].expand(-1, -1, *self.start_hw)

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from common import small_config
+from common import Config, small_config
 from modules import Conv3x3, Conv4x4Stride2, GlimpseDecoder, GlimpseEncoder
+from scalor import SCALOR
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
@@ -68,6 +69,26 @@ def test_conv3x3_matches_conv2d(n, cin, cout, h, w, tf32):
     _check_against_conv2d(kernels.conv3x3, 3, 1, n, cin, cout, h, w, tf32)
 
 
+def test_conv3x3_reads_a_channel_slice_in_place():
+    """The stacked heads' halves h[:, :8], h[:, 8:] are channel slices (images 16 planes apart): the
+    kernels read them where they are (no copy) and give F.conv2d's output and gradients."""
+    h = torch.randn(3, 16, 20, 20, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(3, 8, 3, 3, device=DEVICE) / 6).requires_grad_()
+    half = h[:, 8:]
+    assert kernels._planes(half.detach()).data_ptr() == half.data_ptr()
+    assert kernels._planes(half.detach()).stride() == half.stride()            # not copied
+    assert kernels._planes(h.detach().transpose(2, 3)).is_contiguous()         # other strides: copied
+    y = kernels.conv3x3(half, weight)
+    grad_y = torch.randn(y.shape, device=DEVICE)
+    grads = torch.autograd.grad(y, (h, weight), grad_y)
+    y_ref = F.conv2d(half, weight, padding=1)
+    grads_ref = torch.autograd.grad(y_ref, (h, weight), grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads_ref[1], rtol=1e-5, atol=1e-3)
+    assert not grads[0][:, :8].any()
+
+
 def test_conv3x3_without_bias_and_input_grad():
     x = torch.randn(2, 16, 9, 9, device=DEVICE)
     weight = torch.randn(4, 16, 3, 3, device=DEVICE, requires_grad=True)
@@ -87,12 +108,30 @@ def test_conv3x3_module_is_a_conv2d():
     assert torch.equal(conv(x), plain(x))
 
 
-@pytest.mark.parametrize("size", [64, 128])
-def test_decoder_parameters_do_not_depend_on_the_kernel_choice(size):
-    cfg = small_config(img_h=size, img_w=size)
-    on, off = (GlimpseDecoder(cfg.replace(triton_convs=t)) for t in (True, False))
+DEFAULT_TWINS = {   # the default config's convolutions of <= 16 channels a side, 3x3 or 4x4 of stride 2
+    "image_enc.image_enc.enc.0": (Conv4x4Stride2, 3, 16), "image_enc.image_enc.enc.3": (Conv3x3, 16, 16),
+    "glimpse_enc.enc_cnn.0": (Conv4x4Stride2, 3, 16),
+    "glimpse_dec.dec_o.0": (Conv3x3, 16, 8), "glimpse_dec.dec_o.3": (Conv3x3, 8, 3),
+    "glimpse_dec.dec_alpha.0": (Conv3x3, 16, 8), "glimpse_dec.dec_alpha.3": (Conv3x3, 8, 1),
+    "proposal.mask_enc_net.0": (Conv4x4Stride2, 1, 16), "bg_enc.enc.0": (Conv4x4Stride2, 4, 16),
+    "bg_dec.dec.28": (Conv3x3, 16, 16), "bg_dec.bg_dec.0": (Conv3x3, 16, 16), "bg_dec.bg_dec.3": (Conv3x3, 16, 3)}
+
+
+@pytest.mark.parametrize("cfg", [Config(), small_config(), small_config(img_h=128, img_w=128)], ids=["default", "small", "small-128"])
+def test_model_parameters_do_not_depend_on_the_kernel_choice(cfg):
+    """triton_convs swaps exactly the 3x3 and 4x4-stride-2 convolutions (padding 1) of <= 16 channels
+    a side for their Triton twins, and nothing else: same parameters, same state_dict."""
+    on, off = (SCALOR(cfg.replace(triton_convs=t)) for t in (True, False))
     assert [(k, v.shape) for k, v in on.state_dict().items()] == [(k, v.shape) for k, v in off.state_dict().items()]
-    assert sum(isinstance(m, Conv3x3) for m in on.modules()) == (2 if size == 64 else 4) and not any(isinstance(m, Conv3x3) for m in off.modules())
+    twins = {name: (type(m), m.in_channels, m.out_channels) for name, m in on.named_modules()
+             if isinstance(m, (Conv3x3, Conv4x4Stride2))}
+    assert not any(isinstance(m, (Conv3x3, Conv4x4Stride2)) for m in off.modules())
+    for name, m in off.named_modules():
+        small = isinstance(m, torch.nn.Conv2d) and max(m.in_channels, m.out_channels) <= 16 and m.padding == (1, 1) \
+            and (m.kernel_size, m.stride) in (((3, 3), (1, 1)), ((4, 4), (2, 2)))
+        assert small == (name in twins), name
+    if cfg == Config():
+        assert twins == DEFAULT_TWINS
 
 
 def test_conv3x3_is_a_custom_operator_that_compile_traces():
