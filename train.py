@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replay each training step from a captured CUDA graph (GPU; same model, far less CPU overhead)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the convolution stacks (GPU; the first steps take minutes longer, then "
-                          "each step is faster: 396 -> 301 ms at the default config on an H200)")
+                          "each step is faster: 372 -> 285 ms at the default config on an H200)")
     return parser
 
 
