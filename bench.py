@@ -23,7 +23,7 @@ import torch
 
 from common import Config
 from data import bench_batches
-from engine import PRECISIONS, TrainStep, compile_blocks, make_optimizer, set_precision
+from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
 from scalor import SCALOR
 from utils import seed_everything
 
@@ -34,6 +34,8 @@ def build(cfg: Config, device, args):
         model = model.to(memory_format=torch.channels_last)
     if args.compile_blocks:
         compile_blocks(model)
+    if args.compile_frames:
+        compile_frames(model)
     optimizer = make_optimizer(model, cuda_graph=args.cuda_graph)
     return model, TrainStep(model, optimizer, precision=args.precision, cuda_graph=args.cuda_graph)
 
@@ -77,7 +79,7 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "loss_last": round(float(losses[-1]), 3),
         "loss_trace": {i + 1: round(float(losses[i]), 1) for i in range(0, len(losses), max(1, len(losses) // 10))},
         "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
-        "compile_blocks": args.compile_blocks, "checkpoint_glimpses": cfg.checkpoint_glimpses,
+        "compile_blocks": args.compile_blocks, "compile_frames": args.compile_frames, "checkpoint_glimpses": cfg.checkpoint_glimpses,
         "triton_convs": cfg.triton_convs,
         "cudnn_benchmark": not args.no_cudnn_benchmark,
         "scene_objects": num_objects,
@@ -130,6 +132,8 @@ def main(argv=None):
     p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile the conv stacks")
+    p.add_argument("--compile-frames", action="store_true",
+                   help="torch.compile the per-frame code around them (propagation, discovery, rendering, hand-off)")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="use cuDNN's heuristic algorithm choice instead of timing the algorithms once")
     p.add_argument("--no-checkpoint-glimpses", action="store_true",

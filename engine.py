@@ -10,6 +10,7 @@ the z_pres prior); the two step-dependent switches (detaching object state befor
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,27 @@ def compile_blocks(model) -> None:
     for name in ("features_and_alpha", "appearance", "appearance_of_rows"):
         if name not in vars(dec):                              # not compiled already
             setattr(dec, name, torch.compile(getattr(dec, name), dynamic=False))
+
+
+def compile_frames(model) -> None:
+    """torch.compile the per-frame code around the convolution stacks, in training (fixed object
+    slots, so fixed shapes): propagation, discovery, the choice of objects to render, compositing and
+    hand-off, hundreds of small operations on (B, K, ...) latents a frame, forward and backward,
+    each otherwise a kernel of its own. Random numbers come from PyTorch's generator in the eager
+    order and shape (inductor's `fallback_random`), so the numbers are eager execution's up to the
+    order of float sums. In evaluation (capacities follow the data) the eager functions run."""
+    for name in ("_discover", "_candidates", "_composite", "_hand_off"):
+        setattr(model, name, _compiled_in_training(model, getattr(model, name)))
+    model.propagation.forward = _compiled_in_training(model, model.propagation.forward)
+
+
+def _compiled_in_training(model, fn):
+    compiled = torch.compile(fn, dynamic=False, options={"fallback_random": True})
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return compiled(*args, **kwargs) if model.training else fn(*args, **kwargs)
+    return call
 
 
 def make_optimizer(model, cuda_graph: bool = False):

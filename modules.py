@@ -416,7 +416,10 @@ class BgDecoderSBD(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 def normal_rsample(mean, std):
-    return mean + std * torch.randn_like(mean)
+    """mean + std * eps, eps ~ N(0, 1) drawn in mean's shape in row-major order whatever mean's
+    memory layout (as torch.distributions does), so that a compiled graph, free to lay tensors out
+    otherwise, draws the same numbers."""
+    return mean + std * torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
 
 
 def normal_log_prob(x, mean, std):
@@ -446,7 +449,7 @@ def relaxed_bernoulli_rsample(logits, tau: float):
     y = (logits + log u - log(1 - u)) / tau with u ~ U(0, 1) clamped away from 0 and 1 as
     torch.distributions does (the reference's NumericalRelaxedBernoulli.rsample)."""
     eps = torch.finfo(logits.dtype).eps
-    u = torch.rand_like(logits).clamp(eps, 1 - eps)
+    u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(eps, 1 - eps)   # as normal_rsample
     return (logits + torch.log(u) - torch.log1p(-u)) / tau
 
 

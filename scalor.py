@@ -336,6 +336,9 @@ class SCALOR(nn.Module):
         B, T = seq.shape[:2]
         dev, dt = seq.device, seq.dtype
         prior_prob = z_pres_prior_at(cfg, step) if z_pres_prior is None else z_pres_prior
+        # 0-d tensors (a fill, no copy or sync): the same numbers, and the compiled frame functions of
+        # engine.compile_blocks see an input whose value changes, not a new constant every step
+        tau, prior_prob = (v if torch.is_tensor(v) else torch.full((), v, dtype=dt, device=dev) for v in (tau, prior_prob))
         detach_state, curriculum = step_switches(cfg, step)
         nll = nll and not self.training
         fixed = self.training and cfg.phase_obj_num_contrain   # fixed capacity, no host syncs
@@ -373,27 +376,14 @@ class SCALOR(nn.Module):
 
             # 3. discovery
             free = (cfg.max_num_obj - state.mask.sum(1)).long() if fixed else None
-            disc, kl_disc, imp_disc = self._discover(x, img_enc, alpha_prop, t, tau, prior_prob, gen_t, nll, free)
+            disc, kl_disc, imp_disc = self._discover(x, img_enc, alpha_prop, t == 0, tau, prior_prob, gen_t, nll, free)
 
             # 4. render the objects whose z_pres is non-zero
             C = cfg.num_cells
-            cand_pres = torch.cat((prop.z_pres, disc["z_pres"]), 1)[..., 0]                 # (B, K + C)
-            visible = cand_pres > 0
-            disc_visible = visible[:, K:]
-            disc_ids = next_id + torch.cumsum(disc_visible.long(), 1) - 1                     # (B, C)
-            next_id = next_id + disc_visible.sum(1, keepdim=True)
-            cand = dict(z_what=torch.cat((prop.z_what, disc["z_what"]), 1),
-                        z_where=torch.cat((prop.z_where, disc["z_where"]), 1),
-                        z_depth=torch.cat((prop.z_depth, disc["z_depth"]), 1),
-                        z_pres=cand_pres,
-                        ids=torch.cat((prop.ids, torch.where(disc_visible, disc_ids, 0)), 1),
-                        propagated=torch.cat((torch.ones_like(visible[:, :K]), torch.zeros_like(disc_visible)), 1))
-            capacity = cfg.max_num_obj if fixed else max(1, int(visible.sum(1).max()))
-            index, rendered = compact(visible, capacity)
-            rend = {k: gather_slots(v, index) for k, v in cand.items()}
-            rend["z_pres"] = rend["z_pres"] * rendered
-            decoded = None   # the rendered objects' trunk features and alpha, when steps 2 and 3 decoded them
             disc_decoded = disc.pop("decoded")
+            rend, index, rendered, disc_ids, next_id = self._candidates(prop, disc, next_id,
+                                                                        cfg.max_num_obj if fixed else None)
+            decoded = None   # the rendered objects' trunk features and alpha, when steps 2 and 3 decoded them
             reuse = cfg.checkpoint_glimpses or not torch.is_grad_enabled()
             if reuse and prop_decoded is not None and disc_decoded is not None:
                 # rows of [propagated (B*K); discovered (B*C)] rendered: the features stay where they are
@@ -432,17 +422,7 @@ class SCALOR(nn.Module):
                         - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
 
             # 6. hand-off: tracked objects with z_pres > 0 and discovered ones with z_pres > 0.7
-            new_disc = Slots(mask=torch.ones_like(disc["z_pres"][..., 0]), z_what=disc["z_what"],
-                             z_where=disc["z_where"], z_where_bias=torch.zeros_like(disc["z_where"]),
-                             z_depth=disc["z_depth"], z_pres=disc["z_pres"], absence=torch.zeros_like(disc["z_pres"]),
-                             tracker_h=x.new_zeros(B, C, cfg.temporal_rnn_hid_dim),
-                             prior_h=x.new_zeros(B, C, cfg.prior_rnn_hid_dim),
-                             prior_c=x.new_zeros(B, C, cfg.prior_rnn_hid_dim), ids=disc_ids)
-            keep = torch.cat((prop.z_pres[..., 0] > 0, disc["z_pres"][..., 0] > cfg.z_pres_disc_threshold), 1)
-            capacity = cfg.max_num_obj if fixed else max(1, int(keep.sum(1).max()))
-            index, valid = compact(keep, capacity)
-            both = Slots.cat(prop, new_disc)
-            state = both.map(lambda v: gather_slots(v, index) * valid.view(B, capacity, *([1] * (v.dim() - 2))).to(v.dtype))
+            state = self._hand_off(prop, disc, disc_ids, cfg.max_num_obj if fixed else None)
             if detach_state:
                 state = state.map(torch.Tensor.detach)
 
@@ -466,6 +446,47 @@ class SCALOR(nn.Module):
                             log_imp=st("log_imp"), counts=st("counts"), records=records)
 
     # --------------------------------------------------------------------------------------------
+    def _candidates(self, prop: Slots, disc: dict, next_id, capacity: int | None):
+        """The frame's objects to render: [propagated (B, K); discovered (B, C)] with z_pres > 0,
+        compacted to `capacity` entries (None: as many as the fullest sample has, a host sync).
+
+        Returns their latents rend (B, R, ...) with z_pres zero in unused entries, index (B, R) into
+        K + C, rendered (B, R) bool, the discovered objects' new ids (B, C) and the next free id."""
+        K = prop.mask.shape[1]
+        cand_pres = torch.cat((prop.z_pres, disc["z_pres"]), 1)[..., 0]                 # (B, K + C)
+        visible = cand_pres > 0
+        disc_visible = visible[:, K:]
+        disc_ids = next_id + torch.cumsum(disc_visible.long(), 1) - 1                     # (B, C)
+        next_id = next_id + disc_visible.sum(1, keepdim=True)
+        cand = dict(z_what=torch.cat((prop.z_what, disc["z_what"]), 1),
+                    z_where=torch.cat((prop.z_where, disc["z_where"]), 1),
+                    z_depth=torch.cat((prop.z_depth, disc["z_depth"]), 1),
+                    z_pres=cand_pres,
+                    ids=torch.cat((prop.ids, torch.where(disc_visible, disc_ids, 0)), 1),
+                    propagated=torch.cat((torch.ones_like(visible[:, :K]), torch.zeros_like(disc_visible)), 1))
+        capacity = capacity if capacity is not None else max(1, int(visible.sum(1).max()))
+        index, rendered = compact(visible, capacity)
+        rend = {k: gather_slots(v, index) for k, v in cand.items()}
+        rend["z_pres"] = rend["z_pres"] * rendered
+        return rend, index, rendered, disc_ids, next_id
+
+    def _hand_off(self, prop: Slots, disc: dict, disc_ids, capacity: int | None) -> Slots:
+        """The slots for the next frame: tracked objects with z_pres > 0, then discovered ones with
+        z_pres > z_pres_disc_threshold, compacted to `capacity` (None: the fullest sample's count)."""
+        cfg = self.cfg
+        B, C = disc["z_pres"].shape[:2]
+        new_disc = Slots(mask=torch.ones_like(disc["z_pres"][..., 0]), z_what=disc["z_what"],
+                         z_where=disc["z_where"], z_where_bias=torch.zeros_like(disc["z_where"]),
+                         z_depth=disc["z_depth"], z_pres=disc["z_pres"], absence=torch.zeros_like(disc["z_pres"]),
+                         tracker_h=disc["z_what"].new_zeros(B, C, cfg.temporal_rnn_hid_dim),
+                         prior_h=disc["z_what"].new_zeros(B, C, cfg.prior_rnn_hid_dim),
+                         prior_c=disc["z_what"].new_zeros(B, C, cfg.prior_rnn_hid_dim), ids=disc_ids)
+        keep = torch.cat((prop.z_pres[..., 0] > 0, disc["z_pres"][..., 0] > cfg.z_pres_disc_threshold), 1)
+        capacity = capacity if capacity is not None else max(1, int(keep.sum(1).max()))
+        index, valid = compact(keep, capacity)
+        both = Slots.cat(prop, new_disc)
+        return both.map(lambda v: gather_slots(v, index) * valid.view(B, capacity, *([1] * (v.dim() - 2))).to(v.dtype))
+
     def _decode_alpha(self, z_what):
         """Decoder trunk features (B, K, 16, G, G) and alpha (B, K, 1, G, G) of objects z_what
         (B, K, z_what_dim): what rejection and alpha maps need, and what rendering reuses."""
@@ -511,22 +532,29 @@ class SCALOR(nn.Module):
         else:
             values, index, o_att, alpha_att = maybe_checkpoint(cfg.checkpoint_glimpses, decode_and_place,
                                                                obj["z_what"], obj["z_where"])
-        z_pres = obj["z_pres"][..., None, None, None]                                    # (B, R, 1, 1, 1)
+        frame = self._composite(values, index, obj["z_pres"], obj["z_depth"], obj["propagated"], curriculum, num_cells)
+        return dict(frame, o_att=o_att.detach(), alpha_att=alpha_att.detach())
+
+    def _composite(self, values, index, z_pres, z_depth, propagated, curriculum: bool, num_cells: int) -> dict:
+        """Placed windows values (B, R, 4, h, w) of (alpha * o, alpha) at index -> the frame's
+        alpha_map (B, 1, H, W), clamped with a straight-through gradient, and foreground (B, 3, H, W)."""
+        cfg = self.cfg
+        z_pres = z_pres[..., None, None, None]                                           # (B, R, 1, 1, 1)
         alpha = z_pres * values[:, :, 3:]                                                # placed alpha * z_pres
-        weight = alpha * torch.sigmoid(-obj["z_depth"])[..., None, None]                 # importance
+        weight = alpha * torch.sigmoid(-z_depth)[..., None, None]                        # importance
         colour = z_pres * values[:, :, :3]                                               # placed alpha * o * z_pres
         parts = [alpha, weight, colour * weight]
         if curriculum:
-            parts.append(alpha * obj["propagated"][..., None, None, None].to(alpha.dtype))
+            parts.append(alpha * propagated[..., None, None, None].to(alpha.dtype))
         canvas = scatter_windows(torch.cat(parts, 2), index, cfg.img_h, cfg.img_w)
         alpha_sum = canvas[:, :1]
         if curriculum:   # every discovery cell's alpha fixed to bg_alpha_curriculum_value
             alpha_sum = canvas[:, 5:6] + cfg.bg_alpha_curriculum_value * num_cells
         foreground = canvas[:, 2:5] / (canvas[:, 1:2] + EPS)
         alpha_map = alpha_sum + (alpha_sum.clamp(EPS, 1 - EPS) - alpha_sum).detach()
-        return dict(alpha_map=alpha_map, foreground=foreground, o_att=o_att.detach(), alpha_att=alpha_att.detach())
+        return dict(alpha_map=alpha_map, foreground=foreground)
 
-    def _discover(self, x, img_enc, alpha_prop, t: int, tau, prior_prob, generate: bool,
+    def _discover(self, x, img_enc, alpha_prop, first_frame: bool, tau, prior_prob, generate: bool,
                   nll: bool, free):
         """Propose one object per cell, reject the explained ones, cap their number (training).
 
@@ -564,10 +592,10 @@ class SCALOR(nn.Module):
         z_pres = z_pres_before
         pres_prior = prior_prob * torch.ones_like(z_pres_before)
         decoded = None
-        if cfg.phase_rejection and (t > 0 or cfg.first_frame_rejection):
+        if cfg.phase_rejection and (not first_frame or cfg.first_frame_rejection):
             with torch.no_grad():
                 decoded = self._decode_alpha(z_what)                                   # trunk, alpha
-                if t > 0:
+                if not first_frame:
                     explained = self._explained_ratio(decoded[1], z_where, alpha_prop)    # (B, C)
                 else:
                     explained = self._explained_by_kept(decoded[1], z_where, z_pres)

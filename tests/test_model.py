@@ -43,7 +43,7 @@ def test_discovery_box_centres_are_cell_centres_plus_tanh_offset(tiny_cfg, monke
             p.zero_()
     monkeypatch.setattr(scalor_mod, "normal_rsample", lambda mean, std: mean)
     disc, _, _ = m._discover(torch.rand(1, 3, 64, 64), torch.rand(1, 64, 4, 4),
-                             torch.zeros(1, 1, 64, 64), 0, 1.0, 0.1, False, False, None)
+                             torch.zeros(1, 1, 64, 64), True, 1.0, 0.1, False, False, None)
     centres = disc["z_where"][0, :, 2:]
     # cell (row 1, col 2) of a 4x4 grid: x = 2/4*(2+0.5)-1 = 0.25, y = 2/4*(1+0.5)-1 = -0.25
     assert centres[1 * 4 + 2].tolist() == pytest.approx([0.25, -0.25], abs=1e-6)
@@ -95,7 +95,7 @@ def _discover(m, t, free, monkeypatch, explained=None, seed=0):
     torch.manual_seed(seed)
     x = torch.rand(explained.shape[0] if explained is not None else 2, 3, cfg.img_h, cfg.img_w)
     img_enc = torch.randn(x.shape[0], cfg.img_encode_dim, cfg.num_cell_h, cfg.num_cell_w)
-    return m._discover(x, img_enc, torch.zeros(x.shape[0], 1, cfg.img_h, cfg.img_w), t, 0.5, 0.1, False, False, free)
+    return m._discover(x, img_enc, torch.zeros(x.shape[0], 1, cfg.img_h, cfg.img_w), t == 0, 0.5, 0.1, False, False, free)
 
 
 def test_rejection_threshold_and_only_from_second_frame(tiny_cfg, monkeypatch):
@@ -235,9 +235,9 @@ def test_hand_off_above_0_7(tiny_cfg, monkeypatch):
     z[1, :2, 0] = torch.tensor([0.71, 0.2])
     real = m._discover
 
-    def fixed(x, img_enc, alpha_prop, t, *args):
-        disc, kl, imp = real(x, img_enc, alpha_prop, t, *args)
-        disc["z_pres"] = z if t == 0 else torch.zeros_like(z)
+    def fixed(x, img_enc, alpha_prop, first_frame, *args):
+        disc, kl, imp = real(x, img_enc, alpha_prop, first_frame, *args)
+        disc["z_pres"] = z if first_frame else torch.zeros_like(z)
         return disc, kl, imp
 
     monkeypatch.setattr(m, "_discover", fixed)
