@@ -395,31 +395,8 @@ class SCALOR(nn.Module):
             frame = self._render(rend, curriculum, C, decoded)
             decoded = None
 
-            # 5. background
-            if cfg.phase_no_background:
-                bg = x.new_zeros(B, 3, cfg.img_h, cfg.img_w)
-                kl_bg, imp_bg = x.new_zeros(B), x.new_zeros(B)
-            else:
-                if t == 0:
-                    p_bg = (torch.zeros_like(bg_h[:, :cfg.bg_what_dim]), torch.ones_like(bg_h[:, :cfg.bg_what_dim]))
-                else:
-                    bg_h = self.bg_prior_rnn(z_bg_prev, bg_h)
-                    offset, std = self.bg_prior_net(bg_h).chunk(2, -1)
-                    p_bg = (offset + z_bg_prev, F.softplus(std))
-                if gen_t:
-                    q_bg = p_bg
-                else:
-                    mean, std = self.bg_enc(torch.cat((x, 1 - frame["alpha_map"]), 1))
-                    q_bg = (mean, F.softplus(std))
-                z_bg = normal_rsample(*q_bg)
-                bg = self.bg_dec(z_bg)
-                kl_bg = kl_normal(*q_bg, *p_bg).sum(1)
-                imp_bg = (normal_log_prob(z_bg, *p_bg) - normal_log_prob(z_bg, *q_bg)).sum(1) if nll else x.new_zeros(B)
-                z_bg_prev = z_bg
-
-            y = frame["foreground"] + (1 - frame["alpha_map"]) * bg
-            log_like = (-(x - y) ** 2 / (2 * cfg.sigma ** 2) - math.log(cfg.sigma)
-                        - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+            # 5. background, and the frame's reconstruction
+            y, log_like, bg, kl_bg, imp_bg, bg_h, z_bg_prev = self._background(x, frame, bg_h, z_bg_prev, gen_t, nll)
 
             # 6. hand-off: tracked objects with z_pres > 0 and discovered ones with z_pres > 0.7
             state = self._hand_off(prop, disc, disc_ids, cfg.max_num_obj if fixed else None)
@@ -446,6 +423,40 @@ class SCALOR(nn.Module):
                             log_imp=st("log_imp"), counts=st("counts"), records=records)
 
     # --------------------------------------------------------------------------------------------
+    def _background(self, x, frame: dict, bg_h, z_bg_prev, generate: bool, nll: bool):
+        """The background of frame x (B, 3, H, W) given the objects' alpha_map and foreground, the
+        background prior's state bg_h and the previous z_bg (None at the first frame).
+
+        Returns the reconstruction y (B, 3, H, W), its log-likelihood (B,), the background (B, 3, H, W),
+        its KL (B,) and log importance weight (B,), and the prior's new state and z_bg."""
+        cfg = self.cfg
+        B = x.shape[0]
+        z_bg = None
+        if cfg.phase_no_background:
+            bg = x.new_zeros(B, 3, cfg.img_h, cfg.img_w)
+            kl_bg, imp_bg = x.new_zeros(B), x.new_zeros(B)
+        else:
+            if z_bg_prev is None:
+                p_bg = (torch.zeros_like(bg_h[:, :cfg.bg_what_dim]), torch.ones_like(bg_h[:, :cfg.bg_what_dim]))
+            else:
+                bg_h = self.bg_prior_rnn(z_bg_prev, bg_h)
+                offset, std = self.bg_prior_net(bg_h).chunk(2, -1)
+                p_bg = (offset + z_bg_prev, F.softplus(std))
+            if generate:
+                q_bg = p_bg
+            else:
+                mean, std = self.bg_enc(torch.cat((x, 1 - frame["alpha_map"]), 1))
+                q_bg = (mean, F.softplus(std))
+            z_bg = normal_rsample(*q_bg)
+            bg = self.bg_dec(z_bg)
+            kl_bg = kl_normal(*q_bg, *p_bg).sum(1)
+            imp_bg = (normal_log_prob(z_bg, *p_bg) - normal_log_prob(z_bg, *q_bg)).sum(1) if nll else x.new_zeros(B)
+
+        y = frame["foreground"] + (1 - frame["alpha_map"]) * bg
+        log_like = (-(x - y) ** 2 / (2 * cfg.sigma ** 2) - math.log(cfg.sigma)
+                    - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+        return y, log_like, bg, kl_bg, imp_bg, bg_h, z_bg
+
     def _candidates(self, prop: Slots, disc: dict, next_id, capacity: int | None):
         """The frame's objects to render: [propagated (B, K); discovered (B, C)] with z_pres > 0,
         compacted to `capacity` entries (None: as many as the fullest sample has, a host sync).
