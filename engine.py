@@ -55,11 +55,11 @@ def compile_blocks(model) -> None:
 def compile_frames(model, backend: str = "inductor") -> None:
     """torch.compile the per-frame code around the convolution stacks, in training (fixed object
     slots, so fixed shapes): propagation, discovery, the choice of objects to render, compositing,
-    background and reconstruction, hand-off: hundreds of small operations on (B, K, ...) latents a frame, forward and backward,
-    each otherwise a kernel of its own. Random numbers come from PyTorch's generator in the eager
-    order and shape (inductor's `fallback_random`), so the numbers are eager execution's up to the
-    order of float sums. In evaluation (capacities follow the data) the eager functions run.
-    `backend`: torch.compile's (the tests trace with "aot_eager")."""
+    background and reconstruction, hand-off: hundreds of small operations on (B, K, ...) latents a
+    frame, forward and backward, each otherwise a kernel of its own. Random numbers come from
+    PyTorch's generator in the eager order and shape (inductor's `fallback_random`), so the numbers
+    are eager execution's up to the order of float sums. In evaluation (capacities follow the data)
+    the eager functions run. `backend`: torch.compile's (the tests trace with "aot_eager")."""
     for name in ("_discover", "_candidates", "_composite", "_background", "_hand_off"):
         setattr(model, name, _compiled_in_training(model, getattr(model, name), backend))
     model.propagation.forward = _compiled_in_training(model, model.propagation.forward, backend)

@@ -337,7 +337,7 @@ class SCALOR(nn.Module):
         dev, dt = seq.device, seq.dtype
         prior_prob = z_pres_prior_at(cfg, step) if z_pres_prior is None else z_pres_prior
         # 0-d tensors (a fill, no copy or sync): the same numbers, and the compiled frame functions of
-        # engine.compile_blocks see an input whose value changes, not a new constant every step
+        # engine.compile_frames see an input whose value changes, not a new constant every step
         tau, prior_prob = (v if torch.is_tensor(v) else torch.full((), v, dtype=dt, device=dev) for v in (tau, prior_prob))
         detach_state, curriculum = step_switches(cfg, step)
         nll = nll and not self.training
