@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from dataclasses import dataclass
 
 import torch
@@ -53,26 +54,33 @@ def compile_blocks(model) -> None:
 
 
 def compile_frames(model, backend: str = "inductor") -> None:
-    """torch.compile the per-frame code around the convolution stacks, in training (fixed object
-    slots, so fixed shapes): propagation, discovery, the choice of objects to render, compositing,
-    background and reconstruction, hand-off: hundreds of small operations on (B, K, ...) latents a
-    frame, forward and backward, each otherwise a kernel of its own. Random numbers come from
-    PyTorch's generator in the eager order and shape (inductor's `fallback_random`), so the numbers
-    are eager execution's up to the order of float sums. In evaluation (capacities follow the data)
-    the eager functions run. `backend`: torch.compile's (the tests trace with "aot_eager")."""
+    """torch.compile the per-frame code around the convolution stacks, in training with fixed object
+    slots (fixed shapes; `phase_obj_num_contrain`): propagation, discovery, the choice of objects to
+    render, compositing, background and reconstruction, hand-off: hundreds of small operations on
+    (B, K, ...) latents a frame, forward and backward, each otherwise a kernel of its own. Random
+    numbers come from PyTorch's generator in the eager order and shape (inductor's
+    `fallback_random`), so the numbers are eager execution's up to the order of float sums. In
+    evaluation (capacities follow the data) the eager functions run. The compiled functions are
+    bound to the model like its methods, so a deep copy runs its own. `backend`: torch.compile's
+    (the tests trace with "aot_eager")."""
     for name in ("_discover", "_candidates", "_composite", "_background", "_hand_off"):
-        setattr(model, name, _compiled_in_training(model, getattr(model, name), backend))
-    model.propagation.forward = _compiled_in_training(model, model.propagation.forward, backend)
+        _compile_method(model, name, backend)
+    _compile_method(model.propagation, "forward", backend)
 
 
-def _compiled_in_training(model, fn, backend: str):
-    options = {"fallback_random": True} if backend == "inductor" else None
-    compiled = torch.compile(fn, dynamic=False, backend=backend, options=options)
+def _compile_method(module, name: str, backend: str) -> None:
+    if name in vars(module):                                   # compiled already
+        return
+    function = getattr(type(module), name)
+    compiled = torch.compile(function, dynamic=False, backend=backend,
+                             options={"fallback_random": True} if backend == "inductor" else None)
 
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        return compiled(*args, **kwargs) if model.training else fn(*args, **kwargs)
-    return call
+    @functools.wraps(function)
+    def call(self, *args, **kwargs):
+        if self.training and self.cfg.phase_obj_num_contrain:
+            return compiled(self, *args, **kwargs)
+        return function(self, *args, **kwargs)
+    setattr(module, name, types.MethodType(call, module))
 
 
 def make_optimizer(model, cuda_graph: bool = False):

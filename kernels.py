@@ -253,7 +253,7 @@ def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32):
     CIN_P, COUT_P = triton.next_power_of_2(CIN), _pad16(COUT)
     # programs (image, part of its pixels): 2 parts per glimpse (900 of them, measured); for a few
     # large frames (the background's 20 of 128^2) more parts, so that ~1,000 programs fill the GPU
-    splits = min(max(2, triton.cdiv(1024, N)), triton.cdiv(HO * WO, block))
+    splits = min(max(2, triton.cdiv(1024, max(N, 1))), triton.cdiv(HO * WO, block))
     chunk = triton.cdiv(triton.cdiv(HO * WO, splits), block) * block
     partial = x.new_empty(N, splits, COUT_P, 16, CIN_P)
     _conv_wgrad[(N, splits)](x, grad_y, partial, x.stride(0), H, W, HO, WO, chunk, CIN, CIN_P, COUT, COUT_P, ksize, stride,
@@ -360,7 +360,10 @@ def conv3x3(x, weight, bias=None):
 
 def conv3x3_rows(x1, x2, rows, weight, bias=None):
     """F.conv2d(torch.cat((x1, x2))[rows], weight, bias, padding=1) without gathering the images
-    (rows: (M,) long): the custom operator torch.ops.scalor.conv3x3_rows, forward only (no gradient)."""
+    (rows: (M,) long, in [0, len(x1) + len(x2))): the custom operator torch.ops.scalor.conv3x3_rows,
+    forward only (no gradient)."""
+    if x1.shape[1:] != x2.shape[1:] or x1.dtype != x2.dtype:
+        raise ValueError("conv3x3_rows: x1 and x2 differ in image shape or dtype")
     return _conv3x3_rows_op(x1, x2, rows, weight, bias)
 
 

@@ -336,8 +336,10 @@ class SCALOR(nn.Module):
         B, T = seq.shape[:2]
         dev, dt = seq.device, seq.dtype
         prior_prob = z_pres_prior_at(cfg, step) if z_pres_prior is None else z_pres_prior
-        # 0-d tensors (a fill, no copy or sync): the same numbers, and the compiled frame functions of
-        # engine.compile_frames see an input whose value changes, not a new constant every step
+        # 0-d tensors (a fill, no copy or sync), as the CUDA-graph path always passed them: the compiled
+        # frame functions of engine.compile_frames see an input whose value changes, not a new
+        # constant every step. (On CUDA a Python-float divisor is applied as its reciprocal: eager
+        # CUDA runs differ from those before this change in the last bit of the z_pres samples.)
         tau, prior_prob = (v if torch.is_tensor(v) else torch.full((), v, dtype=dt, device=dev) for v in (tau, prior_prob))
         detach_state, curriculum = step_switches(cfg, step)
         nll = nll and not self.training

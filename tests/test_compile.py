@@ -1,6 +1,7 @@
 """engine.compile_frames: the per-frame code compiled gives eager execution's numbers, and random
 numbers are drawn in the latents' shape whatever layout a compiled graph gives them."""
 import shutil
+from copy import deepcopy
 
 import pytest
 import torch
@@ -50,6 +51,29 @@ def test_compiled_frame_functions_give_the_eager_numbers(tiny_cfg):
     with torch.no_grad():
         model(batch[:1], step=100)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_frame_functions_belong_to_their_model(tiny_cfg):
+    """A deep copy of a model with compiled frame functions computes with its own parameters; without
+    fixed object slots (capacities follow the data) the eager functions run, no graph is built."""
+    torch._dynamo.reset()
+    model = SCALOR(tiny_cfg).train()
+    compile_frames(model, backend="aot_eager")
+    compile_frames(model, backend="aot_eager")               # a second call changes nothing
+    copy = deepcopy(model)
+    batch = bench_batches(1, 2, tiny_cfg.seq_len, tiny_cfg.img_h, tiny_cfg.img_w, num_objects=8, seed=0)[0]
+    copy(batch, step=100).loss().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in copy.proposal.parameters())
+    assert all(p.grad is not None for p in copy.propagation.tracker.parameters())
+
+    torch._dynamo.reset()
+    free = SCALOR(tiny_cfg.replace(phase_obj_num_contrain=False)).train()
+    compile_frames(free, backend="aot_eager")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    free(batch, step=100).loss().backward()
+    assert counters["stats"]["unique_graphs"] == 0
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,

@@ -89,6 +89,17 @@ def test_conv3x3_reads_a_channel_slice_in_place():
     assert not grads[0][:, :8].any()
 
 
+def test_conv3x3_of_no_images():
+    """An empty batch (as F.conv2d allows): an empty output and zero weight and bias gradients."""
+    x = torch.randn(0, 8, 12, 12, device=DEVICE, requires_grad=True)
+    weight = torch.randn(3, 8, 3, 3, device=DEVICE, requires_grad=True)
+    bias = torch.randn(3, device=DEVICE, requires_grad=True)
+    y = kernels.conv3x3(x, weight, bias)
+    assert y.shape == (0, 3, 12, 12)
+    grad_x, grad_w, grad_b = torch.autograd.grad(y.sum(), (x, weight, bias))
+    assert grad_x.shape == x.shape and not grad_w.any() and not grad_b.any()
+
+
 def test_conv3x3_without_bias_and_input_grad():
     x = torch.randn(2, 16, 9, 9, device=DEVICE)
     weight = torch.randn(4, 16, 3, 3, device=DEVICE, requires_grad=True)
