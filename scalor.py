@@ -81,11 +81,14 @@ def gather_slots(x, index):
     return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
-def compact(keep, capacity: int):
+def compact(keep, capacity: int | None = None):
     """Stable compaction: the kept entries of each row first, in their order.
 
     keep (B, N) bool -> index (B, capacity) into N and valid (B, capacity) bool. Rows keeping more
-    than `capacity` entries lose the last ones (training's cap makes this impossible)."""
+    than `capacity` entries lose the last ones (training's cap makes this impossible). capacity None:
+    as many as the fullest row keeps, at least 1 (a host sync)."""
+    if capacity is None:
+        capacity = max(1, int(keep.sum(1).max()))
     index = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :capacity]
     valid = torch.arange(capacity, device=keep.device) < keep.sum(1, keepdim=True)
     return index, valid
@@ -477,7 +480,6 @@ class SCALOR(nn.Module):
                     z_pres=cand_pres,
                     ids=torch.cat((prop.ids, torch.where(disc_visible, disc_ids, 0)), 1),
                     propagated=torch.cat((torch.ones_like(visible[:, :K]), torch.zeros_like(disc_visible)), 1))
-        capacity = capacity if capacity is not None else max(1, int(visible.sum(1).max()))
         index, rendered = compact(visible, capacity)
         rend = {k: gather_slots(v, index) for k, v in cand.items()}
         rend["z_pres"] = rend["z_pres"] * rendered
@@ -495,10 +497,9 @@ class SCALOR(nn.Module):
                          prior_h=disc["z_what"].new_zeros(B, C, cfg.prior_rnn_hid_dim),
                          prior_c=disc["z_what"].new_zeros(B, C, cfg.prior_rnn_hid_dim), ids=disc_ids)
         keep = torch.cat((prop.z_pres[..., 0] > 0, disc["z_pres"][..., 0] > cfg.z_pres_disc_threshold), 1)
-        capacity = capacity if capacity is not None else max(1, int(keep.sum(1).max()))
         index, valid = compact(keep, capacity)
         both = Slots.cat(prop, new_disc)
-        return both.map(lambda v: gather_slots(v, index) * valid.view(B, capacity, *([1] * (v.dim() - 2))).to(v.dtype))
+        return both.map(lambda v: gather_slots(v, index) * valid.view(*valid.shape, *([1] * (v.dim() - 2))).to(v.dtype))
 
     def _decode_alpha(self, z_what):
         """Decoder trunk features (B, K, 16, G, G) and alpha (B, K, 1, G, G) of objects z_what
