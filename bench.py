@@ -18,10 +18,11 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 
-from common import Config
+from common import Config, ConfigError
 from data import bench_batches
 from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
 from scalor import SCALOR
@@ -51,8 +52,11 @@ def run(cfg: Config, args, num_objects: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     times, losses, objects = [], [], []
     warmup_peak = 0
+    started = time.perf_counter()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:   # from here the steady state: cuDNN's algorithm search and capture are done
+            torch.cuda.synchronize()
+            warmup_s = time.perf_counter() - started      # compiling, algorithm search, capture
             warmup_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -75,6 +79,7 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "steady_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "objects_tracked_mean": round(float(torch.stack(objects[args.warmup:]).mean()), 2),
+        "warmup_s": round(warmup_s, 1),
         "loss_first": [round(float(v), 3) for v in losses[:5]],
         "loss_last": round(float(losses[-1]), 3),
         "loss_trace": {i + 1: round(float(losses[i]), 1) for i in range(0, len(losses), max(1, len(losses) // 10))},
@@ -149,13 +154,21 @@ def main(argv=None):
                         "grids 4x4/8x8/16x16 at the cap --max-num-obj (at most the cells)")
     p.add_argument("--sync-check", action="store_true")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.py needs a CUDA GPU", file=sys.stderr)
+    try:
+        for name, low in (("warmup", 0), ("steps", 1), ("num_objects", 0), ("profile", 0)):
+            if getattr(args, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+        cfg = Config(img_h=args.img_size, img_w=args.img_size, num_cell_h=args.grid, num_cell_w=args.grid,
+                     glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
+                     seq_len=args.seq_len, observe_frames=max(0, min(5, args.seq_len - 1)),
+                     phase_conv_lstm=not args.no_conv_lstm, checkpoint_glimpses=not args.no_checkpoint_glimpses,
+                     triton_convs=not args.no_triton_convs)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg = Config(img_h=args.img_size, img_w=args.img_size, num_cell_h=args.grid, num_cell_w=args.grid,
-                 glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
-                 seq_len=args.seq_len, observe_frames=min(5, args.seq_len - 1), phase_conv_lstm=not args.no_conv_lstm,
-                 checkpoint_glimpses=not args.no_checkpoint_glimpses, triton_convs=not args.no_triton_convs)
+    if not torch.cuda.is_available():
+        print("error: bench.py needs a CUDA GPU (it times GPU training steps)", file=sys.stderr)
+        return 2
     if args.sync_check:
         print(json.dumps(sync_check(cfg)), flush=True)
         return 0
