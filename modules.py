@@ -577,6 +577,7 @@ class _GivenForward(torch.autograd.Function):
     def forward(ctx, given, full, num_inputs, *args):
         ctx.full, ctx.num_inputs = full, num_inputs
         ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+        ctx.autocast_cache = torch.is_autocast_cache_enabled()
         ctx.save_for_backward(*args)
         outputs = given(*args[:num_inputs])
         ctx.mark_non_differentiable(*outputs[1:])
@@ -594,6 +595,9 @@ class _GivenForward(torch.autograd.Function):
             for device, enabled, dtype in ctx.autocast:   # as torch.utils.checkpoint restores it
                 if enabled != torch.is_autocast_enabled(device):
                     stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            # the cast cache too (global): a compiled `full` then meets the forward's state, no recompile
+            stack.callback(torch.set_autocast_cache_enabled, torch.is_autocast_cache_enabled())
+            torch.set_autocast_cache_enabled(ctx.autocast_cache)
             out = ctx.full(*inputs)[0]
         grads = iter(torch.autograd.grad(out, targets, grad_out, allow_unused=True))
         return (None, None, None, *(next(grads) if r else None for r in needs))

@@ -24,14 +24,16 @@ def _loss_and_grads(model, batch, step):
 
 def test_compiled_frame_functions_give_the_eager_numbers(tiny_cfg):
     """Traced in one graph each (no graph break), reused from step to step (tau and the prior enter
-    as tensors, not constants), and the same loss and gradients as eager for the same seed. Traced
+    as tensors, not constants), and the same loss and gradients as eager for the same seed, also
+    after remove_detach_step (gradients then flow through the state: a few graphs more, once). Traced
     with the aot_eager backend here (inductor's C++ compile of these graphs takes minutes on 2 CPU
     cores; the layout-dependent part of inductor is the noise, tested below)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = SCALOR(tiny_cfg).train()
     batch = bench_batches(1, 2, tiny_cfg.seq_len, tiny_cfg.img_h, tiny_cfg.img_w, num_objects=8, seed=0)[0]
-    want = [_loss_and_grads(model, batch, step) for step in (100, 101)]
+    late = tiny_cfg.remove_detach_step + 1          # the state no longer detached: new graph variants
+    want = [_loss_and_grads(model, batch, step) for step in (100, 101, late)]
     compile_frames(model, backend="aot_eager")
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -40,6 +42,9 @@ def test_compiled_frame_functions_give_the_eager_numbers(tiny_cfg):
     assert graphs <= 12                 # six functions, each in at most two variants (first frame, others)
     got.append(_loss_and_grads(model, batch, 101))
     assert counters["stats"]["unique_graphs"] == graphs    # the next step reuses them
+    got.append(_loss_and_grads(model, batch, late))
+    graphs_late = counters["stats"]["unique_graphs"]
+    assert graphs_late <= graphs + 4                       # once, at the switch, not every step
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     for (loss, grads), (loss_ref, grads_ref) in zip(got, want):
         torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
@@ -50,7 +55,7 @@ def test_compiled_frame_functions_give_the_eager_numbers(tiny_cfg):
     model.eval()                                             # evaluation runs the eager functions
     with torch.no_grad():
         model(batch[:1], step=100)
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert counters["stats"]["unique_graphs"] == graphs_late
 
 
 def test_compiled_frame_functions_belong_to_their_model(tiny_cfg):

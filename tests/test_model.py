@@ -532,6 +532,25 @@ def test_given_forward_recomputes_under_the_forward_autocast():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def test_given_forward_recomputes_under_the_forward_autocast_cache_setting():
+    """TrainStep runs the forward with autocast's cast cache off and backward outside it: the
+    recomputation sees the cache off too (a compiled `full` is guarded on it and would otherwise
+    compile a second time), and the setting outside is restored."""
+    from modules import given_forward
+    seen = []
+
+    def full(x):
+        seen.append(torch.is_autocast_cache_enabled())
+        return (x * 2,)
+    x = torch.randn(4, requires_grad=True)
+    assert torch.is_autocast_cache_enabled()
+    with torch.autocast("cpu", enabled=False, cache_enabled=False):
+        out = given_forward(full, full, (x,), [])[0]
+    out.sum().backward()
+    assert seen == [False, False] and torch.is_autocast_cache_enabled()
+    assert torch.equal(x.grad, torch.full((4,), 2.0))
+
+
 @pytest.mark.parametrize("size", [64, 128])
 def test_decoder_runs_both_heads_at_once_with_the_same_numbers(size):
     """GlimpseDecoder.forward stacks the two heads' first convolutions (and, on 128-px frames, their
