@@ -564,6 +564,9 @@ def train(run: Run, args) -> int:
               f"{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {run.data_desc['dataset']} "
               f"({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, checkpoints in {run.ckpt_dir}",
               flush=True)
+        if args.compile and run.device.type == "cuda":
+            print("notice: --compile: the first steps compile for up to ~10 minutes (cached for later runs), "
+                  "and a few graphs again once at the schedule's switches", flush=True)
     bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not ddp.main)
     model.train()
     code = 0

@@ -145,6 +145,7 @@ def test_gpu_only_flags_on_the_cpu_give_notices(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "notice: --compile needs a CUDA device; running eagerly" in out
     assert "notice: --cuda-graph needs a CUDA device; running eagerly" in out
+    assert "compile for up to" not in out          # the compile-time notice is for GPU runs only
 
 
 def test_max_minutes_must_be_positive(tmp_path, capsys):
