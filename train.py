@@ -26,6 +26,7 @@ Test hook: the environment variable SCALOR_INJECT_NAN_AT="5,6" makes the loss Na
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import inspect
 import json
@@ -215,10 +216,11 @@ def gather_objects(obj, ddp: Dist) -> list:
     return out
 
 
-def pick_device(name: str, ddp: Dist = Dist()) -> torch.device:
+def pick_device(name: str, ddp: Dist = Dist(), small: bool = False) -> torch.device:
     if ddp.world > 1:
         return torch.device(f"cuda:{ddp.local_rank}") if name != "cpu" and torch.cuda.is_available() else torch.device("cpu")
-    return utils.pick_device(name, "notice: no CUDA device found, training on the CPU (slow at full size; try --small)")
+    return utils.pick_device(name, "notice: no CUDA device found, training on the CPU"
+                             + ("" if small else " (slow at full size; try --small)"))
 
 
 def nan_steps() -> set:
@@ -383,7 +385,7 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     nan_steps()   # validate the test hook's variable before anything is written
     if args.cuda_graph and ddp.world > 1:
         raise ConfigError("--cuda-graph works in single-process runs only: drop it under torchrun")
-    device = pick_device(args.device, ddp)
+    device = pick_device(args.device, ddp, small=args.small)
     kind = dataset_kind(args)
     run_name = args.run_name or default_run_name(args, kind)
     ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
@@ -567,6 +569,7 @@ def train(run: Run, args) -> int:
         if args.compile and run.device.type == "cuda":
             print("notice: --compile: the first steps compile for up to ~10 minutes (cached for later runs), "
                   "and a few graphs again once at the schedule's switches", flush=True)
+    recent = collections.deque(maxlen=50)       # the last 50 steps' losses, for the progress bar
     bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not ddp.main)
     model.train()
     code = 0
@@ -610,7 +613,8 @@ def train(run: Run, args) -> int:
             if writer and step % cfg.generate_freq == 0:
                 log_generation(writer, model, cfg, step, batch)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.1f}", obj=f"{objects:.2f}")
+            recent.append(loss)                 # single steps swing widely: the bar shows a running mean too
+            bar.set_postfix(loss=f"{loss:.1f}", mean50=f"{sum(recent) / len(recent):.1f}", obj=f"{objects:.2f}")
 
             if bad_in_row >= args.max_bad_steps:
                 path = save(run, good)

@@ -373,3 +373,11 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     proc.wait()
     payload = read_checkpoint(str(path))
     assert payload["step"] == 1 and "ballast" not in payload
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is for machines without a GPU")
+def test_cpu_notice_suggests_small_only_without_it(capsys):
+    assert train.pick_device("auto", small=True) == torch.device("cpu")
+    assert capsys.readouterr().out.strip() == "notice: no CUDA device found, training on the CPU"
+    train.pick_device("auto")
+    assert "try --small" in capsys.readouterr().out
