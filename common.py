@@ -148,7 +148,8 @@ class Config:
             raise ConfigError(msg)
 
         for name in ("img_h", "img_w", "seq_len", "num_cell_h", "num_cell_w", "glimpse_size",
-                     "max_num_obj", "z_what_dim", "bg_what_dim", "batch_size", "img_encode_dim"):
+                     "max_num_obj", "z_what_dim", "bg_what_dim", "batch_size", "img_encode_dim",
+                     "print_freq", "generate_freq", "save_freq"):
             if getattr(self, name) < 1:
                 fail(f"{name}={getattr(self, name)} must be a positive integer")
         if self.z_where_scale_dim != 2 or self.z_where_shift_dim != 2:

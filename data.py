@@ -117,8 +117,8 @@ def load_rgb(path: Path) -> Image.Image:
             image.load()  # full decode: a truncated file fails here
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"frame '{path}' is truncated or corrupt ({one_line(err)}): "
-                        f"remove it or pass --skip-bad-frames") from err
+        raise DataError(f"frame '{path}' is truncated or corrupt ({one_line(err)}): remove or replace it "
+                        f"(found while decoding it; --skip-bad-frames drops only what the header check finds)") from err
 
 
 def one_line(err: Exception) -> str:
@@ -733,6 +733,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def iterate(loader):
+    """Iterate a DataLoader and shut its workers down when the iteration ends, also by an error
+    (a corrupt frame met in a worker): they ignore SIGTERM (above), so a loader left to the
+    interpreter's exit would hang it."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)   # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
 
 
 def make_loader(dataset, batch_size, shuffle, workers=0, pin_memory=False, drop_last=True, seed=0,

@@ -56,6 +56,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -67,7 +68,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from common import ConfigError
-from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, make_loader, make_sprites,
+from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, iterate, make_loader, make_sprites,
                   tight_boxes)
 from modules import spatial_transform
 import viz
@@ -504,10 +505,13 @@ def build_dataset(args, cfg):
                             num_sequences=num, seed=TEST_SEED_OFFSET + cfg.seed), num
     if args.dataset == "grandcentral":
         dataset = GrandCentral(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=False,
-                               frame_skip=args.frame_skip, crop_size=cfg.train_station_cropping_origin)
+                               frame_skip=args.frame_skip, crop_size=cfg.train_station_cropping_origin,
+                               skip_bad_frames=args.skip_bad_frames)
     else:
         dataset = FrameFolder(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, frame_skip=args.frame_skip,
-                              train=False)
+                              train=False, skip_bad_frames=args.skip_bad_frames)
+    if dataset.num_skipped:
+        print(f"notice: skipped {dataset.num_skipped} unreadable frames in '{args.data_dir}'")
     num = len(dataset) if args.num_sequences is None else min(args.num_sequences, len(dataset))
     return dataset, num
 
@@ -616,7 +620,7 @@ def run(model, dataset, num: int, args, step: int, tau: float, device) -> Tally:
     tally = Tally()
     position = 0
     with torch.no_grad(), tqdm(total=num, unit="seq", desc="evaluate", file=sys.stderr) as bar:
-        for batch in loader:
+        for batch in iterate(loader):
             B = batch.shape[0]
             batch_indices = indices[position:position + B]
             truths = [ground_truth_frames(dataset.ground_truth(i)) for i in batch_indices] if has_truth else None
@@ -739,6 +743,8 @@ def parse_args(argv):
                    help="frames folder (grandcentral: default the training run's; its last 10%% is the test split)")
     p.add_argument("--preset", default=None,
                    help=f"sprite preset, one of {', '.join(sorted(SPRITE_PRESETS))} (default: the training run's, else easy)")
+    p.add_argument("--skip-bad-frames", action="store_true",
+                   help="drop unreadable or odd-sized frames (with a notice) instead of stopping")
     p.add_argument("--frame-skip", type=int, default=None,
                    help="frame skip (default: the training run's, else grandcentral 8, frames 1)")
     p.add_argument("--num-sequences", type=int, default=None,
@@ -801,8 +807,18 @@ def main(argv=None) -> int:
     cfg = model.cfg
     tau = tau_at(cfg, step)
     seed_everything(args.seed)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"evaluate.py: error: --out '{args.out}' is a file, not a folder: pass another --out", file=sys.stderr)
+        return 2
+    created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)
-    tally = run(model, dataset, num, args, step, tau, device)
+    try:
+        tally = run(model, dataset, num, args, step, tau, device)
+    except DataError as e:   # a frame found corrupt while reading it (setup checks headers only)
+        if created:
+            shutil.rmtree(args.out, ignore_errors=True)
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
     with open(os.path.join(args.out, "predictions.json"), "w") as f:
         json.dump(tally.predictions, f)
     if args.track:

@@ -47,8 +47,8 @@ from tqdm import tqdm
 import utils
 import viz
 from common import Config, ConfigError, small_config
-from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, is_frame_file, make_loader,
-                  make_sprites)
+from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, is_frame_file, iterate,
+                  make_loader, make_sprites)
 from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
 from scalor import SCALOR
 from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
@@ -301,7 +301,7 @@ def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pi
     loader = make_loader(dataset, cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin_memory,
                          drop_last=True, seed=cfg.seed, sampler=order)
     epoch, index, per_epoch = order.epoch, order.start_batch, order.batches_per_epoch()
-    for batch in loader:
+    for batch in iterate(loader):
         yield epoch, index, batch
         index += 1
         if index == per_epoch:
@@ -316,8 +316,11 @@ def list_checkpoints(folder: Path) -> list:
     """ckpt_<step>.pt files in `folder`, oldest step first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name)), key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_NAME.match(path.name).group(1))
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
@@ -390,6 +393,9 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     run_name = args.run_name or default_run_name(args, kind)
     ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
     summary_dir = Path(args.summary_dir or Path("runs") / run_name / "summary")
+    for folder, flag in ((ckpt_dir, "--ckpt-dir"), (summary_dir, "--summary-dir")):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"'{folder}' is a file, not a folder: pass another {flag} or --run-name")
 
     path = resume_path(args, ckpt_dir)
     payload = read_checkpoint(str(path)) if path is not None else None
@@ -422,6 +428,10 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
     if payload is not None:
         start = load_training_state(model, optimizer, payload, path, args.allow_partial_load, cfg, data_desc, ddp)
+        newer = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > start.step]
+        if newer:   # keeping the newest checkpoints would delete this branch's, and auto would resume the other
+            raise ConfigError(f"'{ckpt_dir}' holds checkpoints newer than step {start.step} ({newer[-1].name}): "
+                              f"continue from the newest (--resume auto), or pass another --ckpt-dir for this branch")
     elif list_checkpoints(ckpt_dir):
         raise ConfigError(f"'{ckpt_dir}' already holds checkpoints: pass --resume auto to continue that run, "
                           f"or another --run-name / --ckpt-dir")

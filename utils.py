@@ -146,10 +146,17 @@ def load_model_state(model, payload: dict, path: str = "checkpoint", allow_parti
         listed = ", ".join(f"{k}: model {a!r} vs checkpoint {b!r}" for k, (a, b) in sorted(arch.items()))
         raise CheckpointError(f"{path} was trained with another config ({listed}); "
                               f"use its config or pass --allow-partial-load")
-    result = model.load_state_dict(payload["model"], strict=not allow_partial)
-    if allow_partial and (result.missing_keys or result.unexpected_keys):
-        print(f"partial load from {path}: {len(result.missing_keys)} missing, "
-              f"{len(result.unexpected_keys)} unexpected keys")
+    state = payload["model"]
+    mismatched = []
+    if allow_partial:   # load what fits: tensors of another shape stay as initialised
+        own = model.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        state = {k: v for k, v in state.items() if k not in mismatched}
+    result = model.load_state_dict(state, strict=not allow_partial)
+    if allow_partial and (result.missing_keys or result.unexpected_keys or mismatched):
+        print(f"partial load from {path}: {len(mismatched)} tensors of another shape and "
+              f"{len(result.missing_keys) - len(mismatched)} missing keys left as initialised, "
+              f"{len(result.unexpected_keys)} unexpected keys ignored")
 
 
 # Fields that change the parameters' shapes or meaning.

@@ -181,7 +181,7 @@ def test_truncated_frame_raises_or_is_skipped(tmp_path):
     assert dataset.num_skipped == 0 and len(dataset) == 10 * 8
     assert dataset[3].shape == (2, 3, 4, 4)  # frames 3 and 4 load
     with pytest.raises(DataError, match=re.escape(f"frame '{folder / '5.png'}' is truncated or corrupt")
-                       + r".*pass --skip-bad-frames"):
+                       + r".*remove or replace it"):
         dataset[4]  # crop 0, start 4: frames 4 and 5
     # truncated (cut off): found when the dataset is built, before anything runs
     (folder / "5.png").write_bytes(data[:len(data) // 2])

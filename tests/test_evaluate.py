@@ -414,6 +414,37 @@ def test_track_mode_writes_exports_only(tmp_path, checkpoint):
     assert names == ["predictions.json", "tracks_000000_000000.txt"]      # one 3-frame sequence, no report
 
 
+def test_track_mode_bad_frames_and_out_folder(tmp_path, checkpoint, capsys):
+    """A frame damaged inside (met while reading, after the setup's header checks): one line, exit
+    2, no --out folder left; --skip-bad-frames, which the message suggests, exists here too; an
+    --out that is a file is refused."""
+    from PIL import Image
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for t in range(6):   # noise: a PNG large enough to damage inside
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(frames / f"{t:04d}.png")
+    first = frames / "0001.png"
+    data = bytearray(first.read_bytes())
+    data[200:len(data) - 100] = bytes(len(data) - 300)        # zeroed inside, header and end marker kept
+    first.write_bytes(bytes(data))
+    out = tmp_path / "tracks"
+    flags = ["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--device", "cpu"]
+    assert ev.main(flags + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]       # after the progress bar
+    assert err.startswith("evaluate.py: error: ") and "0001.png' is truncated or corrupt" in err
+    assert not out.exists()
+    (tmp_path / "file").write_text("")
+    assert ev.main(flags + ["--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    (frames / "0002.png").write_bytes((frames / "0002.png").read_bytes()[:300])      # cut short: the header check
+    assert ev.main(flags + ["--out", str(out)]) == 2
+    assert "pass --skip-bad-frames" in capsys.readouterr().err
+    first.unlink()
+    assert ev.main(flags + ["--out", str(out), "--skip-bad-frames"]) == 0
+    assert "notice: skipped 1 unreadable frames" in capsys.readouterr().out
+
+
 def test_first_frame_rejection_switched_at_evaluation(tmp_path, checkpoint):
     """An inference rule without parameters: the checkpoint's value unless the flag is given."""
     _, default, *_ = ev.prepare(["--checkpoint", checkpoint, "--device", "cpu"])

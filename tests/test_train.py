@@ -222,13 +222,16 @@ def bad_input_cases(tmp_path, short_run):
         "observe_frames >= seq_len": (["--observe-frames", "3"], "observe_frames=3"),
         "not a checkpoint": (["--resume", str(tmp_path / "junk.pt")], "not a readable SCALOR checkpoint"),
         "checkpoint of another config": (["--resume", ckpt, "--num-cell-h", "8", "--num-cell-w", "8"], "num_cell_h"),
+        "a zero logging interval": (["--save-freq", "0"], "save_freq=0 must be a positive integer"),
+        "a file as the checkpoint folder": (["--ckpt-dir", str(tmp_path / "junk.pt")], "is a file, not a folder"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data dir", "empty data dir", "no frames of a known type", "truncated frame",
                                   "mixed frame sizes", "fewer frames than a sequence", "image not divisible by the grid",
                                   "cap above the cells", "observe_frames >= seq_len", "not a checkpoint",
-                                  "checkpoint of another config"])
+                                  "checkpoint of another config", "a zero logging interval",
+                                  "a file as the checkpoint folder"])
 def test_bad_input_exits_2_with_one_line(case, tmp_path, short_run, monkeypatch, capsys):
     flags, words = bad_input_cases(tmp_path, short_run)[case]
     monkeypatch.chdir(tmp_path)
@@ -381,3 +384,41 @@ def test_cpu_notice_suggests_small_only_without_it(capsys):
     assert capsys.readouterr().out.strip() == "notice: no CUDA device found, training on the CPU"
     train.pick_device("auto")
     assert "try --small" in capsys.readouterr().out
+
+
+def test_resuming_an_older_checkpoint_where_newer_ones_lie_is_refused(short_run, capsys):
+    """Keeping the newest checkpoints would delete the new branch's at once (and --resume auto
+    would later pick the old branch): the run names the problem instead."""
+    older = str(short_run / "checkpoints" / "ckpt_00000002.pt")
+    assert train.main(TINY + run_dirs(short_run, "--resume", older, "--steps", "5")) == 2
+    err = capsys.readouterr().err
+    assert "newer than step 2 (ckpt_00000004.pt)" in err and "--ckpt-dir" in err
+    assert sorted(p.name for p in (short_run / "checkpoints").iterdir()) == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+
+
+def test_allow_partial_load_loads_what_fits(short_run, tmp_path, capsys):
+    """Another z_what size: the tensors of another shape stay as initialised, the rest is loaded."""
+    ckpt = str(short_run / "checkpoints" / "ckpt_00000004.pt")
+    flags = TINY + run_dirs(tmp_path, "--resume", ckpt, "--z-what-dim", "16", "--allow-partial-load", "--steps", "5")
+    assert train.main(flags) == 0
+    out = capsys.readouterr().out
+    assert "partial load from" in out and "tensors of another shape" in out
+
+
+def test_a_frame_found_corrupt_mid_run_ends_the_run_with_workers(tmp_path, capsys):
+    """The setup reads headers and end markers only: a frame damaged inside is met by a loader
+    worker mid-run. The run stops with the one-line error and exit 2, and the workers (which ignore
+    SIGTERM) are shut down: before, the interpreter's exit waited on them forever."""
+    folder = write_frames(tmp_path / "frames", [(64, 64)] * 12)
+    data = bytearray((folder / "f5.png").read_bytes())
+    data[200:len(data) - 100] = bytes(len(data) - 300)       # zeroed inside, header and end marker kept
+    (folder / "f5.png").write_bytes(bytes(data))
+    script = (f"import sys, train; sys.exit(train.main({TINY!r} + ['--dataset', 'frames', '--data-dir', {str(folder)!r}, "
+              f"'--workers', '2', '--steps', '20', '--num-sprite-sequences', '8']"
+              f" + {run_dirs(tmp_path / 'run')!r}))")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "f5.png' is truncated or corrupt" in done.stderr.strip().splitlines()[-1]
