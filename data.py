@@ -115,6 +115,9 @@ def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # full decode: a truncated file fails here
+            if image.mode.startswith("I"):   # 16-bit grey (PNG's deepest): convert() would clip it at 255
+                grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
+                return Image.fromarray(grey, "L").convert("RGB")
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"frame '{path}' is truncated or corrupt ({one_line(err)}): remove or replace it "
@@ -185,7 +188,7 @@ def numbered_frames(folder: Path) -> list[Path]:
     for path in frames:
         if not path.stem.isdigit():
             raise DataError(f"frame '{path}' is not named by a number: Grand Central needs frames "
-                            f"like '1234.png'; use FrameFolder for other names")
+                            f"like '1234.png'; pass --dataset frames for other names")
     return sorted(frames, key=lambda p: int(p.stem))
 
 
@@ -224,8 +227,9 @@ class GrandCentral(Dataset):
         self.frame_size = sizes[0]  # (width, height)
         self.boxes = grand_central_boxes(self.frame_size[1], crop_size)
         for box in self.boxes:
-            check_box_fits(self.folder, box, self.frame_size, "pass a smaller crop size "
-                           "(the reference uses 240 for 720x480 frames)")
+            check_box_fits(self.folder, box, self.frame_size, "pass a smaller "
+                           "--train-station-cropping-origin (the reference uses 240 for 720x480 frames), "
+                           "or --dataset frames if these are not Grand Central frames")
         self.paths = self.split_paths(paths)
         self.num_starts = len(self.paths) - (seq_len * frame_skip - 1)
         self.num_data = self.num_starts if train else self.num_starts // seq_len

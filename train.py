@@ -242,7 +242,11 @@ def dataset_kind(args) -> str:
     if args.data_dir is None:
         return "sprites"
     frames = [p for p in check_folder(args.data_dir).iterdir() if is_frame_file(p)]
-    return "grandcentral" if frames and all(p.stem.isdigit() for p in frames) else "frames"
+    if frames and all(p.stem.isdigit() for p in frames):
+        print(f"notice: numbered frames in '{args.data_dir}' are read as Grand Central (8 crops, frame skip 8, "
+              f"the last 10% held out); pass --dataset frames for a video of your own")
+        return "grandcentral"
+    return "frames"
 
 
 def build_dataset(cfg: Config, args, kind: str):

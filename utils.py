@@ -122,6 +122,8 @@ def save_checkpoint(path: str, model, optimizer=None, step: int = 0, cfg: Config
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:
     """Load a checkpoint file and check that it is one; returns its dict (config as a Config)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint '{path}' is a folder: pass one of its ckpt_*.pt files")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SpriteSpec, bench_batches,
-                  make_loader, make_sprites, write_to_disk)
+                  load_rgb, make_loader, make_sprites, write_to_disk)
 
 CORNERS_720 = [(120, 0), (360, 0), (0, 240), (240, 240), (480, 240), (0, 120), (240, 120), (480, 120)]
 
@@ -109,7 +109,7 @@ def test_grand_central_general_crop_corners_and_crop_fit(tmp_path):
 
 def test_grand_central_needs_numbered_frames(tmp_path):
     folder = write_frames(tmp_path / "named", ["1.png", "2.png", "frame3.png"])
-    with pytest.raises(DataError, match=r"frame3.png' is not named by a number.*FrameFolder"):
+    with pytest.raises(DataError, match=r"frame3.png' is not named by a number.*pass --dataset frames"):
         GrandCentral(folder)
 
 
@@ -434,3 +434,14 @@ def test_make_loader_order_is_reproducible():
     assert len(in_process) == 4 and all(torch.equal(a, b) for a, b in zip(in_process, in_workers))
     with pytest.raises(DataError, match=r"gives 10 sequences, fewer than one batch of 20"):
         make_loader(dataset, 20, shuffle=True)
+
+
+def test_16_bit_grey_frames_are_scaled_not_clipped(tmp_path):
+    """PNG's 16-bit grey: 65535 is white, 32896 mid-grey (Pillow's convert("RGB") would clip every
+    value above 255 to white)."""
+    grey = np.full((8, 8), 32896, dtype=np.uint16)
+    grey[0, 0], grey[0, 1] = 65535, 0
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    pixels = np.asarray(load_rgb(tmp_path / "g.png"))
+    assert pixels.shape == (8, 8, 3) and (pixels[1, 1] == 128).all()
+    assert (pixels[0, 0] == 255).all() and (pixels[0, 1] == 0).all()

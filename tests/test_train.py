@@ -422,3 +422,17 @@ def test_a_frame_found_corrupt_mid_run_ends_the_run_with_workers(tmp_path, capsy
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2, done.stderr[-2000:]
     assert "f5.png' is truncated or corrupt" in done.stderr.strip().splitlines()[-1]
+
+
+def test_numbered_frames_are_read_as_grand_central_with_a_notice(tmp_path, capsys):
+    folder = write_frames(tmp_path / "numbered", [(64, 64)] * 3)
+    for n in range(3):
+        (folder / f"f{n}.png").rename(folder / f"{n:04d}.png")
+    args = train.build_parser().parse_args(["--data-dir", str(folder)])
+    assert train.dataset_kind(args) == "grandcentral"
+    assert "pass --dataset frames for a video of your own" in capsys.readouterr().out
+
+
+def test_a_folder_as_checkpoint_says_so(short_run, tmp_path, capsys):
+    assert train.main(TINY + run_dirs(tmp_path, "--resume", str(short_run / "checkpoints"))) == 2
+    assert "is a folder: pass one of its ckpt_*.pt files" in capsys.readouterr().err
