@@ -323,6 +323,23 @@ def list_checkpoints(folder: Path) -> list:
     return sorted((p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name)), key=checkpoint_step)
 
 
+def drop_losses_after(path: Path, step: int) -> None:
+    """Rewrite losses.jsonl (atomically) without the lines of steps after `step` and broken lines
+    (a run killed mid-write)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
+
+
 def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_NAME.match(path.name).group(1))
 
@@ -565,7 +582,10 @@ def train(run: Run, args) -> int:
         writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else None)
         if not run.resumed:
             writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in cfg.to_dict().items()), 0)
-        losses = open(run.summary_dir / "losses.jsonl", "a")
+        losses_path = run.summary_dir / "losses.jsonl"
+        if run.resumed:   # as the events' purge_step: drop the steps after the checkpoint (a crash's)
+            drop_losses_after(losses_path, run.start.step)
+        losses = open(losses_path, "a")
     stop, previous = install_stop_handlers()
     inject = nan_steps()
     pin = run.device.type == "cuda"

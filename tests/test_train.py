@@ -436,3 +436,15 @@ def test_numbered_frames_are_read_as_grand_central_with_a_notice(tmp_path, capsy
 def test_a_folder_as_checkpoint_says_so(short_run, tmp_path, capsys):
     assert train.main(TINY + run_dirs(tmp_path, "--resume", str(short_run / "checkpoints"))) == 2
     assert "is a folder: pass one of its ckpt_*.pt files" in capsys.readouterr().err
+
+
+def test_resume_drops_the_losses_logged_after_the_checkpoint(short_run, tmp_path):
+    """A run killed after its last checkpoint logged steps 5 and 6 (and half a line): resuming from
+    step 4 logs them again, once."""
+    import shutil
+    shutil.copytree(short_run, tmp_path / "run")
+    with open(tmp_path / "run" / "summary" / "losses.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.0, "skipped": false}\n{"step": 6, "loss": 1.0, "skipped": false}\n{"step": 7, "lo')
+    assert train.main(TINY + run_dirs(tmp_path / "run", "--resume", "auto", "--steps", "6")) == 0
+    assert [entry["step"] for entry in losses(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    assert all(entry["loss"] != 1.0 for entry in losses(tmp_path / "run"))
