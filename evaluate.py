@@ -42,7 +42,7 @@ Conventions:
   are motmetrics' detection-based counts, so mostly_detected + partially_tracked + mostly_lost =
   num_unique_objects. These follow the object-centric representation benchmark (Weis et al. 2021).
 - Exports: `tracks_<seq>.txt` in the MOTChallenge layout `frame,id,x,y,w,h,conf,-1,-1,-1` (frame
-  1-based within the sequence, pixels, conf = z_pres); `predictions.json` =
+  1-based within the sequence, pixels of the model's img_w x img_h frames, conf = z_pres); `predictions.json` =
   {"<seq>": [{"frame": t (0-based), "masks": [RLE], "ids": [id]}, ...]}; masks are run-length
   encoded as the object-centric representation benchmark reads them: the mask flattened in
   row-major (C) order, then "start length" pairs of its runs of ones, starts 1-based, all joined
