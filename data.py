@@ -318,10 +318,14 @@ class FrameFolder(Dataset):
         self.box = None if crop is None else (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
         self.videos = []  # list over videos of frame paths
         self.num_skipped = 0
+        self.short_videos = []  # folders of the videos too short for one sequence (left out)
+        self.items = []
         for video_folder, paths in find_videos(self.folder):
             self.videos.append(self.check_video(video_folder, paths, skip_bad_frames))
-        self.items = [(v, start) for v, paths in enumerate(self.videos)
-                      for start in sequence_starts(len(paths), seq_len, frame_skip, train)]
+            starts = sequence_starts(len(self.videos[-1]), seq_len, frame_skip, train)
+            self.items += [(len(self.videos) - 1, start) for start in starts]
+            if not starts:
+                self.short_videos.append(video_folder)
         if not self.items:
             longest = max(len(paths) for paths in self.videos)
             span = (seq_len - 1) * frame_skip + 1
@@ -737,6 +741,18 @@ def _ignore_stop_signals(worker_id: int) -> None:
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def data_notices(dataset, data_dir) -> list[str]:
+    """What building a dataset of frames left out, as notice lines for the user."""
+    lines = []
+    if getattr(dataset, "num_skipped", 0):
+        lines.append(f"notice: skipped {dataset.num_skipped} unreadable frames in '{data_dir}'")
+    short = getattr(dataset, "short_videos", [])
+    if short and len(short) < len(dataset.videos):   # all too short is an error, raised already
+        lines.append(f"notice: left out {len(short)} videos shorter than one sequence in '{data_dir}' "
+                     f"(the first: '{short[0]}')")
+    return lines
 
 
 def iterate(loader):

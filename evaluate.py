@@ -68,8 +68,8 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from common import ConfigError
-from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, iterate, make_loader, make_sprites,
-                  tight_boxes)
+from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, data_notices, iterate,
+                  make_loader, make_sprites, tight_boxes)
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
@@ -510,8 +510,8 @@ def build_dataset(args, cfg):
     else:
         dataset = FrameFolder(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, frame_skip=args.frame_skip,
                               train=False, skip_bad_frames=args.skip_bad_frames)
-    if dataset.num_skipped:
-        print(f"notice: skipped {dataset.num_skipped} unreadable frames in '{args.data_dir}'")
+    for line in data_notices(dataset, args.data_dir):
+        print(line)
     num = len(dataset) if args.num_sequences is None else min(args.num_sequences, len(dataset))
     return dataset, num
 

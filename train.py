@@ -47,8 +47,8 @@ from tqdm import tqdm
 import utils
 import viz
 from common import Config, ConfigError, small_config
-from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, is_frame_file, iterate,
-                  make_loader, make_sprites)
+from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, data_notices, is_frame_file,
+                  iterate, make_loader, make_sprites)
 from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
 from scalor import SCALOR
 from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
@@ -261,8 +261,8 @@ def build_dataset(cfg: Config, args, kind: str):
         dataset = FrameFolder(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len,
                               frame_skip=1 if args.frame_skip is None else args.frame_skip,
                               train=True, skip_bad_frames=args.skip_bad_frames)
-    if dataset.num_skipped:
-        print(f"notice: skipped {dataset.num_skipped} unreadable frames in '{args.data_dir}'")
+    for line in data_notices(dataset, args.data_dir):
+        print(line)
     return dataset
 
 
@@ -501,8 +501,10 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
                   f"the data position carries over, the random streams start afresh")
     if payload.get("data", data_desc) != data_desc:
         print(f"notice: {path} was trained on {payload['data']}, now {data_desc}: the data position will not match")
-    # the data position in sequences of the epoch, in global batches of this run (rounded down)
-    batch_index = payload.get("batch_index", 0) * saved_world // ddp.world
+    # the data position in sequences of the epoch (the epoch's order does not depend on the batch
+    # size), in global batches of this run (rounded down): other process counts or batch sizes
+    saved_batch = payload["config"].batch_size
+    batch_index = payload.get("batch_index", 0) * saved_world * saved_batch // (ddp.world * cfg.batch_size)
     rng = ranks[ddp.rank] if len(ranks) == ddp.world else {}
     return Progress(step=payload["step"], epoch=payload.get("epoch", 0), batch_index=batch_index,
                     bad_steps=payload.get("bad_steps", 0), rng=rng)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SpriteSpec, bench_batches,
-                  load_rgb, make_loader, make_sprites, write_to_disk)
+                  data_notices, load_rgb, make_loader, make_sprites, write_to_disk)
 
 CORNERS_720 = [(120, 0), (360, 0), (0, 240), (240, 240), (480, 240), (0, 120), (240, 120), (480, 120)]
 
@@ -445,3 +445,12 @@ def test_16_bit_grey_frames_are_scaled_not_clipped(tmp_path):
     pixels = np.asarray(load_rgb(tmp_path / "g.png"))
     assert pixels.shape == (8, 8, 3) and (pixels[1, 1] == 128).all()
     assert (pixels[0, 0] == 255).all() and (pixels[0, 1] == 0).all()
+
+
+def test_videos_shorter_than_a_sequence_are_left_out_with_a_notice(video_root):
+    """seq_len 4: 'b2' (3 frames) gives no sequence; the notice names it, 'b10' gives two starts."""
+    dataset = FrameFolder(video_root, img_h=8, img_w=12, seq_len=4)
+    assert dataset.short_videos == [video_root / "b2"] and len(dataset) == 2
+    assert data_notices(dataset, "videos") == [
+        f"notice: left out 1 videos shorter than one sequence in 'videos' (the first: '{video_root / 'b2'}')"]
+    assert data_notices(FrameFolder(video_root, img_h=8, img_w=12, seq_len=2), "videos") == []

@@ -448,3 +448,12 @@ def test_resume_drops_the_losses_logged_after_the_checkpoint(short_run, tmp_path
     assert train.main(TINY + run_dirs(tmp_path / "run", "--resume", "auto", "--steps", "6")) == 0
     assert [entry["step"] for entry in losses(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
     assert all(entry["loss"] != 1.0 for entry in losses(tmp_path / "run"))
+
+
+def test_resume_with_another_batch_size_keeps_the_data_position(short_run, tmp_path):
+    """Step 2 of batch 2 has used 4 sequences of the epoch's order (which does not depend on the
+    batch size): with batch 4 the run continues at its global batch 1, not 2."""
+    ckpt = str(short_run / "checkpoints" / "ckpt_00000002.pt")
+    args = train.build_parser().parse_args(TINY + run_dirs(tmp_path, "--resume", ckpt, "--batch-size", "4"))
+    run = train.setup(args)
+    assert (run.start.step, run.start.epoch, run.start.batch_index) == (2, 0, 1)
