@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import Config, ConfigError
+from common import Config, ConfigError, check_flags_at_least
 from data import bench_batches
 from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
 from scalor import SCALOR
@@ -155,9 +155,7 @@ def main(argv=None):
     p.add_argument("--sync-check", action="store_true")
     args = p.parse_args(argv)
     try:
-        for name, low in (("warmup", 0), ("steps", 1), ("num_objects", 0), ("profile", 0)):
-            if getattr(args, name) < low:
-                raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}")
+        check_flags_at_least(args, (("warmup", 0), ("steps", 1), ("num_objects", 0), ("profile", 0)))
         cfg = Config(img_h=args.img_size, img_w=args.img_size, num_cell_h=args.grid, num_cell_w=args.grid,
                      glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
                      seq_len=args.seq_len, observe_frames=max(0, min(5, args.seq_len - 1)),

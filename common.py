@@ -14,6 +14,15 @@ class ConfigError(ValueError):
     """An impossible or inconsistent setting; the message names the field and the fix."""
 
 
+def check_flags_at_least(args, bounds) -> None:
+    """ConfigError naming the first command-line flag below its bound: bounds ((field, low), ...)
+    of an argparse namespace; a field left None passes."""
+    for name, low in bounds:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= {low}")
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 

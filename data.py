@@ -320,10 +320,11 @@ class FrameFolder(Dataset):
         self.num_skipped = 0
         self.short_videos = []  # folders of the videos too short for one sequence (left out)
         self.items = []
-        for video_folder, paths in find_videos(self.folder):
-            self.videos.append(self.check_video(video_folder, paths, skip_bad_frames))
-            starts = sequence_starts(len(self.videos[-1]), seq_len, frame_skip, train)
-            self.items += [(len(self.videos) - 1, start) for start in starts]
+        for video, (video_folder, paths) in enumerate(find_videos(self.folder)):
+            paths = self.check_video(video_folder, paths, skip_bad_frames)
+            starts = sequence_starts(len(paths), seq_len, frame_skip, train)
+            self.videos.append(paths)
+            self.items += [(video, start) for start in starts]
             if not starts:
                 self.short_videos.append(video_folder)
         if not self.items:

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import utils
 import viz
-from common import Config, ConfigError, small_config
+from common import Config, ConfigError, check_flags_at_least, small_config
 from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, data_notices, is_frame_file,
                   iterate, make_loader, make_sprites)
 from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
@@ -137,11 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_run_args(args) -> None:
-    for name, low in (("workers", 0), ("keep_checkpoints", 1), ("max_bad_steps", 1), ("steps", 1),
-                      ("epochs", 1), ("frame_skip", 1), ("num_sprite_sequences", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= {low}")
+    check_flags_at_least(args, (("workers", 0), ("keep_checkpoints", 1), ("max_bad_steps", 1), ("steps", 1),
+                                ("epochs", 1), ("frame_skip", 1), ("num_sprite_sequences", 1)))
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ConfigError(f"--max-minutes={args.max_minutes} must be positive")
     if args.data_dir is not None and args.dataset == "sprites":
