@@ -262,17 +262,20 @@ class GlimpseDecoder(nn.Module):
         o, alpha = self._both_heads(feat)
         return torch.sigmoid(o), torch.sigmoid(alpha)
 
+    @staticmethod
+    def _first_and_rest(head):                 # head -> its first conv, the rest (None for a one-conv head)
+        return (head[0], head[1:]) if isinstance(head, nn.Sequential) else (head, None)
+
     def _both_heads(self, feat):               # trunk (N, 16, G, G) -> dec_o(feat), dec_alpha(feat)
         """The two heads with their first convolutions run as one (16 -> 8 + 8, or 16 -> 3 + 1: one
         pass over the features, one weight gradient) and their GroupNorms as one (same groups of
         channels): the numbers of dec_o(feat), dec_alpha(feat)."""
-        two_convs = isinstance(self.dec_o, nn.Sequential)     # conv -> CELU -> GN -> conv, else one conv
-        first_o, first_a = (self.dec_o[0], self.dec_alpha[0]) if two_convs else (self.dec_o, self.dec_alpha)
+        (first_o, rest_o), (first_a, rest_a) = self._first_and_rest(self.dec_o), self._first_and_rest(self.dec_alpha)
         h = first_o._conv_forward(feat, torch.cat((first_o.weight, first_a.weight)),
                                   torch.cat((first_o.bias, first_a.bias)))             # (N, Co + Ca, G, G)
-        if not two_convs:
+        if rest_o is None:                     # one conv each
             return h.split((first_o.out_channels, first_a.out_channels), 1)
-        (_, celu, norm_o, last_o), (_, _, norm_a, last_a) = self.dec_o, self.dec_alpha
+        (celu, norm_o, last_o), (_, norm_a, last_a) = rest_o, rest_a                   # CELU -> GN -> conv
         h = F.group_norm(celu(h), norm_o.num_groups + norm_a.num_groups, torch.cat((norm_o.weight, norm_a.weight)),
                          torch.cat((norm_o.bias, norm_a.bias)), norm_o.eps)
         h_o, h_a = h.split((first_o.out_channels, first_a.out_channels), 1)
@@ -290,13 +293,12 @@ class GlimpseDecoder(nn.Module):
     def appearance_of_rows(self, feats, rows):  # trunks (N1, 16, G, G), (N2, ...), rows (M,) -> o (M, 3, G, G)
         """appearance(torch.cat(feats)[rows]): with the Triton kernels the first convolution reads the
         rows where they are (no concatenation, no gather), else the features are gathered first."""
-        two_convs = isinstance(self.dec_o, nn.Sequential)
-        first = self.dec_o[0] if two_convs else self.dec_o
+        first, rest = self._first_and_rest(self.dec_o)
         if isinstance(first, Conv3x3) and _triton_fits(feats[0], first.weight, Conv3x3.MIN_PIXELS):
             h = kernels.conv3x3_rows(feats[0], feats[1], rows, first.weight, first.bias)
         else:
             h = first(torch.cat(feats)[rows])
-        return torch.sigmoid(self.dec_o[1:](h) if two_convs else h)
+        return torch.sigmoid(h if rest is None else rest(h))
 
 
 # ------------------------------------------------------------------------------------------------
