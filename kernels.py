@@ -26,6 +26,14 @@ backward 1.30 -> 0.70 ms for 1,280 glimpses). `modules.make_conv` uses them for 
 at most 16 channels a side. The kernels are custom operators (torch.ops.scalor.conv3x3, conv4x4s2,
 their gradients), so torch.compile traces through them. `tests/test_kernels.py` checks every result against F.conv2d's
 (Triton's interpreter on CPU) and the operators' registration (torch.library.opcheck).
+
+`_weight_grad_nhwc` is the weight gradient of a 3x3 convolution of channels-last tensors with 16-64
+channels a side (the glimpse decoders' 32 -> 32 trunk layer at 32x32, which inductor already runs
+channels-last): chunks of pixels x 3 row offsets, one (C_out x pixels) @ (pixels x C_in) product per
+tap. Measured on an H200 (TF32, as cuDNN in fp32 mode) at 32 -> 32, 32x32: 386 us for 900 glimpses
+and 512 us for 1,280, against cuDNN's channels-last 689 and 1,047 us; slower than cuDNN at 64
+channels of 16x16 (505 against 210 us). Not used by the model yet (docs/PERF_NOTES.md, 2026-11-28
+evening, says what wiring it in needs).
 """
 from __future__ import annotations
 
@@ -189,6 +197,54 @@ if triton is not None:
         out = out_ptr + (n.to(tl.int64) * tl.num_programs(1) + s) * COUT_P * 16 * CIN_P
         tl.store(out + o[:, None] * (16 * CIN_P) + j[None, :], acc)
 
+    @triton.jit
+    def _conv_wgrad_nhwc(x_ptr, g_ptr, out_ptr, NPIX, H, W, CHUNK,
+                         CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
+                         TF32: tl.constexpr, BLOCK: tl.constexpr):
+        # Weight gradient of a 3x3 convolution (stride 1, padding 1) of channels-last tensors:
+        # x (NPIX = N*H*W pixels, CIN), g (NPIX, COUT), each pixel's channels contiguous. Program
+        # (s, dy) sums pixels [s*CHUNK, (s+1)*CHUNK) of the flattened images for the three taps of
+        # row offset dy: out[s, dy, dx] = sum_p g[p, :] (outer) x[p + (dy-1)*W + (dx-1), :] over the
+        # pixels whose shifted source lies in the same image -> (COUT_P, CIN_P) each, padding zero.
+        # One (COUT_P x BLOCK) @ (BLOCK x CIN_P) product per tap and block: the channels are the
+        # product's sides, the pixels its depth (the NCHW kernel above stacks the taps as columns
+        # instead, which spills registers beyond 16 channels).
+        s = tl.program_id(0)
+        dy = tl.program_id(1)
+        o = tl.arange(0, COUT_P)
+        c = tl.arange(0, CIN_P)
+        acc0 = tl.zeros((COUT_P, CIN_P), dtype=tl.float32)
+        acc1 = tl.zeros((COUT_P, CIN_P), dtype=tl.float32)
+        acc2 = tl.zeros((COUT_P, CIN_P), dtype=tl.float32)
+        for start in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
+            p = start + tl.arange(0, BLOCK)
+            live = p < NPIX
+            pw = p % W
+            hh = p // W % H + dy - 1
+            gt = tl.load(g_ptr + p.to(tl.int64)[:, None] * COUT + o[None, :],
+                         mask=live[:, None] & (o < COUT)[None, :], other=0.0)           # (BLOCK, COUT_P)
+            gt = tl.trans(gt)                                                           # (COUT_P, BLOCK)
+            row_ok = live & (hh >= 0) & (hh < H)
+            src = p.to(tl.int64) + (dy - 1) * W                                         # dx = 1's source
+            for dx in tl.static_range(3):
+                ok = row_ok & (pw + dx - 1 >= 0) & (pw + dx - 1 < W)
+                xt = tl.load(x_ptr + (src + dx - 1)[:, None] * CIN + c[None, :],
+                             mask=ok[:, None] & (c < CIN)[None, :], other=0.0)          # (BLOCK, CIN_P)
+                if TF32:
+                    part = tl.dot(gt, xt, input_precision="tf32")
+                else:
+                    part = tl.dot(gt, xt, input_precision="ieee")
+                if dx == 0:
+                    acc0 += part
+                elif dx == 1:
+                    acc1 += part
+                else:
+                    acc2 += part
+        out = out_ptr + ((s * 3 + dy) * 3).to(tl.int64) * COUT_P * CIN_P + o[:, None] * CIN_P + c[None, :]
+        tl.store(out, acc0)
+        tl.store(out + COUT_P * CIN_P, acc1)
+        tl.store(out + 2 * COUT_P * CIN_P, acc2)
+
 
 def _use_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
@@ -262,6 +318,25 @@ def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32):
                              _use_tf32(), block)
     grad = partial.sum((0, 1))[:COUT, :ksize * ksize, :CIN]           # (COUT, K^2, CIN), a fixed order
     return grad.permute(0, 2, 1).reshape(COUT, CIN, ksize, ksize)
+
+
+def _weight_grad_nhwc(x, grad_y, block: int = 64, programs: int = 512, num_warps: int = 4):
+    """dL/dweight (COUT, CIN, 3, 3) of y = F.conv2d(x, weight, padding=1) for a 3x3 weight, from
+    x (N, CIN, H, W) and grad_y (N, COUT, H, W) in channels-last memory (others are copied so):
+    ~`programs` chunks of pixels x 3 row offsets, summed in a fixed order (deterministic)."""
+    N, CIN, H, W = x.shape
+    COUT = grad_y.shape[1]
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
+    npix = N * H * W
+    chunk = triton.cdiv(triton.cdiv(npix, programs), block) * block
+    splits = triton.cdiv(npix, chunk)
+    partial = x.new_empty(splits, 3, 3, COUT_P, CIN_P)
+    _conv_wgrad_nhwc[(splits, 3)](x, grad_y, partial, npix, H, W, chunk, CIN, CIN_P, COUT, COUT_P,
+                                  _use_tf32(), block, num_warps=num_warps)
+    grad = partial.sum(0)[:, :, :COUT, :CIN]                            # (3, 3, COUT, CIN), a fixed order
+    return grad.permute(2, 3, 0, 1).contiguous()
 
 
 # The kernels are custom operators, so torch.compile traces through them (no graph break): inductor

@@ -212,3 +212,22 @@ def test_conv3x3_rows_reads_gathered_images_in_place():
         rows = torch.tensor([4, 0, 2, 3], device=DEVICE)
         torch.testing.assert_close(dec.appearance_of_rows(feats, rows), dec.appearance(torch.cat(feats)[rows]),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, cin, cout, h, w", [(2, 32, 32, 8, 8), (3, 3, 5, 6, 7), (1, 20, 40, 4, 9), (2, 64, 16, 1, 5)])
+@pytest.mark.parametrize("programs", [512, 3])
+def test_weight_grad_nhwc_matches_conv2d(n, cin, cout, h, w, programs):
+    """The channels-last weight gradient (pixels of all images in chunks, one product per tap) equals
+    F.conv2d's for 3x3, padding 1: channel counts that are not powers of two or under 16 (padded),
+    rows of one pixel, taps whose source leaves the image, more chunks than pixels or few chunks;
+    NCHW inputs are copied to channels-last first."""
+    gen = torch.Generator().manual_seed(n * 100 + cin + cout)
+    x = torch.randn(n, cin, h, w, generator=gen).to(DEVICE)
+    grad_y = torch.randn(n, cout, h, w, generator=gen).to(DEVICE)
+    want = torch.nn.grad.conv2d_weight(x, (cout, cin, 3, 3), grad_y, padding=1)
+    magnitude = torch.nn.grad.conv2d_weight(x.abs(), (cout, cin, 3, 3), grad_y.abs(), padding=1)
+    for xs, gs in ((x, grad_y), (x.contiguous(memory_format=torch.channels_last),
+                                 grad_y.contiguous(memory_format=torch.channels_last))):
+        got = kernels._weight_grad_nhwc(xs, gs, block=16, programs=programs)
+        assert got.shape == (cout, cin, 3, 3)
+        assert ((got - want).abs() <= 2e-7 * magnitude + 1e-6).all(), float((got - want).abs().max())
