@@ -85,7 +85,7 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "loss_trace": {i + 1: round(float(losses[i]), 1) for i in range(0, len(losses), max(1, len(losses) // 10))},
         "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
         "compile_blocks": args.compile_blocks, "compile_frames": args.compile_frames, "checkpoint_glimpses": cfg.checkpoint_glimpses,
-        "triton_convs": cfg.triton_convs,
+        "triton_convs": cfg.triton_convs, "nhwc_weight_grad": cfg.nhwc_weight_grad,
         "cudnn_benchmark": not args.no_cudnn_benchmark,
         "scene_objects": num_objects,
         "config": {k: getattr(cfg, k) for k in ("img_h", "num_cell_h", "glimpse_size", "max_num_obj", "batch_size",
@@ -145,6 +145,9 @@ def main(argv=None):
                    help="keep glimpse activations instead of recomputing them in backward (faster, more memory)")
     p.add_argument("--no-triton-convs", action="store_true",
                    help="run the small-channel 3x3 and 4x4/2 convolutions in cuDNN instead of the Triton kernels")
+    p.add_argument("--nhwc-weight-grad", action="store_true",
+                   help="experimental: weight gradients of the 17-32 channel 3x3 and 4x4/2 convolutions by the "
+                        "channels-last Triton kernel")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps and print the GPU kernels by total time")
     p.add_argument("--warmup", type=int, default=10)
@@ -160,7 +163,7 @@ def main(argv=None):
                      glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
                      seq_len=args.seq_len, observe_frames=max(0, min(5, args.seq_len - 1)),
                      phase_conv_lstm=not args.no_conv_lstm, checkpoint_glimpses=not args.no_checkpoint_glimpses,
-                     triton_convs=not args.no_triton_convs)
+                     triton_convs=not args.no_triton_convs, nhwc_weight_grad=args.nhwc_weight_grad)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

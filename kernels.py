@@ -27,13 +27,16 @@ at most 16 channels a side. The kernels are custom operators (torch.ops.scalor.c
 their gradients), so torch.compile traces through them. `tests/test_kernels.py` checks every result against F.conv2d's
 (Triton's interpreter on CPU) and the operators' registration (torch.library.opcheck).
 
-`_weight_grad_nhwc` is the weight gradient of a 3x3 convolution of channels-last tensors with 16-64
-channels a side (the glimpse decoders' 32 -> 32 trunk layer at 32x32, which inductor already runs
-channels-last): chunks of pixels x 3 row offsets, one (C_out x pixels) @ (pixels x C_in) product per
-tap. Measured on an H200 (TF32, as cuDNN in fp32 mode) at 32 -> 32, 32x32: 386 us for 900 glimpses
-and 512 us for 1,280, against cuDNN's channels-last 689 and 1,047 us; slower than cuDNN at 64
-channels of 16x16 (505 against 210 us). Not used by the model yet (docs/PERF_NOTES.md, 2026-11-28
-evening, says what wiring it in needs).
+`_weight_grad_nhwc` is the weight gradient of a 3x3 (stride 1) or 4x4 (stride 2) convolution of
+channels-last tensors with 16-64 channels a side (the glimpse decoder's 32 -> 32 trunk layer at
+32x32, which inductor already runs channels-last): chunks of output pixels x row offsets, one
+(C_out x pixels) @ (pixels x C_in) product per tap. Measured on an H200 (TF32, as cuDNN in fp32
+mode) at 32 -> 32, 32x32: 386 us for 900 glimpses and 512 us for 1,280, against cuDNN's
+channels-last 689 and 1,047 us; slower than cuDNN at 64 channels of 16x16 (505 against 210 us);
+4x4 of stride 2 not measured yet. `conv_nhwc_weight_grad` is F.conv2d with it as the weight
+gradient (forward and input gradient stay cuDNN's, or inductor's choice when compiled);
+`modules.use_nhwc_weight_grad` (cfg.nhwc_weight_grad, experimental, off by default) puts it in the
+layers of 17-32 channels.
 """
 from __future__ import annotations
 
@@ -198,14 +201,15 @@ if triton is not None:
         tl.store(out + o[:, None] * (16 * CIN_P) + j[None, :], acc)
 
     @triton.jit
-    def _conv_wgrad_nhwc(x_ptr, g_ptr, out_ptr, NPIX, H, W, CHUNK,
+    def _conv_wgrad_nhwc(x_ptr, g_ptr, out_ptr, NPIX, H, W, HO, WO, CHUNK,
                          CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
-                         TF32: tl.constexpr, BLOCK: tl.constexpr):
-        # Weight gradient of a 3x3 convolution (stride 1, padding 1) of channels-last tensors:
-        # x (NPIX = N*H*W pixels, CIN), g (NPIX, COUT), each pixel's channels contiguous. Program
-        # (s, dy) sums pixels [s*CHUNK, (s+1)*CHUNK) of the flattened images for the three taps of
-        # row offset dy: out[s, dy, dx] = sum_p g[p, :] (outer) x[p + (dy-1)*W + (dx-1), :] over the
-        # pixels whose shifted source lies in the same image -> (COUT_P, CIN_P) each, padding zero.
+                         KSIZE: tl.constexpr, STRIDE: tl.constexpr, TF32: tl.constexpr, BLOCK: tl.constexpr):
+        # Weight gradient of a KSIZE x KSIZE convolution (KSIZE 3 or 4, padding 1) of channels-last
+        # tensors: x (N*H*W pixels, CIN), g (NPIX = N*HO*WO output pixels, COUT), each pixel's
+        # channels contiguous. Program (s, dy) sums output pixels [s*CHUNK, (s+1)*CHUNK) of the
+        # flattened images for the KSIZE taps of row offset dy:
+        # out[s, dy, dx] = sum_p g[p, :] (outer) x[source of p through tap (dy, dx), :] over the
+        # pixels whose source lies inside their image -> (COUT_P, CIN_P) each, padding zero.
         # One (COUT_P x BLOCK) @ (BLOCK x CIN_P) product per tap and block: the channels are the
         # product's sides, the pixels its depth (the NCHW kernel above stacks the taps as columns
         # instead, which spills registers beyond 16 channels).
@@ -216,19 +220,22 @@ if triton is not None:
         acc0 = tl.zeros((COUT_P, CIN_P), dtype=tl.float32)
         acc1 = tl.zeros((COUT_P, CIN_P), dtype=tl.float32)
         acc2 = tl.zeros((COUT_P, CIN_P), dtype=tl.float32)
+        acc3 = tl.zeros((COUT_P, CIN_P), dtype=tl.float32)      # KSIZE 4 only
         for start in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
             p = start + tl.arange(0, BLOCK)
             live = p < NPIX
-            pw = p % W
-            hh = p // W % H + dy - 1
+            n = p // (HO * WO)
+            wo = p % WO
+            hh = STRIDE * (p // WO % HO) + dy - 1
             gt = tl.load(g_ptr + p.to(tl.int64)[:, None] * COUT + o[None, :],
                          mask=live[:, None] & (o < COUT)[None, :], other=0.0)           # (BLOCK, COUT_P)
             gt = tl.trans(gt)                                                           # (COUT_P, BLOCK)
             row_ok = live & (hh >= 0) & (hh < H)
-            src = p.to(tl.int64) + (dy - 1) * W                                         # dx = 1's source
-            for dx in tl.static_range(3):
-                ok = row_ok & (pw + dx - 1 >= 0) & (pw + dx - 1 < W)
-                xt = tl.load(x_ptr + (src + dx - 1)[:, None] * CIN + c[None, :],
+            row = (n.to(tl.int64) * H + hh) * W                                         # source row's first pixel
+            for dx in tl.static_range(KSIZE):
+                ww = STRIDE * wo + dx - 1
+                ok = row_ok & (ww >= 0) & (ww < W)
+                xt = tl.load(x_ptr + (row + ww)[:, None] * CIN + c[None, :],
                              mask=ok[:, None] & (c < CIN)[None, :], other=0.0)          # (BLOCK, CIN_P)
                 if TF32:
                     part = tl.dot(gt, xt, input_precision="tf32")
@@ -238,13 +245,16 @@ if triton is not None:
                     acc0 += part
                 elif dx == 1:
                     acc1 += part
-                else:
+                elif dx == 2:
                     acc2 += part
-        out = out_ptr + ((s * 3 + dy) * 3).to(tl.int64) * COUT_P * CIN_P + o[:, None] * CIN_P + c[None, :]
+                else:
+                    acc3 += part
+        out = out_ptr + ((s * KSIZE + dy) * KSIZE).to(tl.int64) * COUT_P * CIN_P + o[:, None] * CIN_P + c[None, :]
         tl.store(out, acc0)
         tl.store(out + COUT_P * CIN_P, acc1)
         tl.store(out + 2 * COUT_P * CIN_P, acc2)
-
+        if KSIZE == 4:
+            tl.store(out + 3 * COUT_P * CIN_P, acc3)
 
 def _use_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
@@ -320,24 +330,25 @@ def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32):
     return grad.permute(0, 2, 1).reshape(COUT, CIN, ksize, ksize)
 
 
-def _weight_grad_nhwc(x, grad_y, block: int = 64, programs: int = 512, num_warps: int = 4):
-    """dL/dweight (COUT, CIN, 3, 3) of y = F.conv2d(x, weight, padding=1) for a 3x3 weight, from
-    x (N, CIN, H, W) and grad_y (N, COUT, H, W) in channels-last memory (others are copied so):
-    ~`programs` chunks of pixels x 3 row offsets, summed in a fixed order (deterministic)."""
+def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 64, programs: int = 256,
+                      num_warps: int = 4):
+    """dL/dweight (COUT, CIN, K, K) of y = F.conv2d(x, weight, stride=stride, padding=1) for a 3x3
+    weight of stride 1 or a 4x4 one of stride 2, from x (N, CIN, H, W) and grad_y (N, COUT, HO, WO)
+    in channels-last memory (others are copied so): ~`programs` chunks of output pixels x K row
+    offsets, summed in a fixed order (deterministic). The defaults were the fastest on an H200."""
     N, CIN, H, W = x.shape
-    COUT = grad_y.shape[1]
+    COUT, HO, WO = grad_y.shape[1:]
     x = x.contiguous(memory_format=torch.channels_last)
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
-    npix = N * H * W
+    npix = N * HO * WO
     chunk = triton.cdiv(triton.cdiv(npix, programs), block) * block
     splits = triton.cdiv(npix, chunk)
-    partial = x.new_empty(splits, 3, 3, COUT_P, CIN_P)
-    _conv_wgrad_nhwc[(splits, 3)](x, grad_y, partial, npix, H, W, chunk, CIN, CIN_P, COUT, COUT_P,
-                                  _use_tf32(), block, num_warps=num_warps)
-    grad = partial.sum(0)[:, :, :COUT, :CIN]                            # (3, 3, COUT, CIN), a fixed order
+    partial = x.new_empty(splits, ksize, ksize, COUT_P, CIN_P)
+    _conv_wgrad_nhwc[(splits, ksize)](x, grad_y, partial, npix, H, W, HO, WO, chunk, CIN, CIN_P, COUT, COUT_P,
+                                      ksize, stride, _use_tf32(), block, num_warps=num_warps)
+    grad = partial.sum(0)[:, :, :COUT, :CIN]                            # (K, K, COUT, CIN), a fixed order
     return grad.permute(2, 3, 0, 1).contiguous()
-
 
 # The kernels are custom operators, so torch.compile traces through them (no graph break): inductor
 # fuses the CELU and GroupNorm around them and the glimpse networks compile as one graph each.
@@ -394,6 +405,49 @@ def _weight_grad_op(x, grad_y, ksize, stride):
 def _(x, grad_y, ksize, stride):
     return x.new_empty(grad_y.shape[1], x.shape[1], ksize, ksize)
 
+
+@torch.library.custom_op("scalor::conv_weight_grad_nhwc", mutates_args=(), tags=(torch.Tag.flexible_layout,),
+                         schema="(Tensor x, Tensor grad_y, int ksize, int stride) -> Tensor")
+def _weight_grad_nhwc_op(x, grad_y, ksize, stride):
+    # flexible layout: inductor hands over its channels-last buffers as they are (others are copied)
+    return _weight_grad_nhwc(x, grad_y, ksize, stride)
+
+
+@_weight_grad_nhwc_op.register_fake
+def _(x, grad_y, ksize, stride):
+    return x.new_empty(grad_y.shape[1], x.shape[1], ksize, ksize)
+
+
+class _ConvNHWCWeightGrad(torch.autograd.Function):
+    """F.conv2d(x, weight, bias, stride, padding=1) (cuDNN, or inductor's choice when compiled) whose
+    input gradient is cuDNN's and whose weight gradient is `_weight_grad_nhwc`'s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride: int):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.has_bias = stride, bias is not None
+        return torch.nn.functional.conv2d(x, weight, bias, stride, 1)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        s = ctx.stride
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad_y, x, weight, None, [s, s], [1, 1], [1, 1], False,
+                                                         [0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad_nhwc_op(x, grad_y, weight.shape[-1], s)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+def conv_nhwc_weight_grad(x, weight, bias=None, stride: int = 1):
+    """F.conv2d(x, weight, bias, stride, padding=1) for a 3x3 weight of stride 1 or a 4x4 one of
+    stride 2, differentiable, with the weight gradient by the channels-last Triton kernel
+    (`_weight_grad_nhwc`) and everything else as F.conv2d does it."""
+    return _ConvNHWCWeightGrad.apply(x, weight, bias, stride)
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs

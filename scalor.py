@@ -35,7 +35,7 @@ from common import Config
 from modules import (BgDecoder, BgDecoderSBD, BgEncoder, GlimpseDecoder, GlimpseEncoder, ProposalNet,
                      SequenceEncoder, bernoulli_log_prob, crop, kl_bernoulli, kl_normal, kl_std_normal, normal_log_prob,
                      given_forward, maybe_checkpoint, normal_rsample, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
-                     window_size)
+                     use_nhwc_weight_grad, window_size)
 from utils import step_switches, z_pres_prior_at
 
 EPS = 1e-15  # the reference's eps in compositing, rejection and the Bernoulli KL
@@ -323,6 +323,8 @@ class SCALOR(nn.Module):
         self.register_buffer("cell_offset", torch.stack((cols, rows), -1).view(-1, 2), persistent=False)  # (C, 2)
         self.register_buffer("grid_size", torch.tensor([float(cfg.num_cell_w), float(cfg.num_cell_h)]), persistent=False)
         self.window = window_size(cfg)
+        if cfg.nhwc_weight_grad:
+            use_nhwc_weight_grad(self)
 
     # --------------------------------------------------------------------------------------------
     def forward(self, seq, step: int = 0, tau=1.0, generate: bool = False, nll: bool = False,

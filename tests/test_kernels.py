@@ -214,20 +214,73 @@ def test_conv3x3_rows_reads_gathered_images_in_place():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, cin, cout, h, w", [(2, 32, 32, 8, 8), (3, 3, 5, 6, 7), (1, 20, 40, 4, 9), (2, 64, 16, 1, 5)])
-@pytest.mark.parametrize("programs", [512, 3])
-def test_weight_grad_nhwc_matches_conv2d(n, cin, cout, h, w, programs):
-    """The channels-last weight gradient (pixels of all images in chunks, one product per tap) equals
-    F.conv2d's for 3x3, padding 1: channel counts that are not powers of two or under 16 (padded),
-    rows of one pixel, taps whose source leaves the image, more chunks than pixels or few chunks;
-    NCHW inputs are copied to channels-last first."""
-    gen = torch.Generator().manual_seed(n * 100 + cin + cout)
+@pytest.mark.parametrize("ksize, stride, n, cin, cout, h, w",
+                         [(3, 1, 2, 32, 32, 8, 8), (3, 1, 3, 3, 5, 6, 7), (3, 1, 1, 20, 40, 4, 9), (3, 1, 2, 64, 16, 1, 5),
+                          (4, 2, 2, 16, 32, 8, 8), (4, 2, 3, 5, 20, 7, 9), (4, 2, 1, 32, 64, 2, 2)])
+@pytest.mark.parametrize("programs", [256, 3])
+def test_weight_grad_nhwc_matches_conv2d(ksize, stride, n, cin, cout, h, w, programs):
+    """The channels-last weight gradient (output pixels of all images in chunks, one product per
+    tap) equals F.conv2d's for 3x3 of stride 1 and 4x4 of stride 2, padding 1: channel counts that
+    are not powers of two or under 16 (padded), odd sizes, rows of one pixel, taps whose source
+    leaves the image, more chunks than pixels or few chunks; NCHW inputs are copied to
+    channels-last first."""
+    gen = torch.Generator().manual_seed(n * 100 + cin + cout + ksize)
     x = torch.randn(n, cin, h, w, generator=gen).to(DEVICE)
-    grad_y = torch.randn(n, cout, h, w, generator=gen).to(DEVICE)
-    want = torch.nn.grad.conv2d_weight(x, (cout, cin, 3, 3), grad_y, padding=1)
-    magnitude = torch.nn.grad.conv2d_weight(x.abs(), (cout, cin, 3, 3), grad_y.abs(), padding=1)
+    ho, wo = (h + 2 - ksize) // stride + 1, (w + 2 - ksize) // stride + 1
+    grad_y = torch.randn(n, cout, ho, wo, generator=gen).to(DEVICE)
+    shape = (cout, cin, ksize, ksize)
+    want = torch.nn.grad.conv2d_weight(x, shape, grad_y, stride, padding=1)
+    magnitude = torch.nn.grad.conv2d_weight(x.abs(), shape, grad_y.abs(), stride, padding=1)
     for xs, gs in ((x, grad_y), (x.contiguous(memory_format=torch.channels_last),
                                  grad_y.contiguous(memory_format=torch.channels_last))):
-        got = kernels._weight_grad_nhwc(xs, gs, block=16, programs=programs)
-        assert got.shape == (cout, cin, 3, 3)
-        assert ((got - want).abs() <= 2e-7 * magnitude + 1e-6).all(), float((got - want).abs().max())
+        got = kernels._weight_grad_nhwc(xs, gs, ksize, stride, block=16, programs=programs)
+        assert got.shape == shape
+        # fp32 sums of n*ho*wo products in another order: to 1e-6 (8 ulps) of the products' magnitude
+        assert ((got - want).abs() <= 1e-6 * magnitude + 1e-6).all(), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("ksize, stride, cin, cout, h, w", [(3, 1, 32, 32, 8, 8), (4, 2, 16, 32, 9, 8), (3, 1, 20, 5, 4, 6)])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_conv_nhwc_weight_grad_matches_conv2d(ksize, stride, cin, cout, h, w, tf32):
+    """kernels.conv_nhwc_weight_grad (cuDNN's forward and input gradient, the channels-last Triton
+    weight gradient): output and x, weight and bias gradients as F.conv2d's."""
+    _check_against_conv2d(lambda x, wt, b: kernels.conv_nhwc_weight_grad(x, wt, b, stride), ksize, stride,
+                          2, cin, cout, h, w, tf32)
+
+
+def test_conv_nhwc_weight_grad_operator_and_compile():
+    """The weight gradient is a custom operator (opcheck passes) and torch.compile traces the
+    autograd.Function around it in one graph, forward and backward, with eager's gradients."""
+    x = torch.randn(2, 20, 6, 6, device=DEVICE, requires_grad=True)
+    weight = torch.randn(24, 20, 3, 3, device=DEVICE, requires_grad=True)
+    bias = torch.randn(24, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.scalor.conv_weight_grad_nhwc.default, (x.detach(), torch.randn(2, 24, 6, 6, device=DEVICE), 3, 1))
+
+    def block(x):
+        return F.celu(kernels.conv_nhwc_weight_grad(F.celu(x), weight, bias)).square().sum()
+
+    explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    want = torch.autograd.grad(block(x), (x, weight, bias))
+    got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(x), (x, weight, bias))
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, rtol=1e-5, atol=1e-5)
+
+
+def test_use_nhwc_weight_grad_picks_the_17_to_32_channel_layers():
+    """cfg.nhwc_weight_grad turns the 3x3 and 4x4/2 convolutions with 17-32 channels on the wider side
+    into ConvNHWCWeightGrad (the default model: the decoder trunk's 32 -> 32, the encoders' 16 -> 32
+    ...) and changes neither parameters nor state_dict; off, none is."""
+    from modules import ConvNHWCWeightGrad
+    torch.manual_seed(0)
+    plain = SCALOR(Config())
+    torch.manual_seed(0)
+    swapped = SCALOR(Config(nhwc_weight_grad=True))
+    picked = {n: tuple(m.weight.shape) for n, m in swapped.named_modules() if isinstance(m, ConvNHWCWeightGrad)}
+    assert picked == {"image_enc.image_enc.enc.6": (32, 16, 4, 4), "image_enc.image_enc.enc.9": (32, 32, 3, 3),
+                      "glimpse_enc.enc_cnn.3": (32, 16, 4, 4), "glimpse_dec.dec.21": (32, 32, 3, 3),
+                      "proposal.mask_enc_net.3": (32, 16, 4, 4), "proposal.mask_enc_net.6": (32, 32, 3, 3),
+                      "bg_enc.enc.3": (32, 16, 4, 4)}
+    assert not any(isinstance(m, ConvNHWCWeightGrad) for m in plain.modules())
+    a, b = plain.state_dict(), swapped.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
