@@ -284,3 +284,39 @@ def test_use_nhwc_weight_grad_picks_the_17_to_32_channel_layers():
     assert not any(isinstance(m, ConvNHWCWeightGrad) for m in plain.modules())
     a, b = plain.state_dict(), swapped.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nhwc_weight_grad_gives_the_model_the_same_step(tiny_cfg, monkeypatch):
+    """A training step of the model with nhwc_weight_grad equals one without (loss to 1e-6,
+    gradients to 1e-4 of each tensor's largest entry), eager and with the glimpse encoder compiled
+    (aot_eager: the autograd.Function traced into its graph). On the CPU the Triton kernels run in
+    the interpreter, so the modules' CUDA-only check is bypassed here."""
+    import modules
+    from data import bench_batches
+    from utils import tau_at, z_pres_prior_at
+    monkeypatch.setattr(modules, "_triton_fits", lambda x, weight, min_pixels=0: True)
+    cfg = tiny_cfg.replace(triton_convs=False)          # only the new path runs Triton
+
+    def loss_and_grads(model):
+        torch.manual_seed(1)
+        out = model(batch, step=10, tau=tau_at(cfg, 9), z_pres_prior=z_pres_prior_at(cfg, 10))
+        loss = out.loss()
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    batch = bench_batches(1, 2, cfg.seq_len, cfg.img_h, cfg.img_w, num_objects=8, seed=0)[0]
+    torch.manual_seed(0)
+    plain = SCALOR(cfg).train()
+    torch.manual_seed(0)
+    swapped = SCALOR(cfg.replace(nhwc_weight_grad=True)).train()
+    assert sum(isinstance(m, modules.ConvNHWCWeightGrad) for m in swapped.modules()) >= 3
+    want = loss_and_grads(plain)
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        if compiled:
+            swapped.glimpse_enc.compile(backend="aot_eager", dynamic=False)
+        loss, grads = loss_and_grads(swapped)
+        torch.testing.assert_close(loss, want[0], rtol=1e-6, atol=0)
+        for g, r in zip(grads, want[1]):
+            assert (g is None) == (r is None)
+            if r is not None:
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
