@@ -67,6 +67,14 @@ if triton is not None:
         return acc + wv[:, None] * xv[None, :]
 
     @triton.jit
+    def _dot(a, b, TF32: tl.constexpr):
+        # a @ b in TF32 where cuDNN may use it (torch.backends.cudnn.allow_tf32), else in fp32
+        if TF32:
+            return tl.dot(a, b, input_precision="tf32")
+        else:
+            return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
     def _conv_fwd_fma(x_ptr, x2_ptr, rows_ptr, N1, XN, X2N, w_ptr, b_ptr, y_ptr, H, W, HO, WO,
                       CIN: tl.constexpr, COUT: tl.constexpr, COUT_G: tl.constexpr, GROUPS: tl.constexpr,
                       KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
@@ -193,10 +201,7 @@ if triton is not None:
                              mask=ok, other=0.0)                                       # (16 * CIN_P, BLOCK)
             else:
                 xt = tl.load(x_img + c[:, None] * P + hh * W + ww, mask=ok, other=0.0)
-            if TF32:
-                acc += tl.dot(gt, tl.trans(xt), input_precision="tf32")
-            else:
-                acc += tl.dot(gt, tl.trans(xt), input_precision="ieee")
+            acc += _dot(gt, tl.trans(xt), TF32)
         out = out_ptr + (n.to(tl.int64) * tl.num_programs(1) + s) * COUT_P * 16 * CIN_P
         tl.store(out + o[:, None] * (16 * CIN_P) + j[None, :], acc)
 
@@ -237,10 +242,7 @@ if triton is not None:
                 ok = row_ok & (ww >= 0) & (ww < W)
                 xt = tl.load(x_ptr + (row + ww)[:, None] * CIN + c[None, :],
                              mask=ok[:, None] & (c < CIN)[None, :], other=0.0)          # (BLOCK, CIN_P)
-                if TF32:
-                    part = tl.dot(gt, xt, input_precision="tf32")
-                else:
-                    part = tl.dot(gt, xt, input_precision="ieee")
+                part = _dot(gt, xt, TF32)
                 if dx == 0:
                     acc0 += part
                 elif dx == 1:
