@@ -338,12 +338,16 @@ def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 6
     weight of stride 1 or a 4x4 one of stride 2, from x (N, CIN, H, W) and grad_y (N, COUT, HO, WO)
     in channels-last memory (others are copied so): ~`programs` chunks of output pixels x K row
     offsets, summed in a fixed order (deterministic). The defaults were the fastest on an H200."""
+    if (ksize, stride) not in ((3, 1), (4, 2)):
+        raise ValueError(f"_weight_grad_nhwc: 3x3 of stride 1 or 4x4 of stride 2 only, not {ksize}x{ksize} of stride {stride}")
     N, CIN, H, W = x.shape
     COUT, HO, WO = grad_y.shape[1:]
+    npix = N * HO * WO
+    if npix == 0:
+        return x.new_zeros(COUT, CIN, ksize, ksize)
     x = x.contiguous(memory_format=torch.channels_last)
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
-    npix = N * HO * WO
     chunk = triton.cdiv(triton.cdiv(npix, programs), block) * block
     splits = triton.cdiv(npix, chunk)
     partial = x.new_empty(splits, ksize, ksize, COUT_P, CIN_P)
@@ -449,6 +453,9 @@ def conv_nhwc_weight_grad(x, weight, bias=None, stride: int = 1):
     """F.conv2d(x, weight, bias, stride, padding=1) for a 3x3 weight of stride 1 or a 4x4 one of
     stride 2, differentiable, with the weight gradient by the channels-last Triton kernel
     (`_weight_grad_nhwc`) and everything else as F.conv2d does it."""
+    if (weight.shape[-1], stride) not in ((3, 1), (4, 2)):
+        raise ValueError(f"conv_nhwc_weight_grad: a 3x3 weight of stride 1 or a 4x4 one of stride 2, not "
+                         f"{weight.shape[-1]}x{weight.shape[-1]} of stride {stride}")
     return _ConvNHWCWeightGrad.apply(x, weight, bias, stride)
 
 def _setup_context(ctx, inputs, output):

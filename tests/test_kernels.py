@@ -320,3 +320,16 @@ def test_nhwc_weight_grad_gives_the_model_the_same_step(tiny_cfg, monkeypatch):
             assert (g is None) == (r is None)
             if r is not None:
                 torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
+def test_weight_grad_nhwc_refuses_other_kernels_and_takes_no_images():
+    """Other kernel sizes are refused (the kernel keeps at most 4 taps a row); no images give a zero
+    gradient, as F.conv2d's."""
+    with pytest.raises(ValueError, match="3x3 of stride 1 or 4x4 of stride 2"):
+        kernels._weight_grad_nhwc(torch.randn(2, 16, 6, 6, device=DEVICE), torch.randn(2, 16, 2, 2, device=DEVICE), 5, 1)
+    with pytest.raises(ValueError, match="not 5x5 of stride 1"):
+        kernels.conv_nhwc_weight_grad(torch.randn(2, 16, 6, 6, device=DEVICE), torch.randn(16, 16, 5, 5, device=DEVICE))
+    x = torch.randn(0, 32, 8, 8, device=DEVICE)
+    weight = torch.randn(32, 32, 3, 3, device=DEVICE, requires_grad=True)
+    (grad,) = torch.autograd.grad(kernels.conv_nhwc_weight_grad(x, weight).sum(), (weight,))
+    assert torch.equal(grad, torch.zeros_like(weight))
