@@ -201,6 +201,9 @@ class Config:
             fail(f"sigma={self.sigma} must be positive")
         if self.lr <= 0:
             fail(f"lr={self.lr} must be positive")
+        if not self.cp > 0:
+            fail(f"cp={self.cp} (the gradient-norm clip) must be positive: 0 would zero every gradient; "
+                 f"pass --cp inf to train without clipping")
         if not 0 < self.tau_end <= 1 or self.tau_ep <= 0:
             fail(f"need 0 < tau_end <= 1 and tau_ep > 0 (got {self.tau_end}, {self.tau_ep})")
         for name in ("explained_ratio_threshold", "z_pres_disc_threshold", "z_pres_anneal_start_value",

@@ -459,6 +459,7 @@ def test_eval_nll_weights_finite(tiny_cfg):
     (dict(observe_frames=10), "observe_frames=10"),
     (dict(glimpse_size=48), "glimpse_size=48"),
     (dict(var_s=0.2), "var_s < size_anc"),
+    (dict(cp=0.0), "cp=0.0 .* must be positive: 0 would zero every gradient; pass --cp inf"),
 ])
 def test_config_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
