@@ -27,8 +27,8 @@ at most 16 channels a side. The kernels are custom operators (torch.ops.scalor.c
 their gradients), so torch.compile traces through them. `tests/test_kernels.py` checks every result against F.conv2d's
 (Triton's interpreter on CPU) and the operators' registration (torch.library.opcheck).
 
-`_weight_grad_nhwc` is the weight gradient of a 3x3 (stride 1) or 4x4 (stride 2) convolution of
-channels-last tensors with 16-64 channels a side (the glimpse decoder's 32 -> 32 trunk layer at
+`_weight_grad_nhwc` is the weight gradient of a 3x3 (stride 1) or 4x4 (stride 2) convolution,
+made for channels-last tensors (it reads any strides in place) with 16-64 channels a side (the glimpse decoder's 32 -> 32 trunk layer at
 32x32, which inductor already runs channels-last): chunks of output pixels x row offsets, one
 (C_out x pixels) @ (pixels x C_in) product per tap. Measured on an H200 (TF32, as cuDNN in fp32
 mode) at 32 -> 32, 32x32: 386 us for 900 glimpses and 512 us for 1,280, against cuDNN's
@@ -206,13 +206,14 @@ if triton is not None:
         tl.store(out + o[:, None] * (16 * CIN_P) + j[None, :], acc)
 
     @triton.jit
-    def _conv_wgrad_nhwc(x_ptr, g_ptr, out_ptr, NPIX, H, W, HO, WO, CHUNK,
+    def _conv_wgrad_nhwc(x_ptr, g_ptr, out_ptr, NPIX, H, W, HO, WO, CHUNK, XN, XC, XH, XW, GN, GC, GH, GW,
                          CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
                          KSIZE: tl.constexpr, STRIDE: tl.constexpr, TF32: tl.constexpr, BLOCK: tl.constexpr):
-        # Weight gradient of a KSIZE x KSIZE convolution (KSIZE 3 or 4, padding 1) of channels-last
-        # tensors: x (N*H*W pixels, CIN), g (NPIX = N*HO*WO output pixels, COUT), each pixel's
-        # channels contiguous. Program (s, dy) sums output pixels [s*CHUNK, (s+1)*CHUNK) of the
-        # flattened images for the KSIZE taps of row offset dy:
+        # Weight gradient of a KSIZE x KSIZE convolution (KSIZE 3 or 4, padding 1): x (N, CIN, H, W)
+        # and g (N, COUT, HO, WO) of any strides (XN, XC, XH, XW and GN, ...), channels-last at full
+        # speed (channel stride 1: vector loads). Program (s, dy) sums output pixels
+        # [s*CHUNK, (s+1)*CHUNK) of the flattened images (NPIX = N*HO*WO) for the KSIZE taps of row
+        # offset dy:
         # out[s, dy, dx] = sum_p g[p, :] (outer) x[source of p through tap (dy, dx), :] over the
         # pixels whose source lies inside their image -> (COUT_P, CIN_P) each, padding zero.
         # One (COUT_P x BLOCK) @ (BLOCK x CIN_P) product per tap and block: the channels are the
@@ -229,18 +230,19 @@ if triton is not None:
         for start in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
             p = start + tl.arange(0, BLOCK)
             live = p < NPIX
-            n = p // (HO * WO)
+            n = (p // (HO * WO)).to(tl.int64)
             wo = p % WO
-            hh = STRIDE * (p // WO % HO) + dy - 1
-            gt = tl.load(g_ptr + p.to(tl.int64)[:, None] * COUT + o[None, :],
+            ho = p // WO % HO
+            hh = STRIDE * ho + dy - 1
+            gt = tl.load(g_ptr + (n * GN + ho * GH + wo * GW)[:, None] + o[None, :] * GC,
                          mask=live[:, None] & (o < COUT)[None, :], other=0.0)           # (BLOCK, COUT_P)
             gt = tl.trans(gt)                                                           # (COUT_P, BLOCK)
             row_ok = live & (hh >= 0) & (hh < H)
-            row = (n.to(tl.int64) * H + hh) * W                                         # source row's first pixel
+            row = n * XN + hh * XH                                                      # source row's start
             for dx in tl.static_range(KSIZE):
                 ww = STRIDE * wo + dx - 1
                 ok = row_ok & (ww >= 0) & (ww < W)
-                xt = tl.load(x_ptr + (row + ww)[:, None] * CIN + c[None, :],
+                xt = tl.load(x_ptr + (row + ww * XW)[:, None] + c[None, :] * XC,
                              mask=ok[:, None] & (c < CIN)[None, :], other=0.0)          # (BLOCK, CIN_P)
                 part = _dot(gt, xt, TF32)
                 if dx == 0:
@@ -336,8 +338,9 @@ def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 6
                       num_warps: int = 4):
     """dL/dweight (COUT, CIN, K, K) of y = F.conv2d(x, weight, stride=stride, padding=1) for a 3x3
     weight of stride 1 or a 4x4 one of stride 2, from x (N, CIN, H, W) and grad_y (N, COUT, HO, WO)
-    in channels-last memory (others are copied so): ~`programs` chunks of output pixels x K row
-    offsets, summed in a fixed order (deterministic). The defaults were the fastest on an H200."""
+    read where they lie, any strides (fastest channels-last, as measured): ~`programs` chunks of
+    output pixels x K row offsets, summed in a fixed order (deterministic). The defaults were the
+    fastest on an H200 (channels-last)."""
     if (ksize, stride) not in ((3, 1), (4, 2)):
         raise ValueError(f"_weight_grad_nhwc: 3x3 of stride 1 or 4x4 of stride 2 only, not {ksize}x{ksize} of stride {stride}")
     N, CIN, H, W = x.shape
@@ -345,14 +348,12 @@ def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 6
     npix = N * HO * WO
     if npix == 0:
         return x.new_zeros(COUT, CIN, ksize, ksize)
-    x = x.contiguous(memory_format=torch.channels_last)
-    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
     chunk = triton.cdiv(triton.cdiv(npix, programs), block) * block
     splits = triton.cdiv(npix, chunk)
     partial = x.new_empty(splits, ksize, ksize, COUT_P, CIN_P)
-    _conv_wgrad_nhwc[(splits, ksize)](x, grad_y, partial, npix, H, W, HO, WO, chunk, CIN, CIN_P, COUT, COUT_P,
-                                      ksize, stride, _use_tf32(), block, num_warps=num_warps)
+    _conv_wgrad_nhwc[(splits, ksize)](x, grad_y, partial, npix, H, W, HO, WO, chunk, *x.stride(), *grad_y.stride(),
+                                      CIN, CIN_P, COUT, COUT_P, ksize, stride, _use_tf32(), block, num_warps=num_warps)
     grad = partial.sum(0)[:, :, :COUT, :CIN]                            # (K, K, COUT, CIN), a fixed order
     return grad.permute(2, 3, 0, 1).contiguous()
 
@@ -415,7 +416,7 @@ def _(x, grad_y, ksize, stride):
 @torch.library.custom_op("scalor::conv_weight_grad_nhwc", mutates_args=(), tags=(torch.Tag.flexible_layout,),
                          schema="(Tensor x, Tensor grad_y, int ksize, int stride) -> Tensor")
 def _weight_grad_nhwc_op(x, grad_y, ksize, stride):
-    # flexible layout: inductor hands over its channels-last buffers as they are (others are copied)
+    # flexible layout: inductor hands over its (channels-last) buffers as they are; the kernel reads any strides
     return _weight_grad_nhwc(x, grad_y, ksize, stride)
 
 

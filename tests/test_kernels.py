@@ -222,8 +222,8 @@ def test_weight_grad_nhwc_matches_conv2d(ksize, stride, n, cin, cout, h, w, prog
     """The channels-last weight gradient (output pixels of all images in chunks, one product per
     tap) equals F.conv2d's for 3x3 of stride 1 and 4x4 of stride 2, padding 1: channel counts that
     are not powers of two or under 16 (padded), odd sizes, rows of one pixel, taps whose source
-    leaves the image, more chunks than pixels or few chunks; NCHW inputs are copied to
-    channels-last first."""
+    leaves the image, more chunks than pixels or few chunks; NCHW, channels-last and other strides
+    (a channel slice, swapped image axes) read where they lie."""
     gen = torch.Generator().manual_seed(n * 100 + cin + cout + ksize)
     x = torch.randn(n, cin, h, w, generator=gen).to(DEVICE)
     ho, wo = (h + 2 - ksize) // stride + 1, (w + 2 - ksize) // stride + 1
@@ -231,8 +231,11 @@ def test_weight_grad_nhwc_matches_conv2d(ksize, stride, n, cin, cout, h, w, prog
     shape = (cout, cin, ksize, ksize)
     want = torch.nn.grad.conv2d_weight(x, shape, grad_y, stride, padding=1)
     magnitude = torch.nn.grad.conv2d_weight(x.abs(), shape, grad_y.abs(), stride, padding=1)
+    wide = torch.cat((x, x), 1)[:, cin:]                                       # a channel slice
+    swapped = x.transpose(2, 3).contiguous().transpose(2, 3)                   # W-major images
     for xs, gs in ((x, grad_y), (x.contiguous(memory_format=torch.channels_last),
-                                 grad_y.contiguous(memory_format=torch.channels_last))):
+                                 grad_y.contiguous(memory_format=torch.channels_last)), (wide, grad_y), (swapped, grad_y)):
+        assert torch.equal(xs, x)
         got = kernels._weight_grad_nhwc(xs, gs, ksize, stride, block=16, programs=programs)
         assert got.shape == shape
         # fp32 sums of n*ho*wo products in another order: to 1e-6 (8 ulps) of the products' magnitude
