@@ -34,7 +34,7 @@ made for channels-last tensors (it reads any strides in place) with 16-64 channe
 mode) at 32 -> 32, 32x32: 386 us for 900 glimpses and 512 us for 1,280, against cuDNN's
 channels-last 689 and 1,047 us; slower than cuDNN at 64 channels of 16x16 (505 against 210 us);
 4x4 of stride 2 not measured yet; those figures are of the version before it took strides
-(re-measure: `.devrun`'s wgrad_nhwc.py, docs/PERF_NOTES.md). `conv_nhwc_weight_grad` is F.conv2d with it as the weight
+(to re-measure; docs/PERF_NOTES.md). `conv_nhwc_weight_grad` is F.conv2d with it as the weight
 gradient (forward and input gradient stay cuDNN's, or inductor's choice when compiled);
 `modules.use_nhwc_weight_grad` (cfg.nhwc_weight_grad, experimental, off by default) puts it in the
 layers of 17-32 channels.
