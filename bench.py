@@ -4,6 +4,7 @@
     python bench.py --precision bf16      # bf16 autocast
     python bench.py --scaling             # step time and memory vs objects in the scene and vs grid
     python bench.py --sync-check          # one training step under torch.cuda.set_sync_debug_mode("error")
+    python bench.py --weight-grads        # weight gradients of the 17-64 channel convolutions: cuDNN vs Triton
 
 Workload (as the reference was measured): per sequence a background of random 8x8 RGB noise
 upsampled bilinearly and scaled by 0.5, and 20 filled squares of half-size 4-7 px, colours in
@@ -122,6 +123,56 @@ def sync_check(cfg: Config) -> dict:
             "loss": float(result.loss), "objects_tracked": float(result.counts.mean())}
 
 
+# (images, channels in, out, input size, kernel, stride) of the default config's 17-64 channel 3x3 and
+# 4x4/2 convolutions at batch 20: 900 = 45 slots x 20 tracked glimpses, 1,280 = 64 cells x 20 proposals
+WEIGHT_GRAD_SHAPES = ((900, 32, 32, 32, 3, 1),    # glimpse decoder trunk, 32 -> 32 at 32x32
+                      (900, 64, 64, 16, 3, 1),    # glimpse decoder trunk, 64 -> 64 at 16x16
+                      (1280, 16, 32, 32, 4, 2),   # glimpse encoder of the proposals, 16 -> 32
+                      (900, 16, 32, 32, 4, 2),    # glimpse encoder of the tracked objects
+                      (20, 16, 32, 64, 4, 2),     # image encoder, 16 -> 32 at 64x64
+                      (20, 32, 32, 32, 3, 1))     # image encoder, 32 -> 32 at 32x32
+
+
+def _median_us(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def weight_grad_table(args):
+    """For each shape of WEIGHT_GRAD_SHAPES: the weight gradient's time (us, median of 20) in cuDNN
+    (NCHW and channels-last tensors) and in kernels._weight_grad_nhwc (channels-last and NCHW,
+    read in place), and the largest difference of the Triton result from cuDNN's (relative to its
+    largest entry)."""
+    import kernels
+    set_precision(args.precision, cudnn_benchmark=not args.no_cudnn_benchmark)
+    conv_backward = torch.ops.aten.convolution_backward
+    for n, cin, cout, size, k, s in WEIGHT_GRAD_SHAPES:
+        out_size = (size + 2 - k) // s + 1
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(n, cin, size, size, device="cuda", generator=gen)
+        weight = torch.randn(cout, cin, k, k, device="cuda", generator=gen) / (cin * k * k) ** 0.5
+        grad_y = torch.randn(n, cout, out_size, out_size, device="cuda", generator=gen)
+        row = {"table": "weight_grad", "images": n, "channels": [cin, cout], "size": size, "kernel": k, "stride": s}
+        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            xs, ws, gs = (t.contiguous(memory_format=fmt) for t in (x, weight, grad_y))
+            cudnn = lambda: conv_backward(gs, xs, ws, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1,  # noqa: E731
+                                          [False, True, False])[1]
+            row[f"cudnn_{layout}_us"] = _median_us(cudnn)
+            row[f"triton_{layout}_us"] = _median_us(lambda: kernels._weight_grad_nhwc(xs, gs, k, s))
+            want = cudnn()
+            row[f"triton_{layout}_max_rel_diff"] = float((kernels._weight_grad_nhwc(xs, gs, k, s) - want).abs().max()
+                                                         / want.abs().max())
+        yield row
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=20)
@@ -156,6 +207,9 @@ def main(argv=None):
                    help="tables: scenes of 10/45/100 squares, each with a cap of as many, on a 16x16 grid; "
                         "grids 4x4/8x8/16x16 at the cap --max-num-obj (at most the cells)")
     p.add_argument("--sync-check", action="store_true")
+    p.add_argument("--weight-grads", action="store_true",
+                   help="time the weight gradients of the default config's 17-64 channel 3x3 and 4x4/2 convolutions "
+                        "in cuDNN and in the Triton kernel (--nhwc-weight-grad's), one JSON line per shape")
     args = p.parse_args(argv)
     try:
         check_flags_at_least(args, (("warmup", 0), ("steps", 1), ("num_objects", 0), ("profile", 0)))
@@ -172,6 +226,10 @@ def main(argv=None):
         return 2
     if args.sync_check:
         print(json.dumps(sync_check(cfg)), flush=True)
+        return 0
+    if args.weight_grads:
+        for row in weight_grad_table(args):
+            print(json.dumps(row), flush=True)
         return 0
     if not args.scaling:
         print(json.dumps(run(cfg, args, args.num_objects)), flush=True)
