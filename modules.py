@@ -88,7 +88,6 @@ class Conv4x4Stride2(nn.Conv2d):
         return super()._conv_forward(x, weight, bias)
 
 
-
 class ConvNHWCWeightGrad(nn.Conv2d):
     """nn.Conv2d -- 3x3 of stride 1 or 4x4 of stride 2, padding 1; same parameters, same state_dict
     -- whose weight gradient runs in the channels-last Triton kernel (`kernels.conv_nhwc_weight_grad`)
@@ -116,6 +115,7 @@ def use_nhwc_weight_grad(model: nn.Module) -> int:
             m.__class__ = ConvNHWCWeightGrad     # a subclass without state of its own: nothing else changes
             count += 1
     return count
+
 
 def upsample_block(cin: int, cout: int, factor: int):
     """1x1 conv to cout*factor^2 -> PixelShuffle(factor) -> CELU -> GroupNorm."""
