@@ -173,6 +173,7 @@ def weight_grad_table(args):
                                                          / want.abs().max())
         yield row
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=20)

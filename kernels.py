@@ -261,6 +261,7 @@ if triton is not None:
         if KSIZE == 4:
             tl.store(out + 3 * COUT_P * CIN_P, acc3)
 
+
 def _use_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
 
@@ -335,6 +336,11 @@ def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32):
     return grad.permute(0, 2, 1).reshape(COUT, CIN, ksize, ksize)
 
 
+def _check_3x3_or_4x4s2(caller: str, ksize: int, stride: int) -> None:
+    if (ksize, stride) not in ((3, 1), (4, 2)):   # the NHWC kernel keeps at most 4 taps a row
+        raise ValueError(f"{caller}: 3x3 of stride 1 or 4x4 of stride 2 only, not {ksize}x{ksize} of stride {stride}")
+
+
 def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 64, programs: int = 256,
                       num_warps: int = 4):
     """dL/dweight (COUT, CIN, K, K) of y = F.conv2d(x, weight, stride=stride, padding=1) for a 3x3
@@ -342,8 +348,7 @@ def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 6
     read where they lie, any strides (fastest channels-last, as measured): ~`programs` chunks of
     output pixels x K row offsets, summed in a fixed order (deterministic). The defaults were the
     fastest on an H200 (channels-last)."""
-    if (ksize, stride) not in ((3, 1), (4, 2)):
-        raise ValueError(f"_weight_grad_nhwc: 3x3 of stride 1 or 4x4 of stride 2 only, not {ksize}x{ksize} of stride {stride}")
+    _check_3x3_or_4x4s2("_weight_grad_nhwc", ksize, stride)
     N, CIN, H, W = x.shape
     COUT, HO, WO = grad_y.shape[1:]
     npix = N * HO * WO
@@ -357,6 +362,7 @@ def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 6
                                       CIN, CIN_P, COUT, COUT_P, ksize, stride, _use_tf32(), block, num_warps=num_warps)
     grad = partial.sum(0)[:, :, :COUT, :CIN]                            # (K, K, COUT, CIN), a fixed order
     return grad.permute(2, 3, 0, 1).contiguous()
+
 
 # The kernels are custom operators, so torch.compile traces through them (no graph break): inductor
 # fuses the CELU and GroupNorm around them and the glimpse networks compile as one graph each.
@@ -455,10 +461,9 @@ def conv_nhwc_weight_grad(x, weight, bias=None, stride: int = 1):
     """F.conv2d(x, weight, bias, stride, padding=1) for a 3x3 weight of stride 1 or a 4x4 one of
     stride 2, differentiable, with the weight gradient by the channels-last Triton kernel
     (`_weight_grad_nhwc`) and everything else as F.conv2d does it."""
-    if (weight.shape[-1], stride) not in ((3, 1), (4, 2)):
-        raise ValueError(f"conv_nhwc_weight_grad: a 3x3 weight of stride 1 or a 4x4 one of stride 2, not "
-                         f"{weight.shape[-1]}x{weight.shape[-1]} of stride {stride}")
+    _check_3x3_or_4x4s2("conv_nhwc_weight_grad", weight.shape[-1], stride)
     return _ConvNHWCWeightGrad.apply(x, weight, bias, stride)
+
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs
