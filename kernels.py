@@ -31,13 +31,13 @@ their gradients), so torch.compile traces through them. `tests/test_kernels.py` 
 made for channels-last tensors (it reads any strides in place) with 16-64 channels a side (the glimpse decoder's 32 -> 32 trunk layer at
 32x32, which inductor already runs channels-last): chunks of output pixels x row offsets, one
 (C_out x pixels) @ (pixels x C_in) product per tap. Measured on an H200 (TF32, as cuDNN in fp32
-mode) at 32 -> 32, 32x32: 386 us for 900 glimpses and 512 us for 1,280, against cuDNN's
-channels-last 689 and 1,047 us; slower than cuDNN at 64 channels of 16x16 (505 against 210 us);
-4x4 of stride 2 not measured yet; those figures are of the version before it took strides
-(to re-measure; docs/PERF_NOTES.md). `conv_nhwc_weight_grad` is F.conv2d with it as the weight
-gradient (forward and input gradient stay cuDNN's, or inductor's choice when compiled);
-`modules.use_nhwc_weight_grad` (cfg.nhwc_weight_grad, experimental, off by default) puts it in the
-layers of 17-32 channels.
+mode; `python bench.py --weight-grads`), 32 -> 32 at 32x32 over 900 glimpses: 427 us on NCHW
+and 499 on channels-last inputs, against cuDNN's 780 and 747; 4x4/2 16 -> 32 over 1,280
+glimpses: 177 / 239 against 278 / 241; slower than cuDNN over 20 frames (102-120 against 60-64
+us) and at 64 channels of 16x16 (270 / 549 against 271 / 222). `conv_nhwc_weight_grad` is
+F.conv2d with it as the weight gradient (forward and input gradient stay cuDNN's, or inductor's
+choice when compiled); `modules.use_nhwc_weight_grad` (cfg.nhwc_weight_grad, on by default) puts
+it in the layers of 17-32 channels.
 """
 from __future__ import annotations
 

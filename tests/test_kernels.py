@@ -253,7 +253,8 @@ def test_conv_nhwc_weight_grad_matches_conv2d(ksize, stride, cin, cout, h, w, tf
 
 def test_conv_nhwc_weight_grad_operator_and_compile():
     """The weight gradient is a custom operator (opcheck passes) and torch.compile traces the
-    autograd.Function around it in one graph, forward and backward, with eager's gradients."""
+    autograd.Function around it in one graph, forward and backward, with eager's gradients (on a
+    GPU through inductor)."""
     x = torch.randn(2, 20, 6, 6, device=DEVICE, requires_grad=True)
     weight = torch.randn(24, 20, 3, 3, device=DEVICE, requires_grad=True)
     bias = torch.randn(24, device=DEVICE, requires_grad=True)
@@ -265,7 +266,8 @@ def test_conv_nhwc_weight_grad_operator_and_compile():
     explained = torch._dynamo.explain(block)(x)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     want = torch.autograd.grad(block(x), (x, weight, bias))
-    got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(x), (x, weight, bias))
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"    # inductor's CPU build needs a C++ compiler
+    got = torch.autograd.grad(torch.compile(block, backend=backend, fullgraph=True)(x), (x, weight, bias))
     for g, w_ in zip(got, want):
         torch.testing.assert_close(g, w_, rtol=1e-5, atol=1e-5)
 
@@ -273,12 +275,12 @@ def test_conv_nhwc_weight_grad_operator_and_compile():
 def test_use_nhwc_weight_grad_picks_the_17_to_32_channel_layers():
     """cfg.nhwc_weight_grad turns the 3x3 and 4x4/2 convolutions with 17-32 channels on the wider side
     into ConvNHWCWeightGrad (the default model: the decoder trunk's 32 -> 32, the encoders' 16 -> 32
-    ...) and changes neither parameters nor state_dict; off, none is."""
+    ...), by default, and changes neither parameters nor state_dict; off, none is."""
     from modules import ConvNHWCWeightGrad
     torch.manual_seed(0)
-    plain = SCALOR(Config())
+    plain = SCALOR(Config(nhwc_weight_grad=False))
     torch.manual_seed(0)
-    swapped = SCALOR(Config(nhwc_weight_grad=True))
+    swapped = SCALOR(Config())
     picked = {n: tuple(m.weight.shape) for n, m in swapped.named_modules() if isinstance(m, ConvNHWCWeightGrad)}
     assert picked == {"image_enc.image_enc.enc.6": (32, 16, 4, 4), "image_enc.image_enc.enc.9": (32, 32, 3, 3),
                       "glimpse_enc.enc_cnn.3": (32, 16, 4, 4), "glimpse_dec.dec.21": (32, 32, 3, 3),
@@ -306,11 +308,11 @@ def test_nhwc_weight_grad_gives_the_model_the_same_step(tiny_cfg, monkeypatch):
         loss = out.loss()
         return loss.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
 
-    batch = bench_batches(1, 2, cfg.seq_len, cfg.img_h, cfg.img_w, num_objects=8, seed=0)[0]
+    batch = bench_batches(1, 2, cfg.seq_len, cfg.img_h, cfg.img_w, num_objects=8, seed=0)[0].to(DEVICE)
     torch.manual_seed(0)
-    plain = SCALOR(cfg).train()
+    plain = SCALOR(cfg).to(DEVICE).train()
     torch.manual_seed(0)
-    swapped = SCALOR(cfg.replace(nhwc_weight_grad=True)).train()
+    swapped = SCALOR(cfg.replace(nhwc_weight_grad=True)).to(DEVICE).train()
     assert sum(isinstance(m, modules.ConvNHWCWeightGrad) for m in swapped.modules()) >= 3
     want = loss_and_grads(plain)
     torch._dynamo.reset()
