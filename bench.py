@@ -210,7 +210,7 @@ def main(argv=None):
     p.add_argument("--sync-check", action="store_true")
     p.add_argument("--weight-grads", action="store_true",
                    help="time the weight gradients of the default config's 17-64 channel 3x3 and 4x4/2 convolutions "
-                        "in cuDNN and in the Triton kernel (--nhwc-weight-grad's), one JSON line per shape")
+                        "in cuDNN and in the Triton kernel (the default nhwc_weight_grad's), one JSON line per shape")
     args = p.parse_args(argv)
     try:
         check_flags_at_least(args, (("warmup", 0), ("steps", 1), ("num_objects", 0), ("profile", 0)))
