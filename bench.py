@@ -87,6 +87,7 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
         "compile_blocks": args.compile_blocks, "compile_frames": args.compile_frames, "checkpoint_glimpses": cfg.checkpoint_glimpses,
         "triton_convs": cfg.triton_convs, "nhwc_weight_grad": cfg.nhwc_weight_grad,
+        "dot_convs": cfg.dot_convs,
         "cudnn_benchmark": not args.no_cudnn_benchmark,
         "scene_objects": num_objects,
         "config": {k: getattr(cfg, k) for k in ("img_h", "num_cell_h", "glimpse_size", "max_num_obj", "batch_size",
@@ -197,6 +198,8 @@ def main(argv=None):
                    help="keep glimpse activations instead of recomputing them in backward (faster, more memory)")
     p.add_argument("--no-triton-convs", action="store_true",
                    help="run the small-channel 3x3 and 4x4/2 convolutions in cuDNN instead of the Triton kernels")
+    p.add_argument("--dot-convs", action="store_true",
+                   help="experimental: the Triton convolutions' forward by tensor-core products instead of FMAs")
     p.add_argument("--no-nhwc-weight-grad", action="store_true",
                    help="run the weight gradients of the 17-32 channel 3x3 and 4x4/2 convolutions in cuDNN "
                         "instead of the Triton kernel")
@@ -218,7 +221,8 @@ def main(argv=None):
                      glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
                      seq_len=args.seq_len, observe_frames=max(0, min(5, args.seq_len - 1)),
                      phase_conv_lstm=not args.no_conv_lstm, checkpoint_glimpses=not args.no_checkpoint_glimpses,
-                     triton_convs=not args.no_triton_convs, nhwc_weight_grad=not args.no_nhwc_weight_grad)
+                     triton_convs=not args.no_triton_convs, nhwc_weight_grad=not args.no_nhwc_weight_grad,
+                     dot_convs=args.dot_convs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,10 @@ F.conv2d(x, weight, bias, stride=2, padding=1) for 4x4 weights:
 - forward (one kernel for both): per image, block of 512 output pixels and group of up to 8 output
   channels, fp32 FMAs over the taps and the input channels, each thread holding all the group's
   channels of 4 pixels;
+- forward with `dot=True` (cfg.dot_convs, experimental, not measured on a GPU yet): per image and
+  block of output pixels, all output channels, one tensor-core product (C_out x C_in) @ (C_in x
+  pixels) per tap, channels zero-padded to 16 (TF32 where cuDNN may use it, else fp32): the FMA
+  kernel's 16 -> 16 at 64x64 runs on CUDA cores at ~0.7 ms for 1,280 glimpses, ~5x its memory floor;
 - input gradient: for 3x3 the forward kernel on the output gradient with the weight transposed and
   flipped; for 4x4 of stride 2 a kernel per parity class of input pixels (each receives from 2x2
   outputs through 2x2 of the taps);
@@ -76,6 +80,20 @@ if triton is not None:
             return tl.dot(a, b, input_precision="ieee")
 
     @triton.jit
+    def _source_image(x_ptr, x2_ptr, rows_ptr, n, N1, XN, X2N, HAS_ROWS: tl.constexpr):
+        # image n of x (images XN apart); with HAS_ROWS image rows[n] of the concatenation [x (N1
+        # images); x2 (X2N apart)]: the forward kernels' gather, fused into their loads
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + n).to(tl.int64)
+            if r < N1:
+                img = x_ptr + r * XN
+            else:
+                img = x2_ptr + (r - N1) * X2N
+        else:
+            img = x_ptr + n.to(tl.int64) * XN
+        return img
+
+    @triton.jit
     def _conv_fwd_fma(x_ptr, x2_ptr, rows_ptr, N1, XN, X2N, w_ptr, b_ptr, y_ptr, H, W, HO, WO,
                       CIN: tl.constexpr, COUT: tl.constexpr, COUT_G: tl.constexpr, GROUPS: tl.constexpr,
                       KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
@@ -99,14 +117,7 @@ if triton is not None:
         p = (tl.program_id(0) // GROUPS % blocks) * BLOCK + tl.arange(0, BLOCK)
         h, w = p // WO, p % WO
         o = tl.arange(0, COUT_G)
-        if HAS_ROWS:
-            r = tl.load(rows_ptr + n).to(tl.int64)
-            if r < N1:
-                x_img = x_ptr + r * XN
-            else:
-                x_img = x2_ptr + (r - N1) * X2N
-        else:
-            x_img = x_ptr + n.to(tl.int64) * XN
+        x_img = _source_image(x_ptr, x2_ptr, rows_ptr, n, N1, XN, X2N, HAS_ROWS)
         w_group = w_ptr + g * KSIZE * KSIZE * CIN * COUT_G
         acc = tl.zeros((COUT_G, BLOCK), dtype=tl.float32)
         for k in tl.static_range(KSIZE * KSIZE):
@@ -126,6 +137,41 @@ if triton is not None:
             acc += tl.load(b_ptr + oc, mask=oc < COUT, other=0.0)[:, None]
         y_img = y_ptr + n.to(tl.int64) * COUT * PO
         tl.store(y_img + oc[:, None] * PO + p[None, :], acc, mask=(oc < COUT)[:, None] & (p < PO)[None, :])
+
+    @triton.jit
+    def _conv_fwd_dot(x_ptr, x2_ptr, rows_ptr, N1, XN, X2N, w_ptr, b_ptr, y_ptr, H, W, HO, WO,
+                      CIN: tl.constexpr, CIN_P: tl.constexpr, COUT: tl.constexpr, COUT_P: tl.constexpr,
+                      KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                      TF32: tl.constexpr, BLOCK: tl.constexpr):
+        # The same convolution as _conv_fwd_fma (same x, x2, rows, y), with one product per tap on
+        # the tensor cores instead of FMAs: acc (COUT_P, BLOCK) += w_tap (COUT_P, CIN_P) @ x at the
+        # tap's shifted pixels (CIN_P, BLOCK); w packed (KSIZE^2, COUT_P, CIN_P) zero-padded, channels
+        # padded to 16 or a power of two. Program (image, block of output pixels), all channels.
+        if STRIDE == 1:
+            HO = H
+            WO = W
+        P = H * W
+        PO = HO * WO
+        blocks = tl.cdiv(PO, BLOCK)
+        n = tl.program_id(0) // blocks
+        p = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
+        h, w = p // WO, p % WO
+        c = tl.arange(0, CIN_P)
+        o = tl.arange(0, COUT_P)
+        x_img = _source_image(x_ptr, x2_ptr, rows_ptr, n, N1, XN, X2N, HAS_ROWS)
+        acc = tl.zeros((COUT_P, BLOCK), dtype=tl.float32)
+        for k in tl.static_range(KSIZE * KSIZE):
+            hh = STRIDE * h + (k // KSIZE - 1)
+            ww = STRIDE * w + (k % KSIZE - 1)
+            ok = (p < PO) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            xt = tl.load(x_img + c[:, None] * P + (hh * W + ww)[None, :], mask=(c < CIN)[:, None] & ok[None, :],
+                         other=0.0)                                              # (CIN_P, BLOCK)
+            wt = tl.load(w_ptr + k * COUT_P * CIN_P + o[:, None] * CIN_P + c[None, :])   # (COUT_P, CIN_P)
+            acc += _dot(wt, xt, TF32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + o, mask=o < COUT, other=0.0)[:, None]
+        y_img = y_ptr + n.to(tl.int64) * COUT * PO
+        tl.store(y_img + o[:, None] * PO + p[None, :], acc, mask=(o < COUT)[:, None] & (p < PO)[None, :])
 
     @triton.jit
     def _conv4x4s2_input_grad(g_ptr, w_ptr, dx_ptr, H, W, HO, WO,
@@ -280,10 +326,14 @@ def _planes(x):
     return x.contiguous()
 
 
-def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int = 4, x2=None, rows=None):
+def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int = 4, x2=None, rows=None,
+             dot: bool = False):
     """y = F.conv2d(x, weight, bias, stride, padding=1) for weight (COUT, CIN, K, K), K^2 <= 16; with
     x2 and rows (M,) long, of torch.cat((x, x2))[rows] instead (without gathering it). x and x2 as
-    `_planes` gives them."""
+    `_planes` gives them. `dot`: by `_forward_dot` (tensor-core products, TF32 where cuDNN may use it)
+    instead of fp32 FMAs."""
+    if dot:
+        return _forward_dot(x, weight, bias, stride, x2=x2, rows=rows)
     N, CIN, H, W = x.shape
     COUT, K = weight.shape[0], weight.shape[-1]
     COUT_G = min(8, triton.next_power_of_2(COUT))   # output channels per program (registers: 8 x 4 pixels)
@@ -299,6 +349,25 @@ def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int 
     _conv_fwd_fma[grid](x, x2, packed if rows is None else rows, N, x.stride(0), x2.stride(0), packed,
                         bias if bias is not None else packed, y, H, W, HO, WO, CIN, COUT, COUT_G,
                         groups, K, stride, bias is not None, rows is not None, block, num_warps=num_warps)
+    return y
+
+
+def _forward_dot(x, weight, bias, stride: int = 1, block: int = 128, num_warps: int = 4, x2=None, rows=None):
+    """`_forward`'s convolution by `_conv_fwd_dot`: one (COUT x CIN) @ (CIN x pixels) product per tap,
+    channels zero-padded to 16 (tl.dot's least size) or the next power of two."""
+    N, CIN, H, W = x.shape
+    COUT, K = weight.shape[0], weight.shape[-1]
+    CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
+    packed = x.new_zeros(K * K, COUT_P, CIN_P)                        # (tap, out, in), zero-padded
+    packed[:, :COUT, :CIN] = weight.permute(2, 3, 0, 1).reshape(K * K, COUT, CIN)
+    HO, WO = _out_size(H, K, stride), _out_size(W, K, stride)
+    M = N if rows is None else rows.shape[0]
+    y = x.new_empty(M, COUT, HO, WO)
+    x2 = x if x2 is None else x2
+    _conv_fwd_dot[(M * triton.cdiv(HO * WO, block),)](
+        x, x2, packed if rows is None else rows, N, x.stride(0), x2.stride(0), packed,
+        bias if bias is not None else packed, y, H, W, HO, WO, CIN, CIN_P, COUT, COUT_P, K, stride,
+        bias is not None, rows is not None, _use_tf32(), block, num_warps=num_warps)
     return y
 
 
@@ -367,34 +436,36 @@ def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 6
 # The kernels are custom operators, so torch.compile traces through them (no graph break): inductor
 # fuses the CELU and GroupNorm around them and the glimpse networks compile as one graph each.
 
-@torch.library.custom_op("scalor::conv3x3", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-def _conv3x3_op(x, weight, bias):
-    return _forward(_planes(x), weight.contiguous(), bias)
+@torch.library.custom_op("scalor::conv3x3", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, bool dot=False) -> Tensor")
+def _conv3x3_op(x, weight, bias, dot=False):
+    return _forward(_planes(x), weight.contiguous(), bias, dot=dot)
 
 
 @_conv3x3_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, dot=False):
     return x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
 
 
 @torch.library.custom_op("scalor::conv3x3_rows", mutates_args=(),
-                         schema="(Tensor x1, Tensor x2, Tensor rows, Tensor weight, Tensor? bias) -> Tensor")
-def _conv3x3_rows_op(x1, x2, rows, weight, bias):
-    return _forward(_planes(x1), weight.contiguous(), bias, x2=_planes(x2), rows=rows.contiguous())
+                         schema="(Tensor x1, Tensor x2, Tensor rows, Tensor weight, Tensor? bias, bool dot=False) -> Tensor")
+def _conv3x3_rows_op(x1, x2, rows, weight, bias, dot=False):
+    return _forward(_planes(x1), weight.contiguous(), bias, x2=_planes(x2), rows=rows.contiguous(), dot=dot)
 
 
 @_conv3x3_rows_op.register_fake
-def _(x1, x2, rows, weight, bias):
+def _(x1, x2, rows, weight, bias, dot=False):
     return x1.new_empty(rows.shape[0], weight.shape[0], x1.shape[2], x1.shape[3])
 
 
-@torch.library.custom_op("scalor::conv4x4s2", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-def _conv4x4s2_op(x, weight, bias):
-    return _forward(_planes(x), weight.contiguous(), bias, stride=2)
+@torch.library.custom_op("scalor::conv4x4s2", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, bool dot=False) -> Tensor")
+def _conv4x4s2_op(x, weight, bias, dot=False):
+    return _forward(_planes(x), weight.contiguous(), bias, stride=2, dot=dot)
 
 
 @_conv4x4s2_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, dot=False):
     return x.new_empty(x.shape[0], weight.shape[0], _out_size(x.shape[2], 4, 2), _out_size(x.shape[3], 4, 2))
 
 
@@ -466,9 +537,9 @@ def conv_nhwc_weight_grad(x, weight, bias=None, stride: int = 1):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
+    x, weight, bias, dot = inputs
     ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.dot = bias is not None, dot
 
 
 def _backward(ctx, grad_y):
@@ -478,36 +549,38 @@ def _backward(ctx, grad_y):
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         if ksize == 3:   # correlation with the transposed, flipped kernel
-            grad_x = _conv3x3_op(grad_y, weight.transpose(0, 1).flip(2, 3), None)
+            grad_x = _conv3x3_op(grad_y, weight.transpose(0, 1).flip(2, 3), None, ctx.dot)
         else:
             grad_x = _input_grad_4x4s2_op(grad_y, weight, x.shape[2], x.shape[3])
     if ctx.needs_input_grad[1]:
         grad_w = _weight_grad_op(x, grad_y, ksize, 1 if ksize == 3 else 2)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_y.sum((0, 2, 3))
-    return grad_x, grad_w, grad_b
+    return grad_x, grad_w, grad_b, None
 
 
 _conv3x3_op.register_autograd(_backward, setup_context=_setup_context)
 _conv4x4s2_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def conv3x3(x, weight, bias=None):
+def conv3x3(x, weight, bias=None, dot: bool = False):
     """F.conv2d(x, weight, bias, stride=1, padding=1) by the Triton kernels (x fp32, NCHW): the
-    custom operator torch.ops.scalor.conv3x3, differentiable in x, weight and bias."""
-    return _conv3x3_op(x, weight, bias)
+    custom operator torch.ops.scalor.conv3x3, differentiable in x, weight and bias. `dot`: the
+    forward and the input gradient by tensor-core products (`_forward_dot`) instead of FMAs."""
+    return _conv3x3_op(x, weight, bias, dot)
 
 
-def conv3x3_rows(x1, x2, rows, weight, bias=None):
+def conv3x3_rows(x1, x2, rows, weight, bias=None, dot: bool = False):
     """F.conv2d(torch.cat((x1, x2))[rows], weight, bias, padding=1) without gathering the images
     (rows: (M,) long, in [0, len(x1) + len(x2))): the custom operator torch.ops.scalor.conv3x3_rows,
     forward only (no gradient)."""
     if x1.shape[1:] != x2.shape[1:] or x1.dtype != x2.dtype:
         raise ValueError("conv3x3_rows: x1 and x2 differ in image shape or dtype")
-    return _conv3x3_rows_op(x1, x2, rows, weight, bias)
+    return _conv3x3_rows_op(x1, x2, rows, weight, bias, dot)
 
 
-def conv4x4s2(x, weight, bias=None):
+def conv4x4s2(x, weight, bias=None, dot: bool = False):
     """F.conv2d(x, weight, bias, stride=2, padding=1) for a 4x4 weight by the Triton kernels (x fp32,
-    NCHW): the custom operator torch.ops.scalor.conv4x4s2, differentiable in x, weight and bias."""
-    return _conv4x4s2_op(x, weight, bias)
+    NCHW): the custom operator torch.ops.scalor.conv4x4s2, differentiable in x, weight and bias.
+    `dot`: the forward by tensor-core products (`_forward_dot`) instead of FMAs."""
+    return _conv4x4s2_op(x, weight, bias, dot)

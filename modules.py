@@ -60,16 +60,18 @@ class Conv3x3(nn.Conv2d):
     kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (made
     by `make_conv` for 16 channels or fewer a side, where cuDNN is slow: the glimpse decoder's heads,
     the background decoder's last layers); cuDNN everywhere else. `_conv_forward(x, weight, bias)`
-    makes the same choice for other weights (stacked heads)."""
+    makes the same choice for other weights (stacked heads). `dot` (set by `use_dot_convs`): the
+    forward and input gradient by tensor-core products instead of FMAs."""
 
     MIN_PIXELS = 32 * 32
+    dot = False
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 3, 1, 1)
 
     def _conv_forward(self, x, weight, bias):
         if _triton_fits(x, weight, self.MIN_PIXELS):
-            return kernels.conv3x3(x, weight, bias)
+            return kernels.conv3x3(x, weight, bias, self.dot)
         return super()._conv_forward(x, weight, bias)
 
 
@@ -77,15 +79,31 @@ class Conv4x4Stride2(nn.Conv2d):
     """nn.Conv2d(cin, cout, 4, stride=2, padding=1) -- same parameters, same state_dict -- that runs
     the Triton kernels of `kernels.conv4x4s2` on fp32 CUDA inputs outside autocast (made by
     `make_conv` for the encoders' first layers, <= 4 -> 16 channels: cuDNN takes ~1 ms over the
-    glimpse encoder's backward per 1,280 glimpses, the Triton kernels 0.5); cuDNN everywhere else."""
+    glimpse encoder's backward per 1,280 glimpses, the Triton kernels 0.5); cuDNN everywhere else.
+    `dot` (set by `use_dot_convs`): the forward by tensor-core products instead of FMAs."""
+
+    dot = False
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 4, 2, 1)
 
     def _conv_forward(self, x, weight, bias):
         if _triton_fits(x, weight):
-            return kernels.conv4x4s2(x, weight, bias)
+            return kernels.conv4x4s2(x, weight, bias, self.dot)
         return super()._conv_forward(x, weight, bias)
+
+
+def use_dot_convs(model: nn.Module) -> int:
+    """Let every Conv3x3 and Conv4x4Stride2 of `model` run its Triton forward (and, for 3x3, its
+    input gradient) as one tensor-core product per tap (`kernels._forward_dot`; TF32 where cuDNN
+    may use it, as cuDNN's own convolutions in fp32 mode) instead of fp32 FMAs: cfg.dot_convs,
+    experimental. Parameters and state_dict unchanged. Returns how many."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, (Conv3x3, Conv4x4Stride2)):
+            m.dot = True
+            count += 1
+    return count
 
 
 class ConvNHWCWeightGrad(nn.Conv2d):
@@ -327,7 +345,7 @@ class GlimpseDecoder(nn.Module):
         rows where they are (no concatenation, no gather), else the features are gathered first."""
         first, rest = self._first_and_rest(self.dec_o)
         if isinstance(first, Conv3x3) and _triton_fits(feats[0], first.weight, Conv3x3.MIN_PIXELS):
-            h = kernels.conv3x3_rows(feats[0], feats[1], rows, first.weight, first.bias)
+            h = kernels.conv3x3_rows(feats[0], feats[1], rows, first.weight, first.bias, first.dot)
         else:
             h = first(torch.cat(feats)[rows])
         return torch.sigmoid(h if rest is None else rest(h))

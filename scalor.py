@@ -35,7 +35,7 @@ from common import Config
 from modules import (BgDecoder, BgDecoderSBD, BgEncoder, GlimpseDecoder, GlimpseEncoder, ProposalNet,
                      SequenceEncoder, bernoulli_log_prob, crop, kl_bernoulli, kl_normal, kl_std_normal, normal_log_prob,
                      given_forward, maybe_checkpoint, normal_rsample, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
-                     use_nhwc_weight_grad, window_size)
+                     use_dot_convs, use_nhwc_weight_grad, window_size)
 from utils import step_switches, z_pres_prior_at
 
 EPS = 1e-15  # the reference's eps in compositing, rejection and the Bernoulli KL
@@ -325,6 +325,8 @@ class SCALOR(nn.Module):
         self.window = window_size(cfg)
         if cfg.nhwc_weight_grad:
             use_nhwc_weight_grad(self)
+        if cfg.dot_convs:
+            use_dot_convs(self)
 
     # --------------------------------------------------------------------------------------------
     def forward(self, seq, step: int = 0, tau=1.0, generate: bool = False, nll: bool = False,

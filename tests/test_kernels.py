@@ -192,6 +192,67 @@ def test_conv4x4s2_operators_and_module():
     assert isinstance(on.enc_cnn[0], Conv4x4Stride2) and not any(isinstance(m, Conv4x4Stride2) for m in off.modules())
 
 
+@pytest.mark.parametrize("ksize, stride, n, cin, cout, h, w", [(3, 1, 2, 16, 16, 12, 12), (3, 1, 1, 20, 40, 5, 6),
+                                                               (4, 2, 2, 3, 16, 9, 7)])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_dot_forward_matches_conv2d(ksize, stride, n, cin, cout, h, w, tf32):
+    """With dot=True (the forward, and the 3x3 input gradient, as one tensor-core product per tap,
+    channels padded to 16 or a power of two) conv3x3 and conv4x4s2 still give F.conv2d's output and
+    gradients, and the operators pass opcheck with it."""
+    conv = kernels.conv3x3 if ksize == 3 else kernels.conv4x4s2
+    _check_against_conv2d(lambda x, wt, b: conv(x, wt, b, dot=True), ksize, stride, n, cin, cout, h, w, tf32)
+    x = torch.randn(2, cin, 6, 6, device=DEVICE, requires_grad=True)
+    weight = torch.randn(cout, cin, ksize, ksize, device=DEVICE, requires_grad=True)
+    op = torch.ops.scalor.conv3x3 if ksize == 3 else torch.ops.scalor.conv4x4s2
+    torch.library.opcheck(op.default, (x, weight, None, True))
+    if ksize == 3:
+        x1, x2 = torch.randn(3, cin, 5, 7, device=DEVICE), torch.randn(2, cin, 5, 7, device=DEVICE)
+        rows = torch.tensor([4, 0, 2, 2], device=DEVICE)
+        got = kernels.conv3x3_rows(x1, x2, rows, weight.detach(), None, dot=True)
+        torch.testing.assert_close(got, F.conv2d(torch.cat((x1, x2))[rows], weight.detach(), padding=1),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_use_dot_convs_marks_the_triton_convolutions_and_keeps_the_glimpse_networks(monkeypatch):
+    """cfg.dot_convs sets `dot` on every Conv3x3 and Conv4x4Stride2 of the model (state_dict
+    unchanged); the glimpse decoder (stacked heads, rows read in place) and encoder give the same
+    outputs and gradients as with the FMA kernels (1e-5; 1e-4 of the largest entry for gradients).
+    On the CPU the kernels run in Triton's interpreter, so the CUDA-only check is bypassed (a whole
+    model step there takes minutes)."""
+    import modules
+    monkeypatch.setattr(modules, "_triton_fits", lambda x, weight, min_pixels=0: True)
+    plain, dotted = SCALOR(Config(dot_convs=False)), SCALOR(Config(dot_convs=True))
+    convs = [m for m in dotted.modules() if isinstance(m, (Conv3x3, Conv4x4Stride2))]
+    assert len(convs) == len(DEFAULT_TWINS) and all(m.dot for m in convs)
+    assert not any(m.dot for m in plain.modules() if isinstance(m, (Conv3x3, Conv4x4Stride2)))
+    assert list(plain.state_dict()) == list(dotted.state_dict())
+    cfg = small_config()
+    gen = torch.Generator().manual_seed(5)
+    z_what = torch.randn(3, cfg.z_what_dim, generator=gen).to(DEVICE)
+    glimpses = torch.rand(3, 3, cfg.glimpse_size, cfg.glimpse_size, generator=gen).to(DEVICE)
+    rows = torch.tensor([2, 0, 1], device=DEVICE)     # of the 2 + 1 images below
+    results = []
+    for dot in (False, True):
+        torch.manual_seed(0)
+        dec, enc = GlimpseDecoder(cfg).to(DEVICE), GlimpseEncoder(cfg).to(DEVICE)
+        if dot:
+            assert (modules.use_dot_convs(dec), modules.use_dot_convs(enc)) == (3, 1)
+        o, alpha = dec(z_what)
+        feat, _ = dec.features_and_alpha(z_what)
+        with torch.no_grad():                  # forward only, as in rendering
+            o_rows = dec.appearance_of_rows((feat[:2], feat[2:]), rows)
+        code = enc(glimpses)
+        total = sum(t.square().sum() for t in (o, alpha, *code))
+        params = list(dec.parameters()) + list(enc.parameters())
+        results.append(((o, alpha, o_rows, *code), torch.autograd.grad(total, params, allow_unused=True)))
+    for got, want in zip(results[1][0], results[0][0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, r in zip(results[1][1], results[0][1]):
+        assert (g is None) == (r is None)
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
 def test_conv3x3_rows_reads_gathered_images_in_place():
     """conv3x3_rows(x1, x2, rows) is F.conv2d(torch.cat((x1, x2))[rows]) (rows repeated, out of
     order, from both sources), and passes opcheck; the decoder's appearance_of_rows (which gathers
