@@ -200,9 +200,9 @@ def main(argv=None):
                    help="run the small-channel 3x3 and 4x4/2 convolutions in cuDNN instead of the Triton kernels")
     p.add_argument("--dot-convs", action="store_true",
                    help="experimental: the Triton convolutions' forward by tensor-core products instead of FMAs")
-    p.add_argument("--no-nhwc-weight-grad", action="store_true",
-                   help="run the weight gradients of the 17-32 channel 3x3 and 4x4/2 convolutions in cuDNN "
-                        "instead of the Triton kernel")
+    p.add_argument("--nhwc-weight-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="the weight gradients of the 17-32 channel 3x3 and 4x4/2 convolutions by the Triton kernel "
+                        "(default); --no-nhwc-weight-grad: by cuDNN")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps and print the GPU kernels by total time")
     p.add_argument("--warmup", type=int, default=10)
@@ -221,7 +221,7 @@ def main(argv=None):
                      glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
                      seq_len=args.seq_len, observe_frames=max(0, min(5, args.seq_len - 1)),
                      phase_conv_lstm=not args.no_conv_lstm, checkpoint_glimpses=not args.no_checkpoint_glimpses,
-                     triton_convs=not args.no_triton_convs, nhwc_weight_grad=not args.no_nhwc_weight_grad,
+                     triton_convs=not args.no_triton_convs, nhwc_weight_grad=args.nhwc_weight_grad,
                      dot_convs=args.dot_convs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

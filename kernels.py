@@ -10,8 +10,10 @@ F.conv2d(x, weight, bias, stride=2, padding=1) for 4x4 weights:
   channels of 4 pixels;
 - forward with `dot=True` (cfg.dot_convs, experimental, not measured on a GPU yet): per image and
   block of output pixels, all output channels, one tensor-core product (C_out x C_in) @ (C_in x
-  pixels) per tap, channels zero-padded to 16 (TF32 where cuDNN may use it, else fp32): the FMA
-  kernel's 16 -> 16 at 64x64 runs on CUDA cores at ~0.7 ms for 1,280 glimpses, ~5x its memory floor;
+  pixels) per tap, channels zero-padded to 16, TF32 where cuDNN may use it (PyTorch's default and
+  our `fp32` precision); under `fp32-strict` Triton compiles the products to plain fp32 FMAs, so
+  the tensor cores only serve the TF32 case. The FMA kernel's 16 -> 16 at 64x64 runs on CUDA
+  cores at ~0.7 ms for 1,280 glimpses, ~5x its memory floor;
 - input gradient: for 3x3 the forward kernel on the output gradient with the weight transposed and
   flipped; for 4x4 of stride 2 a kernel per parity class of input pixels (each receives from 2x2
   outputs through 2x2 of the taps);
