@@ -199,6 +199,8 @@ def test_dot_forward_matches_conv2d(ksize, stride, n, cin, cout, h, w, tf32):
     """With dot=True (the forward, and the 3x3 input gradient, as one tensor-core product per tap,
     channels padded to 16 or a power of two) conv3x3 and conv4x4s2 still give F.conv2d's output and
     gradients, and the operators pass opcheck with it."""
+    if tf32 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter multiplies in fp32 either way: the same as tf32=False")
     conv = kernels.conv3x3 if ksize == 3 else kernels.conv4x4s2
     _check_against_conv2d(lambda x, wt, b: conv(x, wt, b, dot=True), ksize, stride, n, cin, cout, h, w, tf32)
     x = torch.randn(2, cin, 6, 6, device=DEVICE, requires_grad=True)
