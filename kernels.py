@@ -147,7 +147,8 @@ if triton is not None:
                       TF32: tl.constexpr, BLOCK: tl.constexpr):
         # The same convolution as _conv_fwd_fma (same x, x2, rows, y), with one product per tap on
         # the tensor cores instead of FMAs: acc (COUT_P, BLOCK) += w_tap (COUT_P, CIN_P) @ x at the
-        # tap's shifted pixels (CIN_P, BLOCK); w packed (KSIZE^2, COUT_P, CIN_P) zero-padded, channels
+        # tap's shifted pixels (CIN_P, BLOCK); w (COUT, CIN, KSIZE, KSIZE) contiguous, read as is (no
+        # packing kernel: its few KB stay in the caches), padding by masked loads; channels
         # padded to 16 or a power of two. Program (image, block of output pixels), all channels.
         if STRIDE == 1:
             HO = H
@@ -168,7 +169,8 @@ if triton is not None:
             ok = (p < PO) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             xt = tl.load(x_img + c[:, None] * P + (hh * W + ww)[None, :], mask=(c < CIN)[:, None] & ok[None, :],
                          other=0.0)                                              # (CIN_P, BLOCK)
-            wt = tl.load(w_ptr + k * COUT_P * CIN_P + o[:, None] * CIN_P + c[None, :])   # (COUT_P, CIN_P)
+            wt = tl.load(w_ptr + (o[:, None] * CIN + c[None, :]) * (KSIZE * KSIZE) + k,
+                         mask=(o < COUT)[:, None] & (c < CIN)[None, :], other=0.0)      # (COUT_P, CIN_P)
             acc += _dot(wt, xt, TF32)
         if HAS_BIAS:
             acc += tl.load(b_ptr + o, mask=o < COUT, other=0.0)[:, None]
@@ -356,19 +358,17 @@ def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int 
 
 def _forward_dot(x, weight, bias, stride: int = 1, block: int = 128, num_warps: int = 4, x2=None, rows=None):
     """`_forward`'s convolution by `_conv_fwd_dot`: one (COUT x CIN) @ (CIN x pixels) product per tap,
-    channels zero-padded to 16 (tl.dot's least size) or the next power of two."""
+    channels zero-padded to 16 (tl.dot's least size) or the next power of two; weight contiguous."""
     N, CIN, H, W = x.shape
     COUT, K = weight.shape[0], weight.shape[-1]
     CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
-    packed = x.new_zeros(K * K, COUT_P, CIN_P)                        # (tap, out, in), zero-padded
-    packed[:, :COUT, :CIN] = weight.permute(2, 3, 0, 1).reshape(K * K, COUT, CIN)
     HO, WO = _out_size(H, K, stride), _out_size(W, K, stride)
     M = N if rows is None else rows.shape[0]
     y = x.new_empty(M, COUT, HO, WO)
     x2 = x if x2 is None else x2
     _conv_fwd_dot[(M * triton.cdiv(HO * WO, block),)](
-        x, x2, packed if rows is None else rows, N, x.stride(0), x2.stride(0), packed,
-        bias if bias is not None else packed, y, H, W, HO, WO, CIN, CIN_P, COUT, COUT_P, K, stride,
+        x, x2, weight if rows is None else rows, N, x.stride(0), x2.stride(0), weight,
+        bias if bias is not None else weight, y, H, W, HO, WO, CIN, CIN_P, COUT, COUT_P, K, stride,
         bias is not None, rows is not None, _use_tf32(), block, num_warps=num_warps)
     return y
 
