@@ -330,46 +330,36 @@ def _planes(x):
     return x.contiguous()
 
 
-def _forward(x, weight, bias, stride: int = 1, block: int = 512, num_warps: int = 4, x2=None, rows=None,
+def _forward(x, weight, bias, stride: int = 1, block: int | None = None, num_warps: int = 4, x2=None, rows=None,
              dot: bool = False):
-    """y = F.conv2d(x, weight, bias, stride, padding=1) for weight (COUT, CIN, K, K), K^2 <= 16; with
-    x2 and rows (M,) long, of torch.cat((x, x2))[rows] instead (without gathering it). x and x2 as
-    `_planes` gives them. `dot`: by `_forward_dot` (tensor-core products, TF32 where cuDNN may use it)
-    instead of fp32 FMAs."""
-    if dot:
-        return _forward_dot(x, weight, bias, stride, x2=x2, rows=rows)
+    """y = F.conv2d(x, weight, bias, stride, padding=1) for weight (COUT, CIN, K, K) contiguous, K^2 <=
+    16; with x2 and rows (M,) long, of torch.cat((x, x2))[rows] instead (without gathering it). x and
+    x2 as `_planes` gives them. By `_conv_fwd_fma` (fp32 FMAs; blocks of 512 pixels by default), or
+    with `dot` by `_conv_fwd_dot` (one tensor-core product per tap, TF32 where cuDNN may use it,
+    channels zero-padded to 16 or the next power of two; blocks of 128 by default)."""
     N, CIN, H, W = x.shape
     COUT, K = weight.shape[0], weight.shape[-1]
+    HO, WO = _out_size(H, K, stride), _out_size(W, K, stride)
+    M = N if rows is None else rows.shape[0]
+    y = x.new_empty(M, COUT, HO, WO)
+    x2 = x if x2 is None else x2
+    if dot:
+        block = block or 128
+        _conv_fwd_dot[(M * triton.cdiv(HO * WO, block),)](
+            x, x2, weight if rows is None else rows, N, x.stride(0), x2.stride(0), weight,
+            bias if bias is not None else weight, y, H, W, HO, WO, CIN, _pad16(CIN), COUT, _pad16(COUT), K, stride,
+            bias is not None, rows is not None, _use_tf32(), block, num_warps=num_warps)
+        return y
+    block = block or 512
     COUT_G = min(8, triton.next_power_of_2(COUT))   # output channels per program (registers: 8 x 4 pixels)
     groups = triton.cdiv(COUT, COUT_G)
     packed = x.new_zeros(groups * COUT_G, CIN, K * K)                # (out, in, tap), zero-padded
     packed[:COUT] = weight.reshape(COUT, CIN, K * K)
     packed = packed.view(groups, COUT_G, CIN, K * K).permute(0, 3, 2, 1).contiguous()   # (group, tap, in, out)
-    HO, WO = _out_size(H, K, stride), _out_size(W, K, stride)
-    M = N if rows is None else rows.shape[0]
-    y = x.new_empty(M, COUT, HO, WO)
     grid = (M * triton.cdiv(HO * WO, block) * groups,)
-    x2 = x if x2 is None else x2
     _conv_fwd_fma[grid](x, x2, packed if rows is None else rows, N, x.stride(0), x2.stride(0), packed,
                         bias if bias is not None else packed, y, H, W, HO, WO, CIN, COUT, COUT_G,
                         groups, K, stride, bias is not None, rows is not None, block, num_warps=num_warps)
-    return y
-
-
-def _forward_dot(x, weight, bias, stride: int = 1, block: int = 128, num_warps: int = 4, x2=None, rows=None):
-    """`_forward`'s convolution by `_conv_fwd_dot`: one (COUT x CIN) @ (CIN x pixels) product per tap,
-    channels zero-padded to 16 (tl.dot's least size) or the next power of two; weight contiguous."""
-    N, CIN, H, W = x.shape
-    COUT, K = weight.shape[0], weight.shape[-1]
-    CIN_P, COUT_P = _pad16(CIN), _pad16(COUT)
-    HO, WO = _out_size(H, K, stride), _out_size(W, K, stride)
-    M = N if rows is None else rows.shape[0]
-    y = x.new_empty(M, COUT, HO, WO)
-    x2 = x if x2 is None else x2
-    _conv_fwd_dot[(M * triton.cdiv(HO * WO, block),)](
-        x, x2, weight if rows is None else rows, N, x.stride(0), x2.stride(0), weight,
-        bias if bias is not None else weight, y, H, W, HO, WO, CIN, CIN_P, COUT, COUT_P, K, stride,
-        bias is not None, rows is not None, _use_tf32(), block, num_warps=num_warps)
     return y
 
 
@@ -568,7 +558,7 @@ _conv4x4s2_op.register_autograd(_backward, setup_context=_setup_context)
 def conv3x3(x, weight, bias=None, dot: bool = False):
     """F.conv2d(x, weight, bias, stride=1, padding=1) by the Triton kernels (x fp32, NCHW): the
     custom operator torch.ops.scalor.conv3x3, differentiable in x, weight and bias. `dot`: the
-    forward and the input gradient by tensor-core products (`_forward_dot`) instead of FMAs."""
+    forward and the input gradient by tensor-core products (`_conv_fwd_dot`) instead of FMAs."""
     return _conv3x3_op(x, weight, bias, dot)
 
 
@@ -584,5 +574,5 @@ def conv3x3_rows(x1, x2, rows, weight, bias=None, dot: bool = False):
 def conv4x4s2(x, weight, bias=None, dot: bool = False):
     """F.conv2d(x, weight, bias, stride=2, padding=1) for a 4x4 weight by the Triton kernels (x fp32,
     NCHW): the custom operator torch.ops.scalor.conv4x4s2, differentiable in x, weight and bias.
-    `dot`: the forward by tensor-core products (`_forward_dot`) instead of FMAs."""
+    `dot`: the forward by tensor-core products (`_conv_fwd_dot`) instead of FMAs."""
     return _conv4x4s2_op(x, weight, bias, dot)

@@ -95,7 +95,7 @@ class Conv4x4Stride2(nn.Conv2d):
 
 def use_dot_convs(model: nn.Module) -> int:
     """Let every Conv3x3 and Conv4x4Stride2 of `model` run its Triton forward (and, for 3x3, its
-    input gradient) as one tensor-core product per tap (`kernels._forward_dot`; TF32 where cuDNN
+    input gradient) as one tensor-core product per tap (`kernels._conv_fwd_dot`; TF32 where cuDNN
     may use it, as cuDNN's own convolutions in fp32 mode) instead of fp32 FMAs: cfg.dot_convs,
     experimental. Parameters and state_dict unchanged. Returns how many."""
     count = 0
