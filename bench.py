@@ -198,8 +198,9 @@ def main(argv=None):
                    help="keep glimpse activations instead of recomputing them in backward (faster, more memory)")
     p.add_argument("--no-triton-convs", action="store_true",
                    help="run the small-channel 3x3 and 4x4/2 convolutions in cuDNN instead of the Triton kernels")
-    p.add_argument("--dot-convs", action="store_true",
-                   help="experimental: the Triton convolutions' forward by tensor-core products instead of FMAs")
+    p.add_argument("--dot-convs", action=argparse.BooleanOptionalAction, default=True,
+                   help="the Triton convolutions' forward by tensor-core products where they pay (default; TF32 "
+                        "only); --no-dot-convs: by fp32 FMAs everywhere")
     p.add_argument("--nhwc-weight-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="the weight gradients of the 17-32 channel 3x3 and 4x4/2 convolutions by the Triton kernel "
                         "(default); --no-nhwc-weight-grad: by cuDNN")

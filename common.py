@@ -88,9 +88,10 @@ class Config:
     nhwc_weight_grad: bool = True         # the weight gradient of 3x3 and 4x4/2 convs of 17-32 channels by a
                                           # Triton kernel on CUDA in fp32 (decoder trunk 1.5x cuDNN's; step
                                           # 364 -> 358 ms uncompiled on an H200); off: cuDNN. Same numbers
-    dot_convs: bool = False               # experimental: the Triton convs' forward (and 3x3 input gradient) as
-                                          # tensor-core products (TF32 where cuDNN may use it) instead of fp32
-                                          # FMAs; not measured on the GPU yet
+    dot_convs: bool = True                # the Triton convs' forward (and 3x3 input gradient) as tensor-core
+                                          # products where they pay (kernels.dot_pays: >= 16 channels a side;
+                                          # TF32, where cuDNN may use it) instead of fp32 FMAs; step 359.0 ->
+                                          # 351.6 ms uncompiled on an H200; off: FMAs everywhere
     # ---- thresholds -----------------------------------------------------------------------------
     explained_ratio_threshold: float = 0.3    # reject a proposal this much inside tracked alpha
     proposal_alpha_threshold: float = 0.3     # proposal pixel counts where its alpha > this

@@ -8,12 +8,12 @@ F.conv2d(x, weight, bias, stride=2, padding=1) for 4x4 weights:
 - forward (one kernel for both): per image, block of 512 output pixels and group of up to 8 output
   channels, fp32 FMAs over the taps and the input channels, each thread holding all the group's
   channels of 4 pixels;
-- forward with `dot=True` (cfg.dot_convs, experimental, not measured on a GPU yet): per image and
-  block of output pixels, all output channels, one tensor-core product (C_out x C_in) @ (C_in x
-  pixels) per tap, channels zero-padded to 16, TF32 where cuDNN may use it (PyTorch's default and
-  our `fp32` precision); under `fp32-strict` Triton compiles the products to plain fp32 FMAs, so
-  the tensor cores only serve the TF32 case. The FMA kernel's 16 -> 16 at 64x64 runs on CUDA
-  cores at ~0.7 ms for 1,280 glimpses, ~5x its memory floor;
+- forward with `dot=True` (cfg.dot_convs, on by default), where `dot_pays` (16 channels or more a
+  side, or 16 input channels over the few pixels of the frames; only where products may round to
+  TF32, i.e. cuDNN may use TF32: PyTorch's default and our `fp32` precision, not `fp32-strict`):
+  per image and block of 256 output pixels, all output channels, one tensor-core product
+  (C_out x C_in) @ (C_in x pixels) per tap, channels zero-padded to 16. The stacked heads' 16 -> 16
+  at 64x64 over 1,280 glimpses: FMA 1.10 ms, dot 0.72 ms; the step 359.0 -> 351.6 ms uncompiled;
 - input gradient: for 3x3 the forward kernel on the output gradient with the weight transposed and
   flipped; for 4x4 of stride 2 a kernel per parity class of input pixels (each receives from 2x2
   outputs through 2x2 of the taps);
@@ -316,6 +316,20 @@ def _use_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
 
 
+def dot_pays(cin: int, cout: int, out_pixels: int) -> bool:
+    """Whether `_forward(dot=True)` runs the tensor-core kernel for a convolution of `cin` -> `cout`
+    channels with `out_pixels` output pixels over all images, rather than the FMA one. Measured on
+    an H200 (TF32, 4 warps, blocks of 256 pixels; docs/PERF_NOTES.md, 2026-11-28): it pays with
+    16 or more channels a side (stacked heads 16 -> 16 over 1,280 glimpses of 64x64: FMA 1,099 us,
+    dot 715 us; over 900: 820 -> 553 us; the background decoder's 16 -> 16 over 20 frames of
+    128x128: 157 -> 88 us), and from 16 input channels over few output pixels, where the FMA
+    kernel's grid is too small to fill the GPU (background decoder's 16 -> 3 over 20 frames: 162 ->
+    74 us). Elsewhere the FMA kernel is faster (900 glimpses: 16 -> 8 442 vs 549 us, 8 -> 3 219 vs
+    352, 3 -> 16 of stride 2 over 1,280: 184 vs 404), as it is wherever products may not round to
+    TF32 (fp32-strict: the dot kernel's products compile to plain FMAs)."""
+    return _use_tf32() and cin >= 16 and (cout >= 16 or out_pixels <= 2 ** 20)
+
+
 def _out_size(n: int, ksize: int, stride: int) -> int:
     return (n + 2 - ksize) // stride + 1                             # padding 1
 
@@ -334,17 +348,17 @@ def _forward(x, weight, bias, stride: int = 1, block: int | None = None, num_war
              dot: bool = False):
     """y = F.conv2d(x, weight, bias, stride, padding=1) for weight (COUT, CIN, K, K) contiguous, K^2 <=
     16; with x2 and rows (M,) long, of torch.cat((x, x2))[rows] instead (without gathering it). x and
-    x2 as `_planes` gives them. By `_conv_fwd_fma` (fp32 FMAs; blocks of 512 pixels by default), or
-    with `dot` by `_conv_fwd_dot` (one tensor-core product per tap, TF32 where cuDNN may use it,
-    channels zero-padded to 16 or the next power of two; blocks of 128 by default)."""
+    x2 as `_planes` gives them. By `_conv_fwd_fma` (fp32 FMAs; blocks of 512 pixels by default), or,
+    with `dot` where `dot_pays`, by `_conv_fwd_dot` (one tensor-core product per tap, TF32 where
+    cuDNN may use it, channels zero-padded to 16 or the next power of two; blocks of 256)."""
     N, CIN, H, W = x.shape
     COUT, K = weight.shape[0], weight.shape[-1]
     HO, WO = _out_size(H, K, stride), _out_size(W, K, stride)
     M = N if rows is None else rows.shape[0]
     y = x.new_empty(M, COUT, HO, WO)
     x2 = x if x2 is None else x2
-    if dot:
-        block = block or 128
+    if dot and dot_pays(CIN, COUT, M * HO * WO):
+        block = block or 256
         _conv_fwd_dot[(M * triton.cdiv(HO * WO, block),)](
             x, x2, weight if rows is None else rows, N, x.stride(0), x2.stride(0), weight,
             bias if bias is not None else weight, y, H, W, HO, WO, CIN, _pad16(CIN), COUT, _pad16(COUT), K, stride,
@@ -558,7 +572,8 @@ _conv4x4s2_op.register_autograd(_backward, setup_context=_setup_context)
 def conv3x3(x, weight, bias=None, dot: bool = False):
     """F.conv2d(x, weight, bias, stride=1, padding=1) by the Triton kernels (x fp32, NCHW): the
     custom operator torch.ops.scalor.conv3x3, differentiable in x, weight and bias. `dot`: the
-    forward and the input gradient by tensor-core products (`_conv_fwd_dot`) instead of FMAs."""
+    forward and the input gradient by tensor-core products (`_conv_fwd_dot`) where `dot_pays`,
+    else FMAs."""
     return _conv3x3_op(x, weight, bias, dot)
 
 
@@ -574,5 +589,5 @@ def conv3x3_rows(x1, x2, rows, weight, bias=None, dot: bool = False):
 def conv4x4s2(x, weight, bias=None, dot: bool = False):
     """F.conv2d(x, weight, bias, stride=2, padding=1) for a 4x4 weight by the Triton kernels (x fp32,
     NCHW): the custom operator torch.ops.scalor.conv4x4s2, differentiable in x, weight and bias.
-    `dot`: the forward by tensor-core products (`_conv_fwd_dot`) instead of FMAs."""
+    `dot`: the forward by tensor-core products (`_conv_fwd_dot`) where `dot_pays`."""
     return _conv4x4s2_op(x, weight, bias, dot)

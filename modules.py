@@ -61,7 +61,7 @@ class Conv3x3(nn.Conv2d):
     by `make_conv` for 16 channels or fewer a side, where cuDNN is slow: the glimpse decoder's heads,
     the background decoder's last layers); cuDNN everywhere else. `_conv_forward(x, weight, bias)`
     makes the same choice for other weights (stacked heads). `dot` (set by `use_dot_convs`): the
-    forward and input gradient by tensor-core products instead of FMAs."""
+    forward and input gradient by tensor-core products where `kernels.dot_pays`, else FMAs."""
 
     MIN_PIXELS = 32 * 32
     dot = False
@@ -80,7 +80,7 @@ class Conv4x4Stride2(nn.Conv2d):
     the Triton kernels of `kernels.conv4x4s2` on fp32 CUDA inputs outside autocast (made by
     `make_conv` for the encoders' first layers, <= 4 -> 16 channels: cuDNN takes ~1 ms over the
     glimpse encoder's backward per 1,280 glimpses, the Triton kernels 0.5); cuDNN everywhere else.
-    `dot` (set by `use_dot_convs`): the forward by tensor-core products instead of FMAs."""
+    `dot` (set by `use_dot_convs`): the forward by tensor-core products where `kernels.dot_pays`."""
 
     dot = False
 
@@ -96,8 +96,9 @@ class Conv4x4Stride2(nn.Conv2d):
 def use_dot_convs(model: nn.Module) -> int:
     """Let every Conv3x3 and Conv4x4Stride2 of `model` run its Triton forward (and, for 3x3, its
     input gradient) as one tensor-core product per tap (`kernels._conv_fwd_dot`; TF32 where cuDNN
-    may use it, as cuDNN's own convolutions in fp32 mode) instead of fp32 FMAs: cfg.dot_convs,
-    experimental. Parameters and state_dict unchanged. Returns how many."""
+    may use it, as cuDNN's own convolutions in fp32 mode) instead of fp32 FMAs, on the shapes where
+    that pays (`kernels.dot_pays`): cfg.dot_convs, on by default. Parameters and state_dict
+    unchanged. Returns how many."""
     count = 0
     for m in model.modules():
         if isinstance(m, (Conv3x3, Conv4x4Stride2)):

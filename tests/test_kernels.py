@@ -195,10 +195,12 @@ def test_conv4x4s2_operators_and_module():
 @pytest.mark.parametrize("ksize, stride, n, cin, cout, h, w", [(3, 1, 2, 16, 16, 12, 12), (3, 1, 1, 20, 40, 5, 6),
                                                                (4, 2, 2, 3, 16, 9, 7)])
 @pytest.mark.parametrize("tf32", [False, True])
-def test_dot_forward_matches_conv2d(ksize, stride, n, cin, cout, h, w, tf32):
+def test_dot_forward_matches_conv2d(ksize, stride, n, cin, cout, h, w, tf32, monkeypatch):
     """With dot=True (the forward, and the 3x3 input gradient, as one tensor-core product per tap,
-    channels padded to 16 or a power of two) conv3x3 and conv4x4s2 still give F.conv2d's output and
-    gradients, and the operators pass opcheck with it."""
+    channels padded to 16 or a power of two; here on every shape, not only where `dot_pays`)
+    conv3x3 and conv4x4s2 still give F.conv2d's output and gradients, and the operators pass
+    opcheck with it."""
+    monkeypatch.setattr(kernels, "dot_pays", lambda cin, cout, out_pixels: True)
     if tf32 and DEVICE == "cpu":
         pytest.skip("Triton's interpreter multiplies in fp32 either way: the same as tf32=False")
     conv = kernels.conv3x3 if ksize == 3 else kernels.conv4x4s2
@@ -224,6 +226,7 @@ def test_use_dot_convs_marks_the_triton_convolutions_and_keeps_the_glimpse_netwo
     model step there takes minutes)."""
     import modules
     monkeypatch.setattr(modules, "_triton_fits", lambda x, weight, min_pixels=0: True)
+    monkeypatch.setattr(kernels, "dot_pays", lambda cin, cout, out_pixels: True)
     plain, dotted = SCALOR(Config(dot_convs=False)), SCALOR(Config(dot_convs=True))
     convs = [m for m in dotted.modules() if isinstance(m, (Conv3x3, Conv4x4Stride2))]
     assert len(convs) == len(DEFAULT_TWINS) and all(m.dot for m in convs)
@@ -254,6 +257,18 @@ def test_use_dot_convs_marks_the_triton_convolutions_and_keeps_the_glimpse_netwo
         assert (g is None) == (r is None)
         if r is not None:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
+def test_dot_pays_where_measured_faster():
+    """The tensor-core forward runs where it beat the FMA kernel on an H200 (16 channels a side; 16
+    input channels over few output pixels, the frames), only where products may round to TF32."""
+    glimpses, frames = 900 * 64 * 64, 20 * 128 * 128
+    torch.backends.cudnn.allow_tf32 = True
+    assert kernels.dot_pays(16, 16, 1280 * 64 * 64) and kernels.dot_pays(16, 16, frames)
+    assert kernels.dot_pays(16, 3, frames) and not kernels.dot_pays(1, 16, frames // 4)
+    assert not any(kernels.dot_pays(cin, cout, glimpses) for cin, cout in ((16, 8), (8, 3), (8, 1), (3, 8), (3, 16)))
+    torch.backends.cudnn.allow_tf32 = False
+    assert not kernels.dot_pays(16, 16, glimpses)
 
 
 def test_conv3x3_rows_reads_gathered_images_in_place():
