@@ -326,7 +326,8 @@ def dot_pays(cin: int, cout: int, out_pixels: int) -> bool:
     kernel's grid is too small to fill the GPU (background decoder's 16 -> 3 over 20 frames: 162 ->
     74 us). Elsewhere the FMA kernel is faster (900 glimpses: 16 -> 8 442 vs 549 us, 8 -> 3 219 vs
     352, 3 -> 16 of stride 2 over 1,280: 184 vs 404), as it is wherever products may not round to
-    TF32 (fp32-strict: the dot kernel's products compile to plain FMAs)."""
+    TF32 (fp32-strict): there the dot kernel's products compile to plain FMAs, and slowly (Triton
+    3.9 for sm_90 on a CPU: 16 -> 16 3.0 s in TF32, 4.6 s in fp32; 32 -> 64 4.5 s and 73 s)."""
     return _use_tf32() and cin >= 16 and (cout >= 16 or out_pixels <= 2 ** 20)
 
 
