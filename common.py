@@ -89,8 +89,8 @@ class Config:
                                           # Triton kernel on CUDA in fp32 (decoder trunk 1.5x cuDNN's; step
                                           # 364 -> 358 ms uncompiled on an H200); off: cuDNN. Same numbers
     dot_convs: bool = True                # the Triton convs' forward (and 3x3 input gradient) as tensor-core
-                                          # products where they pay (kernels.dot_pays: >= 16 channels a side;
-                                          # TF32, where cuDNN may use it) instead of fp32 FMAs; step 359.0 ->
+                                          # products where they pay (kernels.dot_pays: >= 16 channels a side,
+                                          # or 16 in over the frames; TF32 only) instead of fp32 FMAs; step 359.0 ->
                                           # 351.6 ms uncompiled on an H200; off: FMAs everywhere
     # ---- thresholds -----------------------------------------------------------------------------
     explained_ratio_threshold: float = 0.3    # reject a proposal this much inside tracked alpha
