@@ -157,7 +157,7 @@ def weight_grad_table(args):
     set_precision(args.precision, cudnn_benchmark=not args.no_cudnn_benchmark)
     conv_backward = torch.ops.aten.convolution_backward
     for n, cin, cout, size, k, s in WEIGHT_GRAD_SHAPES:
-        out_size = (size + 2 - k) // s + 1
+        out_size = kernels._out_size(size, k, s)
         gen = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(n, cin, size, size, device="cuda", generator=gen)
         weight = torch.randn(cout, cin, k, k, device="cuda", generator=gen) / (cin * k * k) ** 0.5
