@@ -135,7 +135,7 @@ class TrainStep:
         if capturing:                 # no host sync possible: zero the gradients of a bad step
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad.copy_(torch.where(finite, p.grad, torch.zeros_like(p.grad)))
+                    p.grad.masked_fill_(~finite, 0.0)     # one kernel a parameter (where + copy took three)
             self.optimizer.step()
         elif bool(finite):
             self.optimizer.step()

@@ -335,6 +335,13 @@ def _out_size(n: int, ksize: int, stride: int) -> int:
     return (n + 2 - ksize) // stride + 1                             # padding 1
 
 
+def _pad_dim(w, dim: int, size: int):
+    """w zero-padded at the end of dimension `dim` (of 3) to `size` (w itself when it has that size):
+    weight packing in one copy kernel, two when padded (was zeros, copy, then the permuted copy)."""
+    extra = size - w.shape[dim]
+    return w if extra == 0 else torch.nn.functional.pad(w, (0, 0) * (2 - dim) + (0, extra))
+
+
 def _planes(x):
     """x (N, C, H, W) as the kernels read it: each channel a contiguous H x W plane, planes H * W
     apart, images any distance apart (x.stride(0)): as it is when so (a channel slice such as the
@@ -368,8 +375,7 @@ def _forward(x, weight, bias, stride: int = 1, block: int | None = None, num_war
     block = block or 512
     COUT_G = min(8, triton.next_power_of_2(COUT))   # output channels per program (registers: 8 x 4 pixels)
     groups = triton.cdiv(COUT, COUT_G)
-    packed = x.new_zeros(groups * COUT_G, CIN, K * K)                # (out, in, tap), zero-padded
-    packed[:COUT] = weight.reshape(COUT, CIN, K * K)
+    packed = _pad_dim(weight.reshape(COUT, CIN, K * K), 0, groups * COUT_G)                     # (out, in, tap)
     packed = packed.view(groups, COUT_G, CIN, K * K).permute(0, 3, 2, 1).contiguous()   # (group, tap, in, out)
     grid = (M * triton.cdiv(HO * WO, block) * groups,)
     _conv_fwd_fma[grid](x, x2, packed if rows is None else rows, N, x.stride(0), x2.stride(0), packed,
@@ -384,8 +390,7 @@ def _input_grad_4x4s2(grad_y, weight, H: int, W: int, block: int = 512, num_warp
     CIN = weight.shape[1]
     CIN_G = min(8, triton.next_power_of_2(CIN))
     groups = triton.cdiv(CIN, CIN_G)
-    packed = weight.new_zeros(COUT, groups * CIN_G, 16)               # (out, in, tap), zero-padded
-    packed[:, :CIN] = weight.reshape(COUT, CIN, 16)
+    packed = _pad_dim(weight.reshape(COUT, CIN, 16), 1, groups * CIN_G)                          # (out, in, tap)
     packed = packed.view(COUT, groups, CIN_G, 16).permute(1, 3, 0, 2).contiguous()   # (group, tap, out, in)
     dx = grad_y.new_empty(N, CIN, H, W)
     grid = (N * 4 * triton.cdiv(((H + 1) // 2) * ((W + 1) // 2), block) * groups,)

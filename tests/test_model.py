@@ -584,3 +584,46 @@ def test_decoder_runs_both_heads_at_once_with_the_same_numbers(size):
         feat, alpha = dec.features_and_alpha(z)
         torch.testing.assert_close(alpha, a1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dec.appearance(feat), o1, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout hint and the captured step's guard
+# ---------------------------------------------------------------------------------------------
+
+def test_conv_before_shuffle_is_a_conv2d_and_its_hint_keeps_the_numbers():
+    """Conv1x1BeforeShuffle has nn.Conv2d's parameters and numbers; the hint it adds inside
+    torch.compile on CUDA is the identity forward and hands on the same gradient, in channels-last,
+    and traces without a graph break."""
+    from modules import Conv1x1BeforeShuffle, _ChannelsLastGrad
+    conv, plain = Conv1x1BeforeShuffle(8, 32, 1), torch.nn.Conv2d(8, 32, 1)
+    assert list(conv.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(conv(x), plain(x))
+
+    y = torch.randn(2, 32, 5, 5, requires_grad=True)
+    grad = torch.randn(2, 32, 5, 5)
+    out = _ChannelsLastGrad.apply(y)
+    assert torch.equal(out, y)
+    (g,) = torch.autograd.grad(out, y, grad)
+    assert torch.equal(g, grad) and g.is_contiguous(memory_format=torch.channels_last)
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    f = lambda t: torch.nn.functional.pixel_shuffle(_ChannelsLastGrad.apply(t * 2), 2).square().sum()  # noqa: E731
+    (g,) = torch.autograd.grad(torch.compile(f, backend="aot_eager")(y), y)
+    assert torch.equal(g, 8 * y.detach()) and sum(counters["graph_break"].values()) == 0
+
+
+def test_captured_step_zeroes_the_gradients_of_a_non_finite_step(tiny_cfg):
+    """A step captured in a CUDA graph cannot skip the optimizer: with a NaN loss its gradients are
+    zeroed on the device, so RMSprop leaves every parameter where it was (the branch run on the CPU)."""
+    from engine import TrainStep, make_optimizer
+    model = SCALOR(tiny_cfg).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    step = TrainStep(model, make_optimizer(model))
+    result = step._forward_backward(_seq(tiny_cfg), 1, 1.0, 0.1, inject_nan=True, capturing=True)
+    assert not bool(result.finite)
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
