@@ -87,7 +87,7 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
         "compile_blocks": args.compile_blocks, "compile_frames": args.compile_frames, "checkpoint_glimpses": cfg.checkpoint_glimpses,
         "triton_convs": cfg.triton_convs, "nhwc_weight_grad": cfg.nhwc_weight_grad,
-        "dot_convs": cfg.dot_convs,
+        "dot_convs": cfg.dot_convs, "fused_param_grads": cfg.fused_param_grads,
         "cudnn_benchmark": not args.no_cudnn_benchmark,
         "scene_objects": num_objects,
         "config": {k: getattr(cfg, k) for k in ("img_h", "num_cell_h", "glimpse_size", "max_num_obj", "batch_size",
@@ -204,6 +204,9 @@ def main(argv=None):
     p.add_argument("--nhwc-weight-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="the weight gradients of the 17-32 channel 3x3 and 4x4/2 convolutions by the Triton kernel "
                         "(default); --no-nhwc-weight-grad: by cuDNN")
+    p.add_argument("--fused-param-grads", action=argparse.BooleanOptionalAction, default=True,
+                   help="sum each parameter's per-frame gradients in one multi-tensor pass (default); "
+                        "--no-fused-param-grads: autograd's one addition a frame")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps and print the GPU kernels by total time")
     p.add_argument("--warmup", type=int, default=10)
@@ -223,7 +226,7 @@ def main(argv=None):
                      seq_len=args.seq_len, observe_frames=max(0, min(5, args.seq_len - 1)),
                      phase_conv_lstm=not args.no_conv_lstm, checkpoint_glimpses=not args.no_checkpoint_glimpses,
                      triton_convs=not args.no_triton_convs, nhwc_weight_grad=args.nhwc_weight_grad,
-                     dot_convs=args.dot_convs)
+                     dot_convs=args.dot_convs, fused_param_grads=args.fused_param_grads)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

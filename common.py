@@ -92,6 +92,10 @@ class Config:
                                           # products where they pay (kernels.dot_pays: >= 16 channels a side,
                                           # or 16 in over the frames; TF32 only) instead of fp32 FMAs; step 359.0 ->
                                           # 351.6 ms uncompiled on an H200; off: FMAs everywhere
+    fused_param_grads: bool = True        # each parameter's gradients from the frames summed in one multi-tensor
+                                          # pass at the end of backward (one alias a frame) instead of one
+                                          # addition kernel a frame (~2,700 a step at the default config);
+                                          # the same numbers up to the order of the float sums
     # ---- thresholds -----------------------------------------------------------------------------
     explained_ratio_threshold: float = 0.3    # reject a proposal this much inside tracked alpha
     proposal_alpha_threshold: float = 0.3     # proposal pixel counts where its alpha > this

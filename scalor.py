@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import Config
-from modules import (BgDecoder, BgDecoderSBD, BgEncoder, GlimpseDecoder, GlimpseEncoder, ProposalNet,
+from modules import (BgDecoder, BgDecoderSBD, BgEncoder, FrameParameters, GlimpseDecoder, GlimpseEncoder, ProposalNet,
                      SequenceEncoder, bernoulli_log_prob, crop, kl_bernoulli, kl_normal, kl_std_normal, normal_log_prob,
-                     given_forward, maybe_checkpoint, normal_rsample, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
+                     given_forward, maybe_checkpoint, normal_rsample, pinned, place_windows, relaxed_bernoulli_rsample, scatter_windows, std_normal_log_prob,
                      use_dot_convs, use_nhwc_weight_grad, window_size)
 from utils import step_switches, z_pres_prior_at
 
@@ -288,7 +288,7 @@ def encode_glimpses(cfg: Config, glimpse_enc, x, z_where):
         mean, std = glimpse_enc(glimpses.flatten(0, 1))
         return mean.view(B, K, -1), std.view(B, K, -1)
 
-    return maybe_checkpoint(cfg.checkpoint_glimpses, run, x, z_where)
+    return maybe_checkpoint(cfg.checkpoint_glimpses, pinned(glimpse_enc, run), x, z_where)
 
 
 def _prob_logits(probs):
@@ -339,6 +339,17 @@ class SCALOR(nn.Module):
         values); generate: after cfg.observe_frames frames draw every latent from its prior;
         nll: compute log importance weights (eval mode); keep_records: return per-frame records;
         z_pres_prior: overrides the annealed discovery z_pres prior of `step` (float or tensor)."""
+        frame_params = None
+        if self.cfg.fused_param_grads and torch.is_grad_enabled() and seq.shape[1] > 1:
+            frame_params = FrameParameters(self, seq.shape[1])     # each frame its own aliases
+        try:
+            return self._forward(seq, step, tau, generate, nll, keep_records, z_pres_prior, frame_params)
+        finally:
+            if frame_params is not None:
+                frame_params.restore()
+
+    def _forward(self, seq, step, tau, generate: bool, nll: bool, keep_records: bool, z_pres_prior,
+                 frame_params: FrameParameters | None) -> SCALOROutput:
         cfg = self.cfg
         B, T = seq.shape[:2]
         dev, dt = seq.device, seq.dtype
@@ -361,6 +372,8 @@ class SCALOR(nn.Module):
         recons, records = [], []
 
         for t in range(T):
+            if frame_params is not None:
+                frame_params.use(t)
             x, img_enc = seq[:, t], img_enc_seq[:, t]
             gen_t = generate and t >= cfg.observe_frames
             K = state.mask.shape[1]
@@ -539,6 +552,8 @@ class SCALOR(nn.Module):
         def decode_and_place(z_what, z_where):
             o_att, alpha_att = self.glimpse_dec(z_what.flatten(0, 1))
             return place(o_att.view(B, R, 3, G, G), alpha_att.view(B, R, 1, G, G), z_where)
+
+        decode_and_place = pinned(self.glimpse_dec, decode_and_place)   # recomputed in backward
 
         def place_decoded(z_what, z_where):
             o_att = self.glimpse_dec.appearance_of_rows(decoded["feats"], decoded["rows"])
