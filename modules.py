@@ -1,4 +1,5 @@
-"""Building blocks of SCALOR: encoders, decoders, the ConvLSTM, sampling and spatial transforms.
+"""Building blocks of SCALOR: encoders, decoders, the ConvLSTM, sampling and spatial transforms, and the
+per-frame parameter aliases that sum each parameter's gradients over the frames in one pass.
 
 Every layer stack is built from the configured sizes. At image 64/128, grid 4/8 and glimpse 32/64
 the stacks equal the reference implementation's (same layers, widths, kernels, GroupNorm groups;
@@ -166,8 +167,8 @@ class Conv1x1BeforeShuffle(nn.Conv2d):
     numbers. Inside torch.compile on CUDA, inductor runs the convolutions in channels-last, and
     cuDNN's backward then wants its output gradient in channels-last too; the pixel shuffle's
     backward produces it in NCHW, so cuDNN copied it (the glimpse decoder's last two 1x1 convs: 900
-    glimpses x (128, 16, 16) and (64, 32, 32), 4.3 ms a step). Marking the gradient channels-last in
-    the traced graph lets inductor write it so in the kernel that computes it."""
+    glimpses x (128, 16, 16) and (64, 32, 32), 4.3 ms a step in a profile). Marking the gradient
+    channels-last in the traced graph lets inductor write it so in the kernel that computes it."""
 
     def forward(self, x):
         y = super().forward(x)
