@@ -754,7 +754,8 @@ class FrameParameters:
     aliases with `pinned(module, fn)`."""
 
     def __init__(self, model: nn.Module, frames: int):
-        self.holders = [(m, name) for m in model.modules() for name, p in m._parameters.items() if p is not None]
+        self.holders = [(m, name) for m in model.modules() for name, p in m._parameters.items()
+                        if p is not None and p.requires_grad]                 # frozen ones stay as they are
         self.originals = [m._parameters[name] for m, name in self.holders]
         self.aliases = _FanOut.apply(frames, *self.originals)     # (frames * P) tensors
 

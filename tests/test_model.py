@@ -682,3 +682,11 @@ def test_fused_param_grads_restore_the_parameters_after_an_error(tiny_cfg, monke
     with pytest.raises(RuntimeError, match="boom"):
         model(_seq(tiny_cfg), step=1)
     assert list(model.parameters()) == params and all(type(p) is torch.nn.Parameter for p in params)
+
+
+def test_fused_param_grads_leave_frozen_parameters_alone(tiny_cfg):
+    model = SCALOR(tiny_cfg).train()
+    model.bg_dec.requires_grad_(False)
+    model(_seq(tiny_cfg), step=100).loss().backward()
+    assert all(p.grad is None for p in model.bg_dec.parameters())
+    assert all(p.grad is not None for p in model.glimpse_dec.parameters())
