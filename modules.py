@@ -743,48 +743,57 @@ class _FanOut(torch.autograd.Function):
         return (None, *sums)
 
 
+def _trainable_slots(module: nn.Module) -> list:
+    """(submodule, name) of each parameter of `module` that requires a gradient."""
+    return [(m, name) for m in module.modules() for name, p in m._parameters.items()
+            if p is not None and p.requires_grad]
+
+
+def _put(slots: list, tensors) -> None:
+    """Put `tensors` in place of the parameters at `slots`, in order."""
+    for (m, name), t in zip(slots, tensors):
+        m._parameters[name] = t
+
+
 class FrameParameters:
     """The parameters of `model` (its modules' `_parameters` entries) as T sets of aliases, one a
     frame, put in place frame by frame (`use(t)`) and restored by `restore()`: the frames' gradients
     of each parameter then meet in one autograd node (_FanOut) that sums them with multi-tensor
     additions -- at the default config ~2,700 single additions a step fewer (cfg.fused_param_grads).
-    The values are the parameters' own; only the order of the float sums changes.
+    The values are the parameters' own; only the order of the float sums changes. Frozen parameters
+    stay as they are.
 
     Recomputation in backward runs after `restore()`: a function recomputed there takes its frame's
     aliases with `pinned(module, fn)`."""
 
     def __init__(self, model: nn.Module, frames: int):
-        self.holders = [(m, name) for m in model.modules() for name, p in m._parameters.items()
-                        if p is not None and p.requires_grad]                 # frozen ones stay as they are
-        self.originals = [m._parameters[name] for m, name in self.holders]
+        self.slots = _trainable_slots(model)
+        self.originals = [m._parameters[name] for m, name in self.slots]
         self.aliases = _FanOut.apply(frames, *self.originals)     # (frames * P) tensors
 
     def use(self, t: int) -> None:
-        P = len(self.holders)
-        for (m, name), alias in zip(self.holders, self.aliases[t * P:(t + 1) * P]):
-            m._parameters[name] = alias
+        P = len(self.slots)
+        _put(self.slots, self.aliases[t * P:(t + 1) * P])
 
     def restore(self) -> None:
-        for (m, name), p in zip(self.holders, self.originals):
-            m._parameters[name] = p
+        _put(self.slots, self.originals)
 
 
 def pinned(module: nn.Module, fn):
     """fn, run with the parameter tensors `module` holds now (a frame's aliases, see FrameParameters)
     put back in place for the call: a recomputation in backward then uses the tensors whose
-    gradients it must return. Not inside torch.compile, where recomputation is the graph's."""
-    if torch.compiler.is_compiling():
+    gradients it must return. fn itself without gradients (nothing is recomputed) and inside
+    torch.compile (recomputation is the graph's)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return fn
-    holders = [(m, name) for m in module.modules() for name, p in m._parameters.items() if p is not None]
-    tensors = [m._parameters[name] for m, name in holders]
+    slots = _trainable_slots(module)
+    tensors = [m._parameters[name] for m, name in slots]
 
     def call(*args):
-        before = [m._parameters[name] for m, name in holders]
-        for (m, name), t in zip(holders, tensors):
-            m._parameters[name] = t
+        before = [m._parameters[name] for m, name in slots]
+        _put(slots, tensors)
         try:
             return fn(*args)
         finally:
-            for (m, name), t in zip(holders, before):
-                m._parameters[name] = t
+            _put(slots, before)
     return call

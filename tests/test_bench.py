@@ -21,7 +21,6 @@ def test_bench_refuses_impossible_settings(argv, names, capsys):
 def test_weight_grad_shapes_are_layers_of_the_default_model():
     """bench.py --weight-grads times convolutions that the default model has (channels, kernel,
     stride), with the input sizes they see (the glimpse decoder's 32 -> 32 at 32x32 included)."""
-    import bench
     from common import Config
     from scalor import SCALOR
     convs = {(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0])
