@@ -1,6 +1,9 @@
 """Speed and memory of a SCALOR training step (forward + backward + RMSprop) on the GPU.
 
-    python bench.py                       # default config, batch 20, the reference's workload
+    python bench.py                       # default config, batch 20, the reference's workload, the default
+                                          # fast path (fast.SpeedOptions: Triton convs, CUDA graph, ...)
+    python bench.py --compile             # ... compiled too (the inductor cache persists in ~/.cache/scalor-inductor)
+    python bench.py --no-cuda-graph       # eager steps
     python bench.py --precision bf16      # bf16 autocast
     python bench.py --scaling             # step time and memory vs objects in the scene and vs grid
     python bench.py --sync-check          # one training step under torch.cuda.set_sync_debug_mode("error")
@@ -16,6 +19,7 @@ Prints one JSON line per configuration. `peak_allocated_gib` covers every step, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -23,30 +27,33 @@ import time
 
 import torch
 
+import fast
 from common import Config, ConfigError, check_flags_at_least
 from data import bench_batches
-from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
+from engine import TrainStep, make_optimizer
+from fast import SpeedOptions, compile_blocks, compile_frames, set_precision
 from scalor import SCALOR
 from utils import seed_everything
 
 
-def build(cfg: Config, device, args):
+def build(cfg: Config, device, args, speed: SpeedOptions):
     model = SCALOR(cfg).to(device).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    fast.apply(model, speed)
     if args.compile_blocks:
         compile_blocks(model)
     if args.compile_frames:
         compile_frames(model)
-    optimizer = make_optimizer(model, cuda_graph=args.cuda_graph)
-    return model, TrainStep(model, optimizer, precision=args.precision, cuda_graph=args.cuda_graph)
+    optimizer = make_optimizer(model, cuda_graph=speed.cuda_graph)
+    return model, TrainStep(model, optimizer, precision=speed.precision, cuda_graph=speed.cuda_graph)
 
 
-def run(cfg: Config, args, num_objects: int) -> dict:
+def run(cfg: Config, args, num_objects: int, speed: SpeedOptions) -> dict:
     device = torch.device("cuda")
-    set_precision(args.precision, cudnn_benchmark=not args.no_cudnn_benchmark)
+    set_precision(speed.precision, cudnn_benchmark=speed.cudnn_benchmark)
     seed_everything(cfg.seed)
-    model, step_fn = build(cfg, device, args)
+    model, step_fn = build(cfg, device, args, speed)
     batches = [b.to(device) for b in bench_batches(4, cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w,
                                                    num_objects=num_objects, seed=0)]
     torch.cuda.synchronize()
@@ -84,11 +91,8 @@ def run(cfg: Config, args, num_objects: int) -> dict:
         "loss_first": [round(float(v), 3) for v in losses[:5]],
         "loss_last": round(float(losses[-1]), 3),
         "loss_trace": {i + 1: round(float(losses[i]), 1) for i in range(0, len(losses), max(1, len(losses) // 10))},
-        "precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last,
-        "compile_blocks": args.compile_blocks, "compile_frames": args.compile_frames, "checkpoint_glimpses": cfg.checkpoint_glimpses,
-        "triton_convs": cfg.triton_convs, "nhwc_weight_grad": cfg.nhwc_weight_grad,
-        "dot_convs": cfg.dot_convs, "fused_param_grads": cfg.fused_param_grads,
-        "cudnn_benchmark": not args.no_cudnn_benchmark,
+        **dataclasses.asdict(speed), "channels_last": args.channels_last,
+        "compile_blocks": args.compile_blocks or speed.compile, "compile_frames": args.compile_frames or speed.compile,
         "scene_objects": num_objects,
         "config": {k: getattr(cfg, k) for k in ("img_h", "num_cell_h", "glimpse_size", "max_num_obj", "batch_size",
                                                  "seq_len", "phase_conv_lstm")},
@@ -107,10 +111,10 @@ def profile(step_fn, batches, first_step: int, num_steps: int, rows: int = 30) -
           file=sys.stderr, flush=True)
 
 
-def sync_check(cfg: Config) -> dict:
+def sync_check(cfg: Config, speed: SpeedOptions) -> dict:
     """One eager training step with host synchronisations turned into errors (loss read after)."""
     set_precision("fp32")
-    model = SCALOR(cfg).cuda().train()
+    model = fast.apply(SCALOR(cfg).cuda().train(), dataclasses.replace(speed, compile=False))
     step_fn = TrainStep(model, make_optimizer(model))
     seq = bench_batches(1, cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w, seed=0)[0].cuda()
     step_fn(seq, 1)                                   # warm-up (lazy initialisation may sync)
@@ -148,13 +152,13 @@ def _median_us(fn, repeats: int = 20) -> float:
     return round(statistics.median(times), 1)
 
 
-def weight_grad_table(args):
+def weight_grad_table(speed: SpeedOptions):
     """For each shape of WEIGHT_GRAD_SHAPES: the weight gradient's time (us, median of 20) in cuDNN
     (NCHW and channels-last tensors) and in kernels._weight_grad_nhwc (channels-last and NCHW,
     read in place), and the largest difference of the Triton result from cuDNN's (relative to its
     largest entry)."""
     import kernels
-    set_precision(args.precision, cudnn_benchmark=not args.no_cudnn_benchmark)
+    set_precision(speed.precision, cudnn_benchmark=speed.cudnn_benchmark)
     conv_backward = torch.ops.aten.convolution_backward
     for n, cin, cout, size, k, s in WEIGHT_GRAD_SHAPES:
         out_size = kernels._out_size(size, k, s)
@@ -185,28 +189,11 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=10)
     p.add_argument("--num-objects", type=int, default=20, help="squares per sequence in the workload")
     p.add_argument("--no-conv-lstm", action="store_true")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32: PyTorch defaults (cuDNN may use TF32 in convolutions); fp32-strict: no TF32")
-    p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph")
+    SpeedOptions.add_arguments(p)   # the same speed flags as train.py: --no-cuda-graph, --compile, --precision, ...
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile-blocks", action="store_true", help="torch.compile the conv stacks")
+    p.add_argument("--compile-blocks", action="store_true", help="torch.compile the conv stacks only")
     p.add_argument("--compile-frames", action="store_true",
-                   help="torch.compile the per-frame code around them (propagation, discovery, rendering, hand-off)")
-    p.add_argument("--no-cudnn-benchmark", action="store_true",
-                   help="use cuDNN's heuristic algorithm choice instead of timing the algorithms once")
-    p.add_argument("--no-checkpoint-glimpses", action="store_true",
-                   help="keep glimpse activations instead of recomputing them in backward (faster, more memory)")
-    p.add_argument("--no-triton-convs", action="store_true",
-                   help="run the small-channel 3x3 and 4x4/2 convolutions in cuDNN instead of the Triton kernels")
-    p.add_argument("--dot-convs", action=argparse.BooleanOptionalAction, default=True,
-                   help="the Triton convolutions' forward by tensor-core products where they pay (default; TF32 "
-                        "only); --no-dot-convs: by fp32 FMAs everywhere")
-    p.add_argument("--nhwc-weight-grad", action=argparse.BooleanOptionalAction, default=True,
-                   help="the weight gradients of the 17-32 channel 3x3 and 4x4/2 convolutions by the Triton kernel "
-                        "(default); --no-nhwc-weight-grad: by cuDNN")
-    p.add_argument("--fused-param-grads", action=argparse.BooleanOptionalAction, default=True,
-                   help="sum each parameter's per-frame gradients in one multi-tensor pass (default); "
-                        "--no-fused-param-grads: autograd's one addition a frame")
+                   help="torch.compile the per-frame code only (propagation, discovery, rendering, hand-off)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps and print the GPU kernels by total time")
     p.add_argument("--warmup", type=int, default=10)
@@ -224,31 +211,30 @@ def main(argv=None):
         cfg = Config(img_h=args.img_size, img_w=args.img_size, num_cell_h=args.grid, num_cell_w=args.grid,
                      glimpse_size=args.glimpse_size, max_num_obj=args.max_num_obj, batch_size=args.batch_size,
                      seq_len=args.seq_len, observe_frames=max(0, min(5, args.seq_len - 1)),
-                     phase_conv_lstm=not args.no_conv_lstm, checkpoint_glimpses=not args.no_checkpoint_glimpses,
-                     triton_convs=not args.no_triton_convs, nhwc_weight_grad=args.nhwc_weight_grad,
-                     dot_convs=args.dot_convs, fused_param_grads=args.fused_param_grads)
+                     phase_conv_lstm=not args.no_conv_lstm)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("error: bench.py needs a CUDA GPU (it times GPU training steps)", file=sys.stderr)
         return 2
+    speed = SpeedOptions.from_args(args).resolved("cuda")     # one GPU, one process: the CUDA graph by default
     if args.sync_check:
-        print(json.dumps(sync_check(cfg)), flush=True)
+        print(json.dumps(sync_check(cfg, speed)), flush=True)
         return 0
     if args.weight_grads:
-        for row in weight_grad_table(args):
+        for row in weight_grad_table(speed):
             print(json.dumps(row), flush=True)
         return 0
     if not args.scaling:
-        print(json.dumps(run(cfg, args, args.num_objects)), flush=True)
+        print(json.dumps(run(cfg, args, args.num_objects, speed)), flush=True)
         return 0
     for n in (10, 45, 100):      # objects in the scene, with a cap of as many; a 16x16 grid holds 100
         c = cfg.replace(num_cell_h=16, num_cell_w=16, max_num_obj=n)
-        print(json.dumps({"table": "objects", **run(c, args, n)}), flush=True)
+        print(json.dumps({"table": "objects", **run(c, args, n, speed)}), flush=True)
     for grid in (4, 8, 16):      # grid sizes at the default cap (at most the number of cells)
         c = cfg.replace(num_cell_h=grid, num_cell_w=grid, max_num_obj=min(cfg.max_num_obj, grid * grid))
-        print(json.dumps({"table": "grid", **run(c, args, args.num_objects)}), flush=True)
+        print(json.dumps({"table": "grid", **run(c, args, args.num_objects, speed)}), flush=True)
     return 0
 
 

@@ -23,6 +23,10 @@ def check_flags_at_least(args, bounds) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= {low}")
 
 
+# Speed switches older versions kept in the Config (and so in checkpoints); now fast.SpeedOptions.
+SPEED_FIELDS = frozenset({"checkpoint_glimpses", "triton_convs", "nhwc_weight_grad", "dot_convs", "fused_param_grads"})
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
@@ -80,22 +84,6 @@ class Config:
     bg_alpha_curriculum_value: float = 0.9    # ... at this value per cell
     phase_do_remove_detach: bool = True   # stop detaching object state after remove_detach_step
     remove_detach_step: int = 30000       # step from which gradients cross frames
-    checkpoint_glimpses: bool = True      # recompute glimpse encoder/decoder activations in backward:
-                                          # far less memory, a little more time, the same numbers
-    triton_convs: bool = True             # 3x3 and 4x4/2 convs of <= 16 channels a side (glimpse decoder heads,
-                                          # encoders' first layers, background decoder's last) by Triton
-                                          # kernels on CUDA in fp32; off: cuDNN. Same numbers
-    nhwc_weight_grad: bool = True         # the weight gradient of 3x3 and 4x4/2 convs of 17-32 channels by a
-                                          # Triton kernel on CUDA in fp32 (decoder trunk 1.5x cuDNN's; step
-                                          # 364 -> 358 ms uncompiled on an H200); off: cuDNN. Same numbers
-    dot_convs: bool = True                # the Triton convs' forward (and 3x3 input gradient) as tensor-core
-                                          # products where they pay (kernels.dot_pays: >= 16 channels a side,
-                                          # or 16 in over the frames; TF32 only) instead of fp32 FMAs; step 359.0 ->
-                                          # 351.6 ms uncompiled on an H200; off: FMAs everywhere
-    fused_param_grads: bool = True        # each parameter's gradients from the frames summed in one multi-tensor
-                                          # pass at the end of backward (one alias a frame) instead of one
-                                          # addition kernel a frame (~2,700 a step at the default config);
-                                          # the same numbers up to the order of the float sums
     # ---- thresholds -----------------------------------------------------------------------------
     explained_ratio_threshold: float = 0.3    # reject a proposal this much inside tracked alpha
     proposal_alpha_threshold: float = 0.3     # proposal pixel counts where its alpha > this
@@ -152,7 +140,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
+        """The config of a dict (a checkpoint's); speed switches that older versions kept here
+        (SPEED_FIELDS, now fast.SpeedOptions, not part of the model) are dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in SPEED_FIELDS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}; this version of SCALOR does not have them")

@@ -10,77 +10,12 @@ the z_pres prior); the two step-dependent switches (detaching object state befor
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
 from dataclasses import dataclass
 
 import torch
 
+from fast import PRECISIONS, compile_blocks, compile_frames, set_precision  # noqa: F401 (older imports)
 from utils import step_switches, tau_at, z_pres_prior_at
-
-PRECISIONS = ("fp32", "fp32-strict", "tf32", "bf16")
-
-
-def set_precision(precision: str, cudnn_benchmark: bool = False) -> None:
-    """fp32: PyTorch's defaults (fp32 tensors; cuDNN may use TF32 inside convolutions, matmuls in
-    full fp32); fp32-strict: no TF32 anywhere; tf32: TF32 in matmuls too; bf16: autocast to bf16.
-
-    cudnn_benchmark: let cuDNN time its algorithms for each convolution shape once and keep the
-    fastest. Training steps have fixed shapes (fixed object slots), so this costs a few seconds in
-    the first steps and nothing after; same precision class, so the same numbers up to the order
-    of summation inside a convolution."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
-    torch.backends.cudnn.allow_tf32 = precision != "fp32-strict"
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-
-
-def compile_blocks(model) -> None:
-    """torch.compile each convolution stack of the model in place (fixed shapes), fusing its
-    CELU/GroupNorm passes. Parameter names and state_dict keys are unchanged; the numbers agree with
-    eager execution up to the order of summation in the fused reductions. The decoder is compiled
-    whole (its forward: rendering's recomputation in backward) and in its two gradient-free parts
-    (`features_and_alpha`: rejection and alpha maps; `appearance`, `appearance_of_rows`: rendering's
-    forward)."""
-    for block in (model.glimpse_enc, model.glimpse_dec, model.image_enc.image_enc, model.proposal,
-                  getattr(model, "bg_enc", None), getattr(model, "bg_dec", None)):
-        if block is not None:
-            block.compile(dynamic=False)
-    dec = model.glimpse_dec
-    for name in ("features_and_alpha", "appearance", "appearance_of_rows"):
-        if name not in vars(dec):                              # not compiled already
-            setattr(dec, name, torch.compile(getattr(dec, name), dynamic=False))
-
-
-def compile_frames(model, backend: str = "inductor") -> None:
-    """torch.compile the per-frame code around the convolution stacks, in training with fixed object
-    slots (fixed shapes; `phase_obj_num_contrain`): propagation, discovery, the choice of objects to
-    render, compositing, background and reconstruction, hand-off: hundreds of small operations on
-    (B, K, ...) latents a frame, forward and backward, each otherwise a kernel of its own. Random
-    numbers come from PyTorch's generator in the eager order and shape (inductor's
-    `fallback_random`), so the numbers are eager execution's up to the order of float sums. In
-    evaluation (capacities follow the data) the eager functions run. The compiled functions are
-    bound to the model like its methods, so a deep copy runs its own. `backend`: torch.compile's
-    (the tests trace with "aot_eager")."""
-    for name in ("_discover", "_candidates", "_composite", "_background", "_hand_off"):
-        _compile_method(model, name, backend)
-    _compile_method(model.propagation, "forward", backend)
-
-
-def _compile_method(module, name: str, backend: str) -> None:
-    if name in vars(module):                                   # compiled already
-        return
-    function = getattr(type(module), name)
-    compiled = torch.compile(function, dynamic=False, backend=backend,
-                             options={"fallback_random": True} if backend == "inductor" else None)
-
-    @functools.wraps(function)
-    def call(self, *args, **kwargs):
-        if self.training and self.cfg.phase_obj_num_contrain:
-            return compiled(self, *args, **kwargs)
-        return function(self, *args, **kwargs)
-    setattr(module, name, types.MethodType(call, module))
 
 
 def make_optimizer(model, cuda_graph: bool = False):

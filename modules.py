@@ -1,5 +1,5 @@
-"""Building blocks of SCALOR: encoders, decoders, the ConvLSTM, sampling and spatial transforms, and the
-per-frame parameter aliases that sum each parameter's gradients over the frames in one pass.
+"""Building blocks of SCALOR in plain PyTorch: encoders, decoders, the ConvLSTM, sampling, KLs and
+spatial transforms.
 
 Every layer stack is built from the configured sizes. At image 64/128, grid 4/8 and glimpse 32/64
 the stacks equal the reference implementation's (same layers, widths, kernels, GroupNorm groups;
@@ -8,18 +8,18 @@ the stacks equal the reference implementation's (same layers, widths, kernels, G
 Spatial transforms use the reference's convention (`F.affine_grid`/`F.grid_sample`,
 align_corners=False): z_where = (sx, sy, tx, ty); a glimpse covers image coordinates
 x = sx * u + tx, y = sy * v + ty for glimpse coordinates u, v in [-1, 1].
+
+Nothing here is about speed: `fast.py` swaps in Triton convolutions, stacked decoder heads,
+activation recomputation and the rest after the model is built, with the same parameters.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
-import kernels
 from common import Config
 
 # GroupNorm groups per channel count, as the reference uses them.
@@ -30,151 +30,15 @@ def _groups(channels: int) -> int:
     return _GROUPS.get(channels, math.gcd(channels, 8))
 
 
-def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None,
-               triton: bool = False):
-    """Conv2d -> CELU -> GroupNorm, the reference's unit (the conv as `make_conv` picks it)."""
-    return [make_conv(cin, cout, kernel, stride, padding, triton), nn.CELU(),
-            nn.GroupNorm(groups or _groups(cout), cout)]
-
-
-def make_conv(cin: int, cout: int, kernel, stride: int = 1, padding=0, triton: bool = False) -> nn.Conv2d:
-    """nn.Conv2d(cin, cout, kernel, stride, padding); with `triton` (cfg.triton_convs), for the
-    shapes where the Triton kernels beat cuDNN -- 3x3 and 4x4 of stride 2, padding 1, at most 16
-    channels a side -- its twin Conv3x3 or Conv4x4Stride2: same parameters, same state_dict."""
-    if triton and max(cin, cout) <= 16 and padding == 1:
-        if (kernel, stride) == (3, 1):
-            return Conv3x3(cin, cout)
-        if (kernel, stride) == (4, 2):
-            return Conv4x4Stride2(cin, cout)
-    return nn.Conv2d(cin, cout, kernel, stride, padding)
-
-
-def _triton_fits(x, weight, min_pixels: int = 0) -> bool:
-    """Whether the Triton convolutions of `kernels` take this input: fp32 CUDA tensors of at least
-    `min_pixels` pixels, outside autocast, with Triton installed."""
-    return (x.is_cuda and x.dtype == weight.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= min_pixels
-            and kernels.available() and not torch.is_autocast_enabled("cuda"))
-
-
-class Conv3x3(nn.Conv2d):
-    """nn.Conv2d(cin, cout, 3, padding=1) -- same parameters, same state_dict -- that runs the Triton
-    kernels of `kernels.conv3x3` on fp32 CUDA inputs of at least 32x32 pixels outside autocast (made
-    by `make_conv` for 16 channels or fewer a side, where cuDNN is slow: the glimpse decoder's heads,
-    the background decoder's last layers); cuDNN everywhere else. `_conv_forward(x, weight, bias)`
-    makes the same choice for other weights (stacked heads). `dot` (set by `use_dot_convs`): the
-    forward and input gradient by tensor-core products where `kernels.dot_pays`, else FMAs."""
-
-    MIN_PIXELS = 32 * 32
-    dot = False
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__(cin, cout, 3, 1, 1)
-
-    def _conv_forward(self, x, weight, bias):
-        if _triton_fits(x, weight, self.MIN_PIXELS):
-            return kernels.conv3x3(x, weight, bias, self.dot)
-        return super()._conv_forward(x, weight, bias)
-
-
-class Conv4x4Stride2(nn.Conv2d):
-    """nn.Conv2d(cin, cout, 4, stride=2, padding=1) -- same parameters, same state_dict -- that runs
-    the Triton kernels of `kernels.conv4x4s2` on fp32 CUDA inputs outside autocast (made by
-    `make_conv` for the encoders' first layers, <= 4 -> 16 channels: cuDNN takes ~1 ms over the
-    glimpse encoder's backward per 1,280 glimpses, the Triton kernels 0.5); cuDNN everywhere else.
-    `dot` (set by `use_dot_convs`): the forward by tensor-core products where `kernels.dot_pays`."""
-
-    dot = False
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__(cin, cout, 4, 2, 1)
-
-    def _conv_forward(self, x, weight, bias):
-        if _triton_fits(x, weight):
-            return kernels.conv4x4s2(x, weight, bias, self.dot)
-        return super()._conv_forward(x, weight, bias)
-
-
-def use_dot_convs(model: nn.Module) -> int:
-    """Let every Conv3x3 and Conv4x4Stride2 of `model` run its Triton forward (and, for 3x3, its
-    input gradient) as one tensor-core product per tap (`kernels._conv_fwd_dot`; TF32 where cuDNN
-    may use it, as cuDNN's own convolutions in fp32 mode) instead of fp32 FMAs, on the shapes where
-    that pays (`kernels.dot_pays`): cfg.dot_convs, on by default. Parameters and state_dict
-    unchanged. Returns how many."""
-    count = 0
-    for m in model.modules():
-        if isinstance(m, (Conv3x3, Conv4x4Stride2)):
-            m.dot = True
-            count += 1
-    return count
-
-
-class ConvNHWCWeightGrad(nn.Conv2d):
-    """nn.Conv2d -- 3x3 of stride 1 or 4x4 of stride 2, padding 1; same parameters, same state_dict
-    -- whose weight gradient runs in the channels-last Triton kernel (`kernels.conv_nhwc_weight_grad`)
-    on fp32 CUDA inputs outside autocast; its forward and input gradient stay cuDNN's. Put in place
-    by `use_nhwc_weight_grad` (cfg.nhwc_weight_grad, on by default)."""
-
-    def _conv_forward(self, x, weight, bias):
-        if _triton_fits(x, weight):
-            return kernels.conv_nhwc_weight_grad(x, weight, bias, self.stride[0])
-        return super()._conv_forward(x, weight, bias)
-
-
-def use_nhwc_weight_grad(model: nn.Module) -> int:
-    """Turn every plain nn.Conv2d of `model` that is 3x3 of stride 1 or 4x4 of stride 2 (padding 1)
-    with 17-32 channels on its wider side into a ConvNHWCWeightGrad (the same module, parameters
-    untouched). On an H200 the kernel beats cuDNN's weight gradient over the glimpses (32 -> 32 3x3
-    at 32x32, 900 glimpses: 427 against 780 us) and is slower at 64 channels; over the 20 frames of
-    a batch it is slower in isolation (102-120 against 60-64 us), yet the uncompiled step measured
-    fastest with these layers swapped too (358.0 / 358.5 ms against 359.0 / 359.3 with only the
-    layers over 2^16 output pixels or more, and 364.2 with none). Returns how many."""
-    count = 0
-    for m in model.modules():
-        if type(m) is not nn.Conv2d:
-            continue
-        shape_ok = (m.kernel_size, m.stride) in (((3, 3), (1, 1)), ((4, 4), (2, 2)))
-        if shape_ok and m.padding == (1, 1) and m.groups == 1 and m.dilation == (1, 1) \
-                and 16 < max(m.in_channels, m.out_channels) <= 32:
-            m.__class__ = ConvNHWCWeightGrad     # a subclass without state of its own: nothing else changes
-            count += 1
-    return count
+def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None):
+    """Conv2d -> CELU -> GroupNorm, the reference's unit."""
+    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU(), nn.GroupNorm(groups or _groups(cout), cout)]
 
 
 def upsample_block(cin: int, cout: int, factor: int):
     """1x1 conv to cout*factor^2 -> PixelShuffle(factor) -> CELU -> GroupNorm."""
-    return [Conv1x1BeforeShuffle(cin, cout * factor * factor, 1), nn.PixelShuffle(factor), nn.CELU(),
+    return [nn.Conv2d(cin, cout * factor * factor, 1), nn.PixelShuffle(factor), nn.CELU(),
             nn.GroupNorm(_groups(cout), cout)]
-
-
-class _ChannelsLastGrad(torch.autograd.Function):
-    """Identity whose backward hands the gradient on in channels-last layout (same values)."""
-
-    @staticmethod
-    def forward(x):
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous(memory_format=torch.channels_last)
-
-
-class Conv1x1BeforeShuffle(nn.Conv2d):
-    """nn.Conv2d(cin, cout, 1) feeding a PixelShuffle -- same parameters, same state_dict, same
-    numbers. Inside torch.compile on CUDA, inductor runs the convolutions in channels-last, and
-    cuDNN's backward then wants its output gradient in channels-last too; the pixel shuffle's
-    backward produces it in NCHW, so cuDNN copied it (the glimpse decoder's last two 1x1 convs: 900
-    glimpses x (128, 16, 16) and (64, 32, 32), 4.3 ms a step in a profile). Marking the gradient
-    channels-last in the traced graph lets inductor write it so in the kernel that computes it."""
-
-    def forward(self, x):
-        y = super().forward(x)
-        if y.is_cuda and torch.compiler.is_compiling():
-            y = _ChannelsLastGrad.apply(y)
-        return y
 
 
 def _log2(n: int) -> int:
@@ -204,9 +68,9 @@ class ImageEncoder(nn.Module):
                 cout = (16, 32, 64)[i]
             else:
                 cout = 128 if last and min(cfg.img_h, cfg.img_w) >= 128 else 64
-            layers += conv_block(cin, cout, 4, 2, 1, triton=cfg.triton_convs)
+            layers += conv_block(cin, cout, 4, 2, 1)
             if i <= max(2, num_down - 2):
-                layers += conv_block(cout, cout, 3, 1, 1, triton=cfg.triton_convs)
+                layers += conv_block(cout, cout, 3, 1, 1)
             cin = cout
         d = cfg.img_encode_dim
         layers += conv_block(cin, d, 1, groups=16)
@@ -299,17 +163,26 @@ class GlimpseEncoder(nn.Module):
         layers, cin = [], 3
         for i in range(num_down):
             cout = widths[min(i, 3)]
-            layers += conv_block(cin, cout, 4, 2, 1, triton=cfg.triton_convs)
+            layers += conv_block(cin, cout, 4, 2, 1)
             cin = cout
         if cin < 128:
-            layers += conv_block(cin, cin, 3, 1, 1, triton=cfg.triton_convs)
+            layers += conv_block(cin, cin, 3, 1, 1)
         layers += conv_block(cin, cfg.z_what_enc_dim, 4)
         self.enc_cnn = nn.Sequential(*layers)
         self.enc_what = nn.Linear(cfg.z_what_enc_dim, 2 * cfg.z_what_dim)
+        self.glimpse_size = cfg.glimpse_size
 
     def forward(self, glimpses):               # (N, 3, G, G)
         mean, std_raw = self.enc_what(self.enc_cnn(glimpses).flatten(1)).chunk(2, -1)
         return mean, std_raw                   # (N, z_what_dim) each
+
+    def encode_at(self, frames, z_where):
+        """Crop the glimpses of frames (B, 3, H, W) at boxes z_where (B, K, 4) and encode them:
+        z_what mean and pre-softplus std, (B, K, z_what_dim) each."""
+        B, K = z_where.shape[:2]
+        glimpses = crop(frames, z_where, self.glimpse_size, self.glimpse_size)       # (B, K, 3, G, G)
+        mean, std = self(glimpses.flatten(0, 1))
+        return mean.view(B, K, -1), std.view(B, K, -1)
 
 
 class GlimpseDecoder(nn.Module):
@@ -336,62 +209,34 @@ class GlimpseDecoder(nn.Module):
         for s, (f, c) in enumerate(zip(factors, widths)):
             layers += upsample_block(cin, c, f)
             if G >= 64 and s < 3:
-                layers += conv_block(c, c, 3, 1, 1, triton=cfg.triton_convs)
+                layers += conv_block(c, c, 3, 1, 1)
             cin = c
         if G < 64:
-            layers += conv_block(16, 16, 3, 1, 1, triton=cfg.triton_convs)
+            layers += conv_block(16, 16, 3, 1, 1)
         self.dec = nn.Sequential(*layers)
-        # the heads run at the glimpse resolution with <= 16 channels: Triton kernels there
-        head = lambda i, o: make_conv(i, o, 3, 1, 1, cfg.triton_convs)   # noqa: E731
+        head = lambda i, o: nn.Conv2d(i, o, 3, 1, 1)   # noqa: E731
         if min(cfg.img_h, cfg.img_w) <= 64:
             self.dec_o = head(16, 3)
             self.dec_alpha = head(16, 1)
         else:
-            self.dec_o = nn.Sequential(*conv_block(16, 8, 3, 1, 1, triton=cfg.triton_convs), head(8, 3))
-            self.dec_alpha = nn.Sequential(*conv_block(16, 8, 3, 1, 1, triton=cfg.triton_convs), head(8, 1))
+            self.dec_o = nn.Sequential(*conv_block(16, 8, 3, 1, 1), head(8, 3))
+            self.dec_alpha = nn.Sequential(*conv_block(16, 8, 3, 1, 1), head(8, 1))
 
     def forward(self, z_what):                 # (N, z_what_dim) -> o (N, 3, G, G), alpha (N, 1, G, G)
-        feat = self.dec(z_what.view(*z_what.shape, 1, 1))
-        o, alpha = self._both_heads(feat)
-        return torch.sigmoid(o), torch.sigmoid(alpha)
+        feat = self.trunk(z_what)
+        return torch.sigmoid(self.dec_o(feat)), torch.sigmoid(self.dec_alpha(feat))
 
-    @staticmethod
-    def _first_and_rest(head):                 # head -> its first conv, the rest (None for a one-conv head)
-        return (head[0], head[1:]) if isinstance(head, nn.Sequential) else (head, None)
-
-    def _both_heads(self, feat):               # trunk (N, 16, G, G) -> dec_o(feat), dec_alpha(feat)
-        """The two heads with their first convolutions run as one (16 -> 8 + 8, or 16 -> 3 + 1: one
-        pass over the features, one weight gradient) and their GroupNorms as one (same groups of
-        channels): the numbers of dec_o(feat), dec_alpha(feat)."""
-        (first_o, rest_o), (first_a, rest_a) = self._first_and_rest(self.dec_o), self._first_and_rest(self.dec_alpha)
-        h = first_o._conv_forward(feat, torch.cat((first_o.weight, first_a.weight)),
-                                  torch.cat((first_o.bias, first_a.bias)))             # (N, Co + Ca, G, G)
-        if rest_o is None:                     # one conv each
-            return h.split((first_o.out_channels, first_a.out_channels), 1)
-        (celu, norm_o, last_o), (_, norm_a, last_a) = rest_o, rest_a                   # CELU -> GN -> conv
-        h = F.group_norm(celu(h), norm_o.num_groups + norm_a.num_groups, torch.cat((norm_o.weight, norm_a.weight)),
-                         torch.cat((norm_o.bias, norm_a.bias)), norm_o.eps)
-        h_o, h_a = h.split((first_o.out_channels, first_a.out_channels), 1)
-        return last_o(h_o), last_a(h_a)
+    def trunk(self, z_what):                   # (N, z_what_dim) -> features (N, 16, G, G)
+        return self.dec(z_what.view(*z_what.shape, 1, 1))
 
     def features_and_alpha(self, z_what):      # (N, z_what_dim) -> trunk (N, 16, G, G), alpha (N, 1, G, G)
         """The trunk's features and alpha, without the appearance head (rejection, alpha maps);
         `appearance(features)` completes the decode."""
-        feat = self.dec(z_what.view(*z_what.shape, 1, 1))
+        feat = self.trunk(z_what)
         return feat, torch.sigmoid(self.dec_alpha(feat))
 
     def appearance(self, feat):                # trunk (N, 16, G, G) -> o (N, 3, G, G)
         return torch.sigmoid(self.dec_o(feat))
-
-    def appearance_of_rows(self, feats, rows):  # trunks (N1, 16, G, G), (N2, ...), rows (M,) -> o (M, 3, G, G)
-        """appearance(torch.cat(feats)[rows]): with the Triton kernels the first convolution reads the
-        rows where they are (no concatenation, no gather), else the features are gathered first."""
-        first, rest = self._first_and_rest(self.dec_o)
-        if isinstance(first, Conv3x3) and _triton_fits(feats[0], first.weight, Conv3x3.MIN_PIXELS):
-            h = kernels.conv3x3_rows(feats[0], feats[1], rows, first.weight, first.bias, first.dot)
-        else:
-            h = first(torch.cat(feats)[rows])
-        return torch.sigmoid(h if rest is None else rest(h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,9 +253,9 @@ class ProposalNet(nn.Module):
         layers, cin = [], 1
         for i in range(num_down):
             cout = (16, 32)[i] if i < 2 else 64
-            layers += conv_block(cin, cout, 4, 2, 1, triton=cfg.triton_convs)
+            layers += conv_block(cin, cout, 4, 2, 1)
             if 1 <= i <= max(2, num_down - 2):
-                layers += conv_block(cout, cout, 3, 1, 1, triton=cfg.triton_convs)
+                layers += conv_block(cout, cout, 3, 1, 1)
             cin = cout
         layers += conv_block(cin, cfg.propagate_encode_dim, 1)
         self.mask_enc_net = nn.Sequential(*layers)
@@ -444,7 +289,7 @@ class BgEncoder(nn.Module):
         layers, cin = [], 4
         for i in range(num_down):
             cout = (16, 32)[i] if i < 2 else 64
-            layers += conv_block(cin, cout, 4, 2, 1, triton=cfg.triton_convs)
+            layers += conv_block(cin, cout, 4, 2, 1)
             cin = cout
         layers.append(nn.Conv2d(cin, 2 * cfg.bg_what_dim, (cfg.img_h >> num_down, cfg.img_w >> num_down)))
         self.enc = nn.Sequential(*layers)
@@ -472,11 +317,11 @@ class BgDecoder(nn.Module):
         cin = 256
         for f, c in zip(factors, widths):
             layers += upsample_block(cin, c, f)
-            layers += conv_block(c, c, 3, 1, 1, triton=cfg.triton_convs)
+            layers += conv_block(c, c, 3, 1, 1)
             cin = c
         self.dec = nn.Sequential(*layers)
-        self.bg_dec = nn.Sequential(*conv_block(16, 16, 3, 1, 1, triton=cfg.triton_convs),
-                                    make_conv(16, 3, 3, 1, 1, cfg.triton_convs))
+        self.bg_dec = nn.Sequential(*conv_block(16, 16, 3, 1, 1),
+                                    nn.Conv2d(16, 3, 3, 1, 1))
 
     def forward(self, z_bg):                   # (B, bg_what_dim)
         x = z_bg[..., None, None].expand(-1, -1, *self.start_hw)
@@ -658,152 +503,3 @@ def scatter_windows(values, index, img_h: int, img_w: int):
     idx = index.reshape(B, 1, -1).expand(-1, C, -1)
     out = values.new_zeros(B, C, img_h * img_w).scatter_add(2, idx, src)
     return out.view(B, C, img_h, img_w)
-
-
-_AUTOCAST_DEVICES = ("cuda", "cpu")
-
-
-class _GivenForward(torch.autograd.Function):
-    """Outputs of `given(*inputs)`; backward recomputes `full(*inputs)` with gradient, under the
-    forward's autocast state, and backpropagates through it into the inputs and `params`. The first
-    output is the differentiable one."""
-
-    @staticmethod
-    def forward(ctx, given, full, num_inputs, *args):
-        ctx.full, ctx.num_inputs = full, num_inputs
-        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
-        ctx.autocast_cache = torch.is_autocast_cache_enabled()
-        ctx.save_for_backward(*args)
-        outputs = given(*args[:num_inputs])
-        ctx.mark_non_differentiable(*outputs[1:])
-        return outputs
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, *unused):
-        args = ctx.saved_tensors
-        n = ctx.num_inputs
-        needs = ctx.needs_input_grad[3:]
-        inputs = [x.detach().requires_grad_(r) for x, r in zip(args[:n], needs[:n])]
-        targets = [x for x, r in zip(inputs + list(args[n:]), needs) if r]
-        with torch.enable_grad(), contextlib.ExitStack() as stack:
-            for device, enabled, dtype in ctx.autocast:   # as torch.utils.checkpoint restores it
-                if enabled != torch.is_autocast_enabled(device):
-                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
-            # the cast cache too (global): a compiled `full` then meets the forward's state, no recompile
-            stack.callback(torch.set_autocast_cache_enabled, torch.is_autocast_cache_enabled())
-            torch.set_autocast_cache_enabled(ctx.autocast_cache)
-            out = ctx.full(*inputs)[0]
-        grads = iter(torch.autograd.grad(out, targets, grad_out, allow_unused=True))
-        return (None, None, None, *(next(grads) if r else None for r in needs))
-
-
-def given_forward(given, full, inputs, params):
-    """given(*inputs), with the gradient of full(*inputs) (which must compute the same values; only
-    its first output is differentiable) recomputed in backward: activation recomputation whose
-    forward reuses results computed already. `params`: the parameters `full` uses."""
-    params = [p for p in params if p.requires_grad]
-    if not torch.is_grad_enabled() or not (params or any(x.requires_grad for x in inputs)):
-        return given(*inputs)
-    return _GivenForward.apply(given, full, len(inputs), *inputs, *params)
-
-
-def maybe_checkpoint(enabled: bool, fn, *args):
-    """fn(*args), recomputing its activations in backward when `enabled` and gradients are on.
-
-    The functions checkpointed here draw no random numbers, so the recomputation is exact."""
-    if enabled and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
-    return fn(*args)
-
-
-# ------------------------------------------------------------------------------------------------
-# Per-frame parameter aliases: each parameter's gradients from the frames summed at once
-# ------------------------------------------------------------------------------------------------
-
-class _FanOut(torch.autograd.Function):
-    """`copies` aliases of each of P tensors (copy c of tensor i at c * P + i). Backward sums each
-    tensor's gradients over the copies with multi-tensor additions (about `copies` launches in all),
-    where autograd would add the gradient of every use one kernel at a time. Copies are summed from
-    the last to the first, the order in which backward produces them."""
-
-    @staticmethod
-    def forward(ctx, copies: int, *tensors):
-        ctx.copies, ctx.count = copies, len(tensors)
-        ctx.set_materialize_grads(False)
-        return tuple(t.view_as(t) for _ in range(copies) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        P = ctx.count
-        sums = [None] * P
-        for c in reversed(range(ctx.copies)):
-            add = []
-            for i, g in enumerate(grads[c * P:(c + 1) * P]):
-                if g is None:
-                    continue
-                if sums[i] is None:
-                    sums[i] = g
-                else:
-                    add.append(i)
-            if add:
-                added = torch._foreach_add([sums[i] for i in add], [grads[c * P + i] for i in add])
-                for i, s in zip(add, added):
-                    sums[i] = s
-        return (None, *sums)
-
-
-def _trainable_slots(module: nn.Module) -> list:
-    """(submodule, name) of each parameter of `module` that requires a gradient."""
-    return [(m, name) for m in module.modules() for name, p in m._parameters.items()
-            if p is not None and p.requires_grad]
-
-
-def _put(slots: list, tensors) -> None:
-    """Put `tensors` in place of the parameters at `slots`, in order."""
-    for (m, name), t in zip(slots, tensors):
-        m._parameters[name] = t
-
-
-class FrameParameters:
-    """The parameters of `model` (its modules' `_parameters` entries) as T sets of aliases, one a
-    frame, put in place frame by frame (`use(t)`) and restored by `restore()`: the frames' gradients
-    of each parameter then meet in one autograd node (_FanOut) that sums them with multi-tensor
-    additions -- at the default config ~2,700 single additions a step fewer (cfg.fused_param_grads).
-    The values are the parameters' own; only the order of the float sums changes. Frozen parameters
-    stay as they are.
-
-    Recomputation in backward runs after `restore()`: a function recomputed there takes its frame's
-    aliases with `pinned(module, fn)`."""
-
-    def __init__(self, model: nn.Module, frames: int):
-        self.slots = _trainable_slots(model)
-        self.originals = [m._parameters[name] for m, name in self.slots]
-        self.aliases = _FanOut.apply(frames, *self.originals)     # (frames * P) tensors
-
-    def use(self, t: int) -> None:
-        P = len(self.slots)
-        _put(self.slots, self.aliases[t * P:(t + 1) * P])
-
-    def restore(self) -> None:
-        _put(self.slots, self.originals)
-
-
-def pinned(module: nn.Module, fn):
-    """fn, run with the parameter tensors `module` holds now (a frame's aliases, see FrameParameters)
-    put back in place for the call: a recomputation in backward then uses the tensors whose
-    gradients it must return. fn itself without gradients (nothing is recomputed) and inside
-    torch.compile (recomputation is the graph's)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return fn
-    slots = _trainable_slots(module)
-    tensors = [m._parameters[name] for m, name in slots]
-
-    def call(*args):
-        before = [m._parameters[name] for m, name in slots]
-        _put(slots, tensors)
-        try:
-            return fn(*args)
-        finally:
-            _put(slots, before)
-    return call

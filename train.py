@@ -49,7 +49,9 @@ import viz
 from common import Config, ConfigError, check_flags_at_least, small_config
 from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, data_notices, is_frame_file,
                   iterate, make_loader, make_sprites)
-from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
+import fast
+from engine import TrainStep, make_optimizer
+from fast import SpeedOptions
 from scalor import SCALOR
 from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
                    save_checkpoint, seed_everything, set_rng_state, tau_at, z_pres_prior_at)
@@ -125,14 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="[auto: CUDA if available]")
     run.add_argument("--max-bad-steps", type=int, default=20, metavar="N",
                      help="stop after this many non-finite steps in a row [20]")
-    run.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                     help="GPU numerics: fp32 (PyTorch defaults), fp32-strict (no TF32), tf32, bf16 autocast [fp32]")
-    run.add_argument("--cuda-graph", action="store_true",
-                     help="replay each training step from a captured CUDA graph (GPU; same model, far less CPU overhead)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the convolution stacks and the per-frame code around them (GPU; the first "
-                          "steps take ~10 minutes longer on a cold cache, then each step is faster: with "
-                          "--cuda-graph 367 -> 259 ms at the default config on an H200)")
+    SpeedOptions.add_arguments(parser)   # --no-cuda-graph, --compile, --precision, ... (shared with bench.py)
     return parser
 
 
@@ -432,17 +427,11 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     model = SCALOR(cfg).to(device)
     if ddp.world > 1:   # the same initial weights everywhere, then each process its own noise
         seed_everything(cfg.seed + 1000 * ddp.rank)
-    use_graph = args.cuda_graph and device.type == "cuda"
-    if args.cuda_graph and not use_graph:
-        print("notice: --cuda-graph needs a CUDA device; running eagerly")
+    speed = SpeedOptions.from_args(args).resolved(device, distributed=ddp.world > 1)   # notices for CPU runs
     if device.type == "cuda":   # training shapes are fixed: let cuDNN time its algorithms once
-        set_precision(args.precision, cudnn_benchmark=True)
-    if args.compile and device.type == "cuda":
-        compile_blocks(model)     # in place: parameter names and checkpoints unchanged
-        compile_frames(model)
-    elif args.compile:
-        print("notice: --compile needs a CUDA device; running eagerly")
-    optimizer = make_optimizer(model, cuda_graph=use_graph)
+        fast.set_precision(speed.precision, cudnn_benchmark=speed.cudnn_benchmark)
+    fast.apply(model, speed)      # in place: parameter names and checkpoints unchanged
+    optimizer = make_optimizer(model, cuda_graph=speed.cuda_graph)
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
     if payload is not None:
         start = load_training_state(model, optimizer, payload, path, args.allow_partial_load, cfg, data_desc, ddp)
@@ -572,8 +561,9 @@ def train(run: Run, args) -> int:
     if ddp.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         forward = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    step_fn = TrainStep(model, run.optimizer, precision=args.precision if run.device.type == "cuda" else "fp32",
-                        cuda_graph=args.cuda_graph and run.device.type == "cuda", forward=forward)
+    speed = SpeedOptions.from_args(args).resolved(run.device, distributed=ddp.world > 1, notice=lambda _: None)
+    step_fn = TrainStep(model, run.optimizer, precision=speed.precision if run.device.type == "cuda" else "fp32",
+                        cuda_graph=speed.cuda_graph, forward=forward)
     writer = losses = None
     if ddp.main:
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -599,7 +589,7 @@ def train(run: Run, args) -> int:
               f"{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {run.data_desc['dataset']} "
               f"({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, checkpoints in {run.ckpt_dir}",
               flush=True)
-        if args.compile and run.device.type == "cuda":
+        if speed.compile:
             print("notice: --compile: the first steps compile for up to ~10 minutes (cached for later runs), "
                   "and a few graphs again once at the schedule's switches", flush=True)
     recent = collections.deque(maxlen=50)       # the last 50 steps' losses, for the progress bar

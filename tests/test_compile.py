@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fast
 from data import bench_batches
 from engine import compile_frames
 from modules import normal_rsample, relaxed_bernoulli_rsample
@@ -30,7 +31,7 @@ def test_compiled_frame_functions_give_the_eager_numbers(tiny_cfg):
     cores; the layout-dependent part of inductor is the noise, tested below)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = SCALOR(tiny_cfg).train()
+    model = fast.apply(SCALOR(tiny_cfg).train(), fast.SpeedOptions())
     batch = bench_batches(1, 2, tiny_cfg.seq_len, tiny_cfg.img_h, tiny_cfg.img_w, num_objects=8, seed=0)[0]
     late = tiny_cfg.remove_detach_step + 1          # the state no longer detached: new graph variants
     want = [_loss_and_grads(model, batch, step) for step in (100, 101, late)]
@@ -39,7 +40,7 @@ def test_compiled_frame_functions_give_the_eager_numbers(tiny_cfg):
     counters.clear()
     got = [_loss_and_grads(model, batch, 100)]
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs <= 12                 # six functions, each in at most two variants (first frame, others)
+    assert graphs <= 12                 # seven functions, two of them in two variants (first frame, others)
     got.append(_loss_and_grads(model, batch, 101))
     assert counters["stats"]["unique_graphs"] == graphs    # the next step reuses them
     got.append(_loss_and_grads(model, batch, late))
@@ -62,7 +63,7 @@ def test_compiled_frame_functions_belong_to_their_model(tiny_cfg):
     """A deep copy of a model with compiled frame functions computes with its own parameters; without
     fixed object slots (capacities follow the data) the eager functions run, no graph is built."""
     torch._dynamo.reset()
-    model = SCALOR(tiny_cfg).train()
+    model = fast.apply(SCALOR(tiny_cfg).train(), fast.SpeedOptions())
     compile_frames(model, backend="aot_eager")
     compile_frames(model, backend="aot_eager")               # a second call changes nothing
     copy = deepcopy(model)
@@ -73,7 +74,7 @@ def test_compiled_frame_functions_belong_to_their_model(tiny_cfg):
     assert all(p.grad is not None for p in copy.propagation.tracker.parameters())
 
     torch._dynamo.reset()
-    free = SCALOR(tiny_cfg.replace(phase_obj_num_contrain=False)).train()
+    free = fast.apply(SCALOR(tiny_cfg.replace(phase_obj_num_contrain=False)).train(), fast.SpeedOptions())
     compile_frames(free, backend="aot_eager")
     counters = torch._dynamo.utils.counters
     counters.clear()

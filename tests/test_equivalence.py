@@ -27,6 +27,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fast
 from common import small_config
 from plain_scalor import plain_forward, plain_loss
 from scalor import SCALOR
@@ -86,7 +87,7 @@ def run_both(cfg, *, train, step, tau, generate=False, nll=False, dtype=torch.fl
     """Ours and the plain oracle on the same weights, input and seed; optionally the gradients of
     both losses w.r.t. all parameters (flattened, None -> zeros). prepare(model) may edit weights."""
     torch.manual_seed(0)
-    model = SCALOR(cfg).to(dtype)
+    model = fast.apply(SCALOR(cfg).to(dtype), fast.SpeedOptions())   # the fast path: recomputation, reuse, fused grads
     model.train(train)
     if prepare is not None:
         with torch.no_grad():
@@ -245,7 +246,7 @@ def test_same_losses_over_the_first_training_steps(dtype, rtol):
 
     cfg = config({}, seq_len=3, observe_frames=1, max_num_obj=4)
     torch.manual_seed(0)
-    ours_model = SCALOR(cfg).to(dtype).train()
+    ours_model = fast.apply(SCALOR(cfg).to(dtype).train(), fast.SpeedOptions())
     plain_model = copy.deepcopy(ours_model)
     seq = smooth_sequence(cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w, dtype=dtype)
     runs = [(ours_model, lambda m, s, t: m(seq, step=s, tau=t).loss()),

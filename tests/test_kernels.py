@@ -5,15 +5,18 @@ The kernels run in Triton's CPU interpreter here (conftest sets TRITON_INTERPRET
 same comparison is `python -m pytest tests/test_kernels.py` with TRITON_INTERPRET=0 and CUDA tensors
 (`--device cuda` is not needed: the test picks CUDA when present and the interpreter is off).
 """
+import dataclasses
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fast
 import kernels
 from common import Config, small_config
-from modules import Conv3x3, Conv4x4Stride2, GlimpseDecoder, GlimpseEncoder
+from fast import Conv3x3, Conv4x4Stride2, SpeedOptions
+from modules import GlimpseDecoder, GlimpseEncoder
 from scalor import SCALOR
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
@@ -132,7 +135,7 @@ DEFAULT_TWINS = {   # the default config's convolutions of <= 16 channels a side
 def test_model_parameters_do_not_depend_on_the_kernel_choice(cfg):
     """triton_convs swaps exactly the 3x3 and 4x4-stride-2 convolutions (padding 1) of <= 16 channels
     a side for their Triton twins, and nothing else: same parameters, same state_dict."""
-    on, off = (SCALOR(cfg.replace(triton_convs=t)) for t in (True, False))
+    on, off = (fast.apply(SCALOR(cfg), SpeedOptions(triton_convs=t)) for t in (True, False))
     assert [(k, v.shape) for k, v in on.state_dict().items()] == [(k, v.shape) for k, v in off.state_dict().items()]
     twins = {name: (type(m), m.in_channels, m.out_channels) for name, m in on.named_modules()
              if isinstance(m, (Conv3x3, Conv4x4Stride2))}
@@ -187,7 +190,7 @@ def test_conv4x4s2_operators_and_module():
     conv, plain = Conv4x4Stride2(3, 16), torch.nn.Conv2d(3, 16, 4, 2, 1)
     assert list(conv.state_dict()) == list(plain.state_dict())
     cfg = small_config()
-    on, off = (GlimpseEncoder(cfg.replace(triton_convs=t)) for t in (True, False))
+    on, off = (fast.apply(GlimpseEncoder(cfg), SpeedOptions(triton_convs=t)) for t in (True, False))
     assert [(k, v.shape) for k, v in on.state_dict().items()] == [(k, v.shape) for k, v in off.state_dict().items()]
     assert isinstance(on.enc_cnn[0], Conv4x4Stride2) and not any(isinstance(m, Conv4x4Stride2) for m in off.modules())
 
@@ -226,10 +229,9 @@ def test_use_dot_convs_marks_the_triton_convolutions_and_keeps_the_glimpse_netwo
     outputs and gradients as with the FMA kernels (1e-5; 1e-4 of the largest entry for gradients).
     On the CPU the kernels run in Triton's interpreter, so the CUDA-only check is bypassed (a whole
     model step there takes minutes)."""
-    import modules
-    monkeypatch.setattr(modules, "_triton_fits", lambda x, weight, min_pixels=0: True)
+    monkeypatch.setattr(fast, "_triton_fits", lambda x, weight, min_pixels=0: True)
     monkeypatch.setattr(kernels, "dot_pays", lambda cin, cout, out_pixels: True)
-    plain, dotted = SCALOR(Config(dot_convs=False)), SCALOR(Config(dot_convs=True))
+    plain, dotted = (fast.apply(SCALOR(Config()), SpeedOptions(dot_convs=d)) for d in (False, True))
     convs = [m for m in dotted.modules() if isinstance(m, (Conv3x3, Conv4x4Stride2))]
     assert len(convs) == len(DEFAULT_TWINS) and all(m.dot for m in convs)
     assert not any(m.dot for m in plain.modules() if isinstance(m, (Conv3x3, Conv4x4Stride2)))
@@ -242,9 +244,10 @@ def test_use_dot_convs_marks_the_triton_convolutions_and_keeps_the_glimpse_netwo
     results = []
     for dot in (False, True):
         torch.manual_seed(0)
-        dec, enc = GlimpseDecoder(cfg).to(DEVICE), GlimpseEncoder(cfg).to(DEVICE)
+        no_dot = SpeedOptions(dot_convs=False)
+        dec, enc = (fast.apply(m(cfg), no_dot).to(DEVICE) for m in (GlimpseDecoder, GlimpseEncoder))
         if dot:
-            assert (modules.use_dot_convs(dec), modules.use_dot_convs(enc)) == (3, 1)
+            assert (fast.use_dot_convs(dec), fast.use_dot_convs(enc)) == (3, 1)
         o, alpha = dec(z_what)
         feat, _ = dec.features_and_alpha(z_what)
         with torch.no_grad():                  # forward only, as in rendering
@@ -357,11 +360,11 @@ def test_use_nhwc_weight_grad_picks_the_17_to_32_channel_layers():
     """cfg.nhwc_weight_grad turns the 3x3 and 4x4/2 convolutions with 17-32 channels on the wider side
     into ConvNHWCWeightGrad (the default model: the decoder trunk's 32 -> 32, the encoders' 16 -> 32
     ...), by default, and changes neither parameters nor state_dict; off, none is."""
-    from modules import ConvNHWCWeightGrad
+    from fast import ConvNHWCWeightGrad
     torch.manual_seed(0)
-    plain = SCALOR(Config(nhwc_weight_grad=False))
+    plain = fast.apply(SCALOR(Config()), SpeedOptions(nhwc_weight_grad=False))
     torch.manual_seed(0)
-    swapped = SCALOR(Config())
+    swapped = fast.apply(SCALOR(Config()), SpeedOptions())
     picked = {n: tuple(m.weight.shape) for n, m in swapped.named_modules() if isinstance(m, ConvNHWCWeightGrad)}
     assert picked == {"image_enc.image_enc.enc.6": (32, 16, 4, 4), "image_enc.image_enc.enc.9": (32, 32, 3, 3),
                       "glimpse_enc.enc_cnn.3": (32, 16, 4, 4), "glimpse_dec.dec.21": (32, 32, 3, 3),
@@ -377,11 +380,11 @@ def test_nhwc_weight_grad_gives_the_model_the_same_step(tiny_cfg, monkeypatch):
     gradients to 1e-4 of each tensor's largest entry), eager and with the glimpse encoder compiled
     (aot_eager: the autograd.Function traced into its graph). On the CPU the Triton kernels run in
     the interpreter, so the modules' CUDA-only check is bypassed here."""
-    import modules
     from data import bench_batches
     from utils import tau_at, z_pres_prior_at
-    monkeypatch.setattr(modules, "_triton_fits", lambda x, weight, min_pixels=0: True)
-    cfg = tiny_cfg.replace(triton_convs=False, seq_len=2)   # only the new path runs Triton; 2 frames (interpreter)
+    monkeypatch.setattr(fast, "_triton_fits", lambda x, weight, min_pixels=0: True)
+    cfg = tiny_cfg.replace(seq_len=2)                       # 2 frames (interpreter)
+    only_nhwc = SpeedOptions(triton_convs=False)            # only the new path runs Triton
 
     def loss_and_grads(model):
         torch.manual_seed(1)
@@ -391,10 +394,10 @@ def test_nhwc_weight_grad_gives_the_model_the_same_step(tiny_cfg, monkeypatch):
 
     batch = bench_batches(1, 2, cfg.seq_len, cfg.img_h, cfg.img_w, num_objects=8, seed=0)[0].to(DEVICE)
     torch.manual_seed(0)
-    plain = SCALOR(cfg).to(DEVICE).train()
+    plain = fast.apply(SCALOR(cfg), dataclasses.replace(only_nhwc, nhwc_weight_grad=False)).to(DEVICE).train()
     torch.manual_seed(0)
-    swapped = SCALOR(cfg.replace(nhwc_weight_grad=True)).to(DEVICE).train()
-    assert sum(isinstance(m, modules.ConvNHWCWeightGrad) for m in swapped.modules()) >= 3
+    swapped = fast.apply(SCALOR(cfg), only_nhwc).to(DEVICE).train()
+    assert sum(isinstance(m, fast.ConvNHWCWeightGrad) for m in swapped.modules()) >= 3
     want = loss_and_grads(plain)
     torch._dynamo.reset()
     for compiled in (False, True):

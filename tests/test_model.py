@@ -5,12 +5,19 @@ import math
 import pytest
 import torch
 
+import fast
 import scalor as scalor_mod
 from common import Config, ConfigError, small_config
 from modules import (crop, kl_bernoulli, kl_normal, kl_std_normal, place_windows, scatter_windows,
                      spatial_transform, window_size)
-from scalor import SCALOR, Slots, anchor_box, compact
+from scalor import SCALOR, FrameContext, Objects, Slots, anchor_box, compact
 from utils import tau_at, z_pres_prior_at
+
+
+def _ctx(first, tau, pres_prior, generate=False, nll=False):
+    """A frame's context for calling a step of the model on its own (no cap, state detached)."""
+    return FrameContext(first=first, generate=generate, nll=nll, tau=tau, pres_prior=pres_prior, capacity=None,
+                        detach=True, curriculum=False)
 
 
 def _seq(cfg, B=2, seed=0):
@@ -42,9 +49,9 @@ def test_discovery_box_centres_are_cell_centres_plus_tanh_offset(tiny_cfg, monke
         for p in m.proposal.z_where_net.parameters():
             p.zero_()
     monkeypatch.setattr(scalor_mod, "normal_rsample", lambda mean, std: mean)
-    disc, _, _ = m._discover(torch.rand(1, 3, 64, 64), torch.rand(1, 64, 4, 4),
-                             torch.zeros(1, 1, 64, 64), True, 1.0, 0.1, False, False, None)
-    centres = disc["z_where"][0, :, 2:]
+    disc, _ = m.discover(torch.rand(1, 3, 64, 64), torch.rand(1, 64, 4, 4),
+                         torch.zeros(1, 1, 64, 64), None, _ctx(True, 1.0, 0.1))
+    centres = disc.z_where[0, :, 2:]
     # cell (row 1, col 2) of a 4x4 grid: x = 2/4*(2+0.5)-1 = 0.25, y = 2/4*(1+0.5)-1 = -0.25
     assert centres[1 * 4 + 2].tolist() == pytest.approx([0.25, -0.25], abs=1e-6)
     assert centres[0].tolist() == pytest.approx([-0.75, -0.75], abs=1e-6)
@@ -95,7 +102,8 @@ def _discover(m, t, free, monkeypatch, explained=None, seed=0):
     torch.manual_seed(seed)
     x = torch.rand(explained.shape[0] if explained is not None else 2, 3, cfg.img_h, cfg.img_w)
     img_enc = torch.randn(x.shape[0], cfg.img_encode_dim, cfg.num_cell_h, cfg.num_cell_w)
-    return m._discover(x, img_enc, torch.zeros(x.shape[0], 1, cfg.img_h, cfg.img_w), t == 0, 0.5, 0.1, False, False, free)
+    disc, terms = m.discover(x, img_enc, torch.zeros(x.shape[0], 1, cfg.img_h, cfg.img_w), free, _ctx(t == 0, 0.5, 0.1))
+    return disc, terms, terms.log_imp
 
 
 def test_rejection_threshold_and_only_from_second_frame(tiny_cfg, monkeypatch):
@@ -106,15 +114,15 @@ def test_rejection_threshold_and_only_from_second_frame(tiny_cfg, monkeypatch):
     explained[0, 4] = 1.0
     disc0, kl0, _ = _discover(m, 0, None, monkeypatch, explained)
     disc1, kl1, _ = _discover(m, 1, None, monkeypatch, explained)
-    z0, z1 = disc0["z_pres"][0, :, 0], disc1["z_pres"][0, :, 0]
+    z0, z1 = disc0.z_pres[0, :, 0], disc1.z_pres[0, :, 0]
     assert (z0 > 0).all()                              # frame 0: nothing rejected
     assert (z1[:2] == z0[:2]).all() and (z1[:2] > 0).all()   # below 0.3: kept
     assert (z1[2:5] == 0).all()                        # 0.3 and above: rejected
     assert (z1[5:] == z0[5:]).all()
     # rejected proposals get the z_pres prior 1e-8; KL of what/where/depth keeps the pre-rejection weights
-    assert torch.allclose(kl1["what"], kl0["what"]) and torch.allclose(kl1["where"], kl0["where"])
-    assert torch.allclose(kl1["depth"], kl0["depth"])
-    assert not torch.allclose(kl1["pres"], kl0["pres"])
+    assert torch.allclose(kl1.what, kl0.what) and torch.allclose(kl1.where, kl0.where)
+    assert torch.allclose(kl1.depth, kl0.depth)
+    assert not torch.allclose(kl1.pres, kl0.pres)
 
 
 def _kept_oracle(cfg, alpha, z_where, z_pres):
@@ -168,10 +176,10 @@ def test_first_frame_rejection_only_when_asked(tiny_cfg, monkeypatch):
     monkeypatch.setattr(on, "_explained_by_kept", lambda *a: explained)
     disc_off, kl_off, _ = _discover(off, 0, None, monkeypatch, explained)   # (_explained_ratio: unused at t = 0)
     disc_on, kl_on, _ = _discover(on, 0, None, monkeypatch, explained)
-    z_off, z_on = disc_off["z_pres"][0, :, 0], disc_on["z_pres"][0, :, 0]
-    assert disc_off["decoded"] is None and (z_off > 0).all()
+    z_off, z_on = disc_off.z_pres[0, :, 0], disc_on.z_pres[0, :, 0]
+    assert disc_off.decoded is None and (z_off > 0).all()
     assert z_on[0] == z_off[0] and (z_on[1:3] == 0).all() and (z_on[3:] == z_off[3:]).all()
-    assert torch.equal(kl_on["what"], kl_off["what"]) and not torch.allclose(kl_on["pres"], kl_off["pres"])
+    assert torch.equal(kl_on.what, kl_off.what) and not torch.allclose(kl_on.pres, kl_off.pres)
 
 
 def test_kl_weighted_by_pre_rejection_z_pres(tiny_cfg, monkeypatch):
@@ -181,12 +189,12 @@ def test_kl_weighted_by_pre_rejection_z_pres(tiny_cfg, monkeypatch):
     real = scalor_mod.normal_rsample
     monkeypatch.setattr(scalor_mod, "normal_rsample", lambda mu, sd: calls.append((mu, sd)) or real(mu, sd))
     disc, kl, _ = _discover(m, 1, None, monkeypatch, explained)
-    assert (disc["z_pres"] == 0).all()
+    assert (disc.z_pres == 0).all()
     # recompute: the z_pres before rejection = sigmoid of the sample; KL what = sum_c z_pres_c * KL_c
     (depth_q, where_q, what_q) = calls
-    assert kl["what"].abs().sum() > 0
+    assert kl.what.abs().sum() > 0
     kl_cells = kl_std_normal(*what_q).sum(-1)          # (B, C)
-    ratio = kl["what"] / kl_cells.sum(1)
+    ratio = kl.what / kl_cells.sum(1)
     assert ((ratio > 0) & (ratio < 1)).all()           # a z_pres-weighted average, not zero
 
 
@@ -195,9 +203,9 @@ def test_cap_keeps_free_slots_by_z_pres_in_training_only(tiny_cfg, monkeypatch):
     explained = torch.zeros(2, tiny_cfg.num_cells)
     free = torch.tensor([3, 0])
     disc, _, _ = _discover(m.train(), 1, free, monkeypatch, explained, seed=3)
-    z = disc["z_pres"][..., 0]
+    z = disc.z_pres[..., 0]
     disc_nocap, _, _ = _discover(m, 1, None, monkeypatch, explained, seed=3)
-    z_all = disc_nocap["z_pres"][..., 0]
+    z_all = disc_nocap.z_pres[..., 0]
     assert (z_all > 0).all()
     assert int((z[0] > 0).sum()) == 3 and int((z[1] > 0).sum()) == 0
     top3 = z_all[0].topk(3).indices
@@ -205,7 +213,7 @@ def test_cap_keeps_free_slots_by_z_pres_in_training_only(tiny_cfg, monkeypatch):
     assert torch.equal(z[0][top3], z_all[0][top3])
     # a cap at least as large as the number of cells keeps everything (the reference indexes out of range)
     disc_big, _, _ = _discover(m, 1, torch.tensor([16, 40]), monkeypatch, explained, seed=3)
-    assert torch.equal(disc_big["z_pres"][..., 0], z_all)
+    assert torch.equal(disc_big.z_pres[..., 0], z_all)
 
 
 def test_cap_reached_in_training_and_off_in_eval(tiny_cfg):
@@ -233,14 +241,14 @@ def test_hand_off_above_0_7(tiny_cfg, monkeypatch):
     z = torch.full((2, C, 1), 0.0)
     z[0, :4, 0] = torch.tensor([0.69, 0.7, 0.7001, 0.95])
     z[1, :2, 0] = torch.tensor([0.71, 0.2])
-    real = m._discover
+    real = m.discover
 
-    def fixed(x, img_enc, alpha_prop, first_frame, *args):
-        disc, kl, imp = real(x, img_enc, alpha_prop, first_frame, *args)
-        disc["z_pres"] = z if first_frame else torch.zeros_like(z)
-        return disc, kl, imp
+    def fixed(x, img_enc, alpha_prop, free, ctx):
+        disc, terms = real(x, img_enc, alpha_prop, free, ctx)
+        disc.z_pres = z if ctx.first else torch.zeros_like(z)
+        return disc, terms
 
-    monkeypatch.setattr(m, "_discover", fixed)
+    monkeypatch.setattr(m, "discover", fixed)
     out = m(_seq(cfg), step=1, tau=0.5, keep_records=True)
     assert out.counts[:, 0].tolist() == [2, 1]
     rec = out.records[0]
@@ -258,7 +266,7 @@ def test_drop_when_running_absence_reaches_0_6(tiny_cfg, monkeypatch):
     target = torch.tensor([0.7, 0.71, 0.6999])[None, :, None]            # new z_pres before the rule
     monkeypatch.setattr(scalor_mod, "relaxed_bernoulli_rsample", lambda logits, tau: torch.logit(target.double()).float())
     x = torch.rand(1, 3, 64, 64)
-    new, kl, _ = m.propagation(x, torch.randn(1, 64, 4, 4), s, m.glimpse_enc, 0.5, False, False)
+    new, kl = m.propagation(x, torch.randn(1, 64, 4, 4), s, m.glimpse_enc, _ctx(False, 0.5, 0.1))
     # absence 0.3 + (1 - z_pres): 0.6 -> dropped; 0.59 -> kept; 0.6001 -> dropped
     assert new.z_pres[0, :, 0].tolist() == pytest.approx([0.0, 0.71, 0.0], abs=1e-6)
     assert new.absence[0, :, 0].tolist() == pytest.approx([0.6, 0.59, 0.6001], abs=1e-5)
@@ -343,20 +351,21 @@ def test_normalised_compositing_and_straight_through_clamp(tiny_cfg):
     z_pres = torch.tensor([[0.9, 0.6]], requires_grad=True)
     depth = torch.tensor([[0.5, -1.0]])
     box = torch.tensor([0.1, 0.25, 0.0, 0.0])
-    obj = dict(z_what=torch.tensor([[[0.0], [1.0]]]), z_where=box.expand(1, 2, 4), z_depth=depth[..., None],
-               z_pres=z_pres, propagated=torch.tensor([[True, False]]))
-    frame = m._render(obj, curriculum=False, num_cells=16)
+    obj = Objects(z_what=torch.tensor([[[0.0], [1.0]]]), z_where=box.expand(1, 2, 4), z_depth=depth[..., None],
+                  z_pres=z_pres, ids=torch.tensor([[1, 2]]), propagated=torch.tensor([[True, False]]),
+                  index=torch.tensor([[0, 1]]), rendered=torch.tensor([[True, True]]))
+    frame = m.render(obj, curriculum=False)
     w = torch.tensor([0.9, 0.6]) * 0.8 * torch.sigmoid(-depth[0])
     inside = (31, 31)                                 # centre pixel: inside both boxes
-    fg = frame["foreground"][0, :, inside[0], inside[1]]
+    fg = frame.foreground[0, :, inside[0], inside[1]]
     want = (w[:, None] * torch.tensor([0.9, 0.6])[:, None] * 0.8 * colours).sum(0) / w.sum()
     assert torch.allclose(fg, want, atol=1e-5)
     # alpha = 0.9*0.8 + 0.6*0.8 = 1.2 -> clamped to 1, but the gradient passes straight through
-    a = frame["alpha_map"][0, 0, inside[0], inside[1]]
+    a = frame.alpha_map[0, 0, inside[0], inside[1]]
     assert a.item() == pytest.approx(1.0)
     (g,) = torch.autograd.grad(a, z_pres)
     assert g[0].tolist() == pytest.approx([0.8, 0.8], abs=1e-5)
-    assert frame["alpha_map"][0, 0, 0, 0].item() == pytest.approx(1e-15, rel=1e-3)  # outside: eps
+    assert frame.alpha_map[0, 0, 0, 0].item() == pytest.approx(1e-15, rel=1e-3)  # outside: eps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +480,7 @@ def test_cap_keeps_exactly_free_on_ties(tiny_cfg, monkeypatch):
     m = SCALOR(tiny_cfg).train()
     monkeypatch.setattr(scalor_mod, "relaxed_bernoulli_rsample", lambda logits, tau: torch.full_like(logits, 40.0))
     disc, _, _ = _discover(m, 1, torch.tensor([5, 2]), monkeypatch, torch.zeros(2, tiny_cfg.num_cells))
-    z = disc["z_pres"][..., 0]
+    z = disc.z_pres[..., 0]
     assert (z > 0).sum(1).tolist() == [5, 2]
     assert z[0, :5].tolist() == [1.0] * 5          # ties broken by cell order
 
@@ -479,9 +488,9 @@ def test_cap_keeps_exactly_free_on_ties(tiny_cfg, monkeypatch):
 def test_glimpse_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg):
     grads = []
     for ckpt in (False, True):
-        cfg = tiny_cfg.replace(checkpoint_glimpses=ckpt)
+        cfg = tiny_cfg
         torch.manual_seed(0)
-        m = SCALOR(cfg).train()
+        m = fast.apply(SCALOR(cfg).train(), fast.SpeedOptions(checkpoint_glimpses=ckpt))
         torch.manual_seed(1)
         loss = m(_seq(cfg), step=40_000, tau=0.7).loss()
         loss.backward()
@@ -494,7 +503,7 @@ def test_given_forward_returns_given_values_and_backpropagates_through_full():
     """Rendering reuses the rejection's trunk features: the forward returns what `given` computed,
     the backward recomputes `full` and gives the gradients plain autograd gives (several inputs,
     one without gradient, a frozen parameter)."""
-    from modules import given_forward
+    from fast import given_forward
     torch.manual_seed(0)
     lin, frozen = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2).requires_grad_(False)
     x, y = torch.randn(4, 3, requires_grad=True), torch.randn(4, 2)      # y: no gradient
@@ -518,7 +527,7 @@ def test_given_forward_returns_given_values_and_backpropagates_through_full():
 def test_given_forward_recomputes_under_the_forward_autocast():
     """bf16 autocast around the forward, backward outside it (as TrainStep does): the recomputation
     runs in bf16 as torch.utils.checkpoint's would, so the gradients are those of the bf16 function."""
-    from modules import given_forward
+    from fast import given_forward
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 16)
     x, w = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
@@ -537,7 +546,7 @@ def test_given_forward_recomputes_under_the_forward_autocast_cache_setting():
     """TrainStep runs the forward with autocast's cast cache off and backward outside it: the
     recomputation sees the cache off too (a compiled `full` is guarded on it and would otherwise
     compile a second time), and the setting outside is restored."""
-    from modules import given_forward
+    from fast import given_forward
     seen = []
 
     def full(x):
@@ -560,7 +569,7 @@ def test_decoder_runs_both_heads_at_once_with_the_same_numbers(size):
     from modules import GlimpseDecoder
     cfg = small_config(img_h=size, img_w=size, glimpse_size=32)
     torch.manual_seed(0)
-    dec = GlimpseDecoder(cfg)
+    dec = fast.apply(GlimpseDecoder(cfg), fast.SpeedOptions())
     for p in dec.parameters():       # GroupNorm affine away from 1 / 0, so a wrong pairing would show
         p.data += 0.1 * torch.randn_like(p)
     z = torch.randn(6, cfg.z_what_dim)
@@ -594,7 +603,7 @@ def test_conv_before_shuffle_is_a_conv2d_and_its_hint_keeps_the_numbers():
     """Conv1x1BeforeShuffle has nn.Conv2d's parameters and numbers; the hint it adds inside
     torch.compile on CUDA is the identity forward and hands on the same gradient, in channels-last,
     and traces without a graph break."""
-    from modules import Conv1x1BeforeShuffle, _ChannelsLastGrad
+    from fast import Conv1x1BeforeShuffle, _ChannelsLastGrad
     conv, plain = Conv1x1BeforeShuffle(8, 32, 1), torch.nn.Conv2d(8, 32, 1)
     assert list(conv.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(conv.state_dict())
@@ -650,12 +659,11 @@ def test_fused_param_grads_give_the_same_loss_and_gradients_with_fewer_additions
     are summed in T - 1 multi-tensor additions. Same loss, gradients to float-summation order (also
     through the recomputed glimpse encoder and decoder), the model's own Parameters back in place
     after the forward, and far fewer single additions in backward."""
-    import dataclasses
     results = {}
     for fused in (False, True):
-        cfg = dataclasses.replace(tiny_cfg, fused_param_grads=fused)
+        cfg = tiny_cfg
         torch.manual_seed(0)
-        model = SCALOR(cfg).train()
+        model = fast.apply(SCALOR(cfg).train(), fast.SpeedOptions(fused_param_grads=fused))
         params = list(model.parameters())
         torch.manual_seed(1)
         loss = model(_seq(cfg), step=100, tau=tau_at(cfg, 99), z_pres_prior=z_pres_prior_at(cfg, 100)).loss()
@@ -673,19 +681,19 @@ def test_fused_param_grads_give_the_same_loss_and_gradients_with_fewer_additions
 
 
 def test_fused_param_grads_restore_the_parameters_after_an_error(tiny_cfg, monkeypatch):
-    model = SCALOR(tiny_cfg).train()
+    model = fast.apply(SCALOR(tiny_cfg).train(), fast.SpeedOptions())
     params = list(model.parameters())
 
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
-    monkeypatch.setattr(model, "_background", fail)
+    monkeypatch.setattr(model, "background", fail)
     with pytest.raises(RuntimeError, match="boom"):
         model(_seq(tiny_cfg), step=1)
     assert list(model.parameters()) == params and all(type(p) is torch.nn.Parameter for p in params)
 
 
 def test_fused_param_grads_leave_frozen_parameters_alone(tiny_cfg):
-    model = SCALOR(tiny_cfg).train()
+    model = fast.apply(SCALOR(tiny_cfg).train(), fast.SpeedOptions())
     model.bg_dec.requires_grad_(False)
     model(_seq(tiny_cfg), step=100).loss().backward()
     assert all(p.grad is None for p in model.bg_dec.parameters())
