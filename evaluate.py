@@ -67,6 +67,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+import fast
 from common import ConfigError
 from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, data_notices, iterate,
                   make_loader, make_sprites, tight_boxes)
@@ -779,7 +780,7 @@ def load_model(path: str, device, **changes) -> tuple:
         load_model_state(model, payload, path)
     except RuntimeError as e:   # strict load_state_dict: missing or unexpected keys, wrong shapes
         raise CheckpointError(f"'{path}' does not fit the model: {' '.join(str(e).split())[:300]}") from None
-    return model.to(device).eval(), payload
+    return fast.apply(model.to(device).eval(), fast.SpeedOptions()), payload   # Triton convs, decoder reuse
 
 
 def prepare(argv):

@@ -8,7 +8,7 @@ F.conv2d(x, weight, bias, stride=2, padding=1) for 4x4 weights:
 - forward (one kernel for both): per image, block of 512 output pixels and group of up to 8 output
   channels, fp32 FMAs over the taps and the input channels, each thread holding all the group's
   channels of 4 pixels;
-- forward with `dot=True` (cfg.dot_convs, on by default), where `dot_pays` (16 channels or more a
+- forward with `dot=True` (SpeedOptions.dot_convs, on by default), where `dot_pays` (16 channels or more a
   side, or 16 input channels over the few pixels of the frames; only where products may round to
   TF32, i.e. cuDNN may use TF32: PyTorch's default and our `fp32` precision, not `fp32-strict`):
   per image and block of 256 output pixels, all output channels, one tensor-core product
@@ -28,7 +28,7 @@ F.conv2d(x, weight, bias, stride=2, padding=1) for 4x4 weights:
 Measured on an H200 (900 glimpses of 64x64, docs/PERF_NOTES.md) the 3x3 kernels beat cuDNN on the
 glimpse decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1, the first convolutions also stacked as
 16 -> 16); the 4x4 stride-2 kernels beat it on the glimpse encoder's first layer (3 -> 16: forward +
-backward 1.30 -> 0.70 ms for 1,280 glimpses). `modules.make_conv` uses them for every such layer of
+backward 1.30 -> 0.70 ms for 1,280 glimpses). `fast.use_triton_convs` puts them in every such layer of
 at most 16 channels a side. The kernels are custom operators (torch.ops.scalor.conv3x3, conv4x4s2,
 their gradients), so torch.compile traces through them. `tests/test_kernels.py` checks every result against F.conv2d's
 (Triton's interpreter on CPU) and the operators' registration (torch.library.opcheck).
@@ -42,7 +42,7 @@ and 499 on channels-last inputs, against cuDNN's 780 and 747; 4x4/2 16 -> 32 ove
 glimpses: 177 / 239 against 278 / 241; slower than cuDNN over 20 frames (102-120 against 60-64
 us) and at 64 channels of 16x16 (270 / 549 against 271 / 222). `conv_nhwc_weight_grad` is
 F.conv2d with it as the weight gradient (forward and input gradient stay cuDNN's, or inductor's
-choice when compiled); `modules.use_nhwc_weight_grad` (cfg.nhwc_weight_grad, on by default) puts
+choice when compiled); `fast.use_nhwc_weight_grad` (SpeedOptions.nhwc_weight_grad, on by default) puts
 it in the layers of 17-32 channels.
 """
 from __future__ import annotations

@@ -83,11 +83,14 @@ def smooth_sequence(B, T, H, W, seed=0, num_blobs=6, dtype=torch.float32):
     return torch.stack(frames, 1).clamp(0, 1).to(dtype)
 
 
-def run_both(cfg, *, train, step, tau, generate=False, nll=False, dtype=torch.float32, seed=1, prepare=None):
+def run_both(cfg, *, train, step, tau, generate=False, nll=False, dtype=torch.float32, seed=1, prepare=None,
+             speed=True):
     """Ours and the plain oracle on the same weights, input and seed; optionally the gradients of
     both losses w.r.t. all parameters (flattened, None -> zeros). prepare(model) may edit weights."""
     torch.manual_seed(0)
-    model = fast.apply(SCALOR(cfg).to(dtype), fast.SpeedOptions())   # the fast path: recomputation, reuse, fused grads
+    model = SCALOR(cfg).to(dtype)
+    if speed:   # the fast path (on the CPU: recomputation, decoder-feature reuse, fused parameter gradients)
+        model = fast.apply(model, fast.SpeedOptions())
     model.train(train)
     if prepare is not None:
         with torch.no_grad():
@@ -135,6 +138,15 @@ def test_train_cap_binds_and_rejection(boxes):
     assert ours.counts.max() == cfg.max_num_obj
     assert plain["capped"].sum() > 0
     assert (plain["max_length"][:, 1:] > 0).all() and plain["rejected"][:, 1:].sum() > 0
+
+
+def test_plain_model_train_cap_binds_and_rejection(boxes):
+    """The same case with the plain model (no fast.apply)."""
+    cfg = config(boxes, max_num_obj=3, using_bg_sbd=False)
+    model, _, ours, plain, g1, g2 = run_both(cfg, train=True, step=1, tau=1.0, speed=False)
+    assert type(model) is SCALOR
+    assert_equal(ours, plain, g1, g2, torch.float32)
+    assert plain["capped"].sum() > 0 and plain["rejected"][:, 1:].sum() > 0
 
 
 def test_train_cap_ties(boxes):

@@ -291,7 +291,7 @@ def test_conv3x3_rows_reads_gathered_images_in_place():
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     for size in (64, 128):                      # one-conv and two-conv heads
         cfg = small_config(img_h=size, img_w=size)
-        dec, G = GlimpseDecoder(cfg).to(DEVICE), cfg.glimpse_size
+        dec, G = fast.apply(GlimpseDecoder(cfg), SpeedOptions()).to(DEVICE), cfg.glimpse_size
         feats = (torch.randn(3, 16, G, G, device=DEVICE), torch.randn(2, 16, G, G, device=DEVICE))
         rows = torch.tensor([4, 0, 2, 3], device=DEVICE)
         torch.testing.assert_close(dec.appearance_of_rows(feats, rows), dec.appearance(torch.cat(feats)[rows]),
