@@ -169,7 +169,7 @@ def apply(module: nn.Module, opts: SpeedOptions = SpeedOptions()) -> nn.Module:
     if opts.dot_convs:
         use_dot_convs(module)
     use_fast_modules(module, opts)
-    if opts.compile:
+    if opts.compile and isinstance(module, SCALOR):
         compile_blocks(module)
         compile_frames(module)
     return module
