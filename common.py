@@ -7,6 +7,7 @@ Defaults are the reference implementation's Grand Central settings (JindongJiang
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -167,6 +168,35 @@ class Config:
         def fail(msg):
             raise ConfigError(msg)
 
+        for f in dataclasses.fields(self):   # every float finite (cp may be inf: no clipping), before any use
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and not (f.name == "cp" and value == math.inf):
+                fail(f"{f.name}={value} must be a finite number")
+        if not 0 <= self.seed <= 2**32 - 1:
+            fail(f"seed={self.seed} must lie in [0, 2**32 - 1] (NumPy's seed range)")
+        for name in ("z_where_scale_dim", "z_where_shift_dim", "z_pres_dim", "z_depth_dim", "conv_lstm_hid_dim",
+                     "z_what_enc_dim", "propagate_encode_dim", "temporal_rnn_hid_dim", "temporal_rnn_inp_dim",
+                     "temporal_img_enc_hid_dim", "temporal_img_enc_dim", "z_where_transit_bias_net_hid_dim",
+                     "z_depth_transit_net_hid_dim", "z_pres_hid_dim", "z_what_from_temporal_hid_dim",
+                     "z_what_gate_hid_dim", "prior_rnn_inp_dim", "prior_rnn_hid_dim", "bg_prior_rnn_hid_dim",
+                     "train_station_cropping_origin"):
+            if getattr(self, name) < 1:
+                fail(f"{name}={getattr(self, name)} must be a positive integer")
+        for name in ("bg_alpha_curriculum_steps", "remove_detach_step", "z_pres_anneal_start_step"):
+            if getattr(self, name) < 0:
+                fail(f"{name}={getattr(self, name)} must not be negative")
+        for name in ("size_anc", "where_update_scale", "pres_logit_factor"):
+            if not getattr(self, name) > 0:
+                fail(f"{name}={getattr(self, name)} must be positive")
+        if self.size_anc + self.var_s > 1:
+            fail(f"size_anc + var_s = {self.size_anc + self.var_s} must not exceed 1 (a box at most the whole frame)")
+        for name in ("proposal_alpha_threshold", "propagated_alpha_threshold", "z_pres_stop_threshold",
+                     "z_pres_masked_prior"):
+            if not 0 < getattr(self, name) < 1:
+                fail(f"{name}={getattr(self, name)} must lie strictly between 0 and 1")
+        if not 0 <= self.bg_alpha_curriculum_value <= 1:
+            fail(f"bg_alpha_curriculum_value={self.bg_alpha_curriculum_value} must lie in [0, 1]")
+
         for name in ("img_h", "img_w", "seq_len", "num_cell_h", "num_cell_w", "glimpse_size",
                      "max_num_obj", "z_what_dim", "bg_what_dim", "batch_size", "img_encode_dim",
                      "print_freq", "generate_freq", "save_freq"):
@@ -194,6 +224,9 @@ class Config:
                  f"that divides the longer side (e.g. 64x64, 128x128, 128x256)")
         if not _is_pow2(self.glimpse_size) or self.glimpse_size < 16:
             fail(f"glimpse_size={self.glimpse_size} must be a power of two >= 16 (32 or 64 as in the paper)")
+        if self.glimpse_size > min(256, self.img_h, self.img_w):
+            fail(f"glimpse_size={self.glimpse_size} must not exceed the image side ({min(self.img_h, self.img_w)}) "
+                 f"nor 256 (32 or 64 as in the paper)")
         if self.seq_len < 1:
             fail("seq_len must be >= 1")
         if not 0 < self.observe_frames < self.seq_len:

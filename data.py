@@ -18,10 +18,12 @@ Unlike the reference, truncated images are never accepted silently.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +45,18 @@ class DataError(Exception):
 # Frame files
 # ---------------------------------------------------------------------------------------------
 
+NUMBER = re.compile(r"[0-9]+")     # ASCII digits only: str.isdigit() is also true for '²', which int() refuses
+
+
+def is_number_name(stem: str) -> bool:
+    """Whether a name is a plain number of ASCII digits ('1234'; not '5²' or '١٢')."""
+    return NUMBER.fullmatch(stem) is not None
+
+
 def natural_key(name: str) -> list:
     """Sort key that orders the numbers inside a name by value: 'f2.png' < 'f10.png'."""
-    parts = re.split(r"(\d+)", name.lower())
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts]
+    parts = re.split(r"([0-9]+)", name.lower())
+    return [(0, int(p)) if is_number_name(p) else (1, p) for p in parts]
 
 
 def is_frame_file(path: Path) -> bool:
@@ -54,23 +64,33 @@ def is_frame_file(path: Path) -> bool:
 
 
 def check_folder(root) -> Path:
-    """The data folder as a Path; DataError if it is missing or not a folder."""
+    """The data folder as a Path; DataError if it is missing, not a folder or unreadable."""
     folder = Path(os.path.expanduser(str(root)))
     if not folder.exists():
         raise DataError(f"data folder '{folder}' does not exist: pass --data-dir with a folder of frames")
     if not folder.is_dir():
         raise DataError(f"data folder '{folder}' is not a folder: pass --data-dir with a folder of frames")
+    list_folder(folder)
     return folder
+
+
+def list_folder(folder: Path) -> list[Path]:
+    """The entries of a folder; DataError (not a traceback) if it cannot be read."""
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise DataError(f"cannot read folder '{folder}' ({err.strerror or type(err).__name__}): fix its "
+                        f"permissions, or move it out of the data folder") from None
 
 
 def frame_files(folder: Path) -> list[Path]:
     """Frame files directly inside `folder`, in natural order of their names."""
-    frames = [p for p in folder.iterdir() if is_frame_file(p)]
+    frames = [p for p in list_folder(folder) if is_frame_file(p)]
     return sorted(frames, key=lambda p: natural_key(p.name))
 
 
 def no_frames_error(folder: Path, where: str = "") -> DataError:
-    if not any(folder.iterdir()):
+    if not list_folder(folder):
         return DataError(f"data folder '{folder}' is empty: put frames (.png/.jpg/.jpeg) in it "
                          f"or pass --data-dir with a folder of frames")
     return DataError(f"no frames (.png/.jpg/.jpeg) in '{folder}'{where}: "
@@ -99,8 +119,10 @@ def read_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header, after a check that the file is not truncated;
     DataError if it is not a whole image (frames are fully decoded when loaded)."""
     try:
-        with Image.open(path) as image:
+        with no_bomb_warning(), Image.open(path) as image:
             size, fmt = image.size, image.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise bomb_error(path, err) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"frame '{path}' is not a readable image ({one_line(err)}): "
                         f"remove it or pass --skip-bad-frames") from err
@@ -113,15 +135,31 @@ def read_size(path: Path) -> tuple[int, int]:
 def load_rgb(path: Path) -> Image.Image:
     """The fully decoded frame as RGB (grayscale/RGBA/palette converted); DataError if corrupt."""
     try:
-        with Image.open(path) as image:
+        with no_bomb_warning(), Image.open(path) as image:
             image.load()  # full decode: a truncated file fails here
             if image.mode.startswith("I"):   # 16-bit grey (PNG's deepest): convert() would clip it at 255
                 grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
                 return Image.fromarray(grey, "L").convert("RGB")
             return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise bomb_error(path, err) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"frame '{path}' is truncated or corrupt ({one_line(err)}): remove or replace it "
                         f"(found while decoding it; --skip-bad-frames drops only what the header check finds)") from err
+
+
+@contextlib.contextmanager
+def no_bomb_warning():
+    """A context in which Pillow's DecompressionBombWarning (an image over Image.MAX_IMAGE_PIXELS)
+    is raised, like its DecompressionBombError (over twice that), rather than printed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def bomb_error(path: Path, err: Exception) -> DataError:
+    return DataError(f"frame '{path}' is too large to decode safely ({one_line(err)}): downscale it, remove it "
+                     f"or pass --skip-bad-frames")
 
 
 def one_line(err: Exception) -> str:
@@ -182,11 +220,11 @@ def load_sequence(paths: list[Path], box, img_h: int, img_w: int) -> torch.Tenso
 
 def numbered_frames(folder: Path) -> list[Path]:
     """Frames named by a number ('1234.png'), sorted by that number."""
-    frames = [p for p in folder.iterdir() if is_frame_file(p)]
+    frames = [p for p in list_folder(folder) if is_frame_file(p)]
     if not frames:
         raise no_frames_error(folder)
     for path in frames:
-        if not path.stem.isdigit():
+        if not is_number_name(path.stem):
             raise DataError(f"frame '{path}' is not named by a number: Grand Central needs frames "
                             f"like '1234.png'; pass --dataset frames for other names")
     return sorted(frames, key=lambda p: int(p.stem))
@@ -277,7 +315,7 @@ def find_videos(folder: Path) -> list[tuple[Path, list[Path]]]:
     frames = frame_files(folder)
     if frames:
         return [(folder, frames)]
-    subfolders = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+    subfolders = sorted((p for p in list_folder(folder) if p.is_dir()), key=lambda p: natural_key(p.name))
     videos = [(sub, frame_files(sub)) for sub in subfolders]
     videos = [(sub, paths) for sub, paths in videos if paths]
     if not videos:

@@ -13,7 +13,10 @@ sprite scenes drawn with seed 10000 + cfg.seed (training uses cfg.seed), Grand C
 of frames, or non-overlapping sequences of a folder of frames; data flags left out default to the
 training run's as its checkpoint records them (see `resolve_data`). The second form runs the model
 on any folder of frames (non-overlapping sequences of cfg.seq_len) and writes only the exports. Bad input (a missing or
-foreign checkpoint, missing data) prints one line and exits with status 2, writing nothing.
+foreign checkpoint, missing data, a non-empty --out without --overwrite) prints one line and exits with status 2,
+writing nothing. Everything is written into a temporary folder beside --out and moved into place at the end,
+so --out never holds a mix of two runs or a half-written file (an existing one is replaced whole with
+--overwrite).
 
 Conventions:
 
@@ -41,7 +44,8 @@ Conventions:
   motmetrics itself calls mostly tracked); `partially_tracked` (20-80%) and `mostly_lost` (< 20%)
   are motmetrics' detection-based counts, so mostly_detected + partially_tracked + mostly_lost =
   num_unique_objects. These follow the object-centric representation benchmark (Weis et al. 2021).
-- Exports: `tracks_<seq>.txt` in the MOTChallenge layout `frame,id,x,y,w,h,conf,-1,-1,-1` (frame
+- Exports (`<seq>`: the sequence's name made file-name safe and unique by `utils.unique_names`):
+  `tracks_<seq>.txt` in the MOTChallenge layout `frame,id,x,y,w,h,conf,-1,-1,-1` (frame
   1-based within the sequence, pixels of the model's img_w x img_h frames, conf = z_pres); `predictions.json` =
   {"<seq>": [{"frame": t (0-based), "masks": [RLE], "ids": [id]}, ...]}; masks are run-length
   encoded as the object-centric representation benchmark reads them: the mask flattened in
@@ -58,6 +62,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import motmetrics as mm
@@ -73,7 +78,8 @@ from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PR
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import CheckpointError, load_model_state, pick_device, read_checkpoint, seed_everything, tau_at
+from utils import (CheckpointError, load_model_state, pick_device, read_checkpoint, safe_name, seed_everything,  # noqa: F401
+                   tau_at, unique_names)
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 IOU_THRESHOLD = 0.5        # a prediction matches a ground-truth object at IoU >= this
@@ -440,25 +446,28 @@ def write_gif(path: str, columns: list, objects: list, box_column: int, titles=G
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=400, loop=0)
 
 
-def safe_name(name: str) -> str:
-    """A file-name-safe version of a sequence name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "seq"
-
-
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
 
 def sequence_name(dataset, index: int) -> str:
     """A readable name of item `index`: sprites '000007', Grand Central 'crop3_000160',
-    frame folders '<video folder>_<first frame>'."""
+    frame folders '<video folder>_<first frame>' (as the folder is named: pass the names of all
+    items through `sequence_names`/`utils.unique_names` for file names)."""
     if isinstance(dataset, GrandCentral):
         crop, start = dataset.crop_and_start(index)
         return f"crop{crop}_{start:06d}"
     if isinstance(dataset, FrameFolder):
         video, start = dataset.items[index]
-        return safe_name(f"{dataset.videos[video][0].parent.name}_{start:06d}")
+        return f"{dataset.videos[video][0].parent.name}_{start:06d}"
     return f"{index:06d}"
+
+
+def sequence_names(dataset) -> list[str]:
+    """The file-name-safe, distinct names of all items of the dataset (`utils.unique_names`): videos
+    whose folder names differ only in characters a file name cannot keep ('café'/'cafè', 'a b'/'a_b')
+    keep apart."""
+    return unique_names([sequence_name(dataset, i) for i in range(len(dataset))])
 
 
 def resolve_data(args, trained: dict) -> None:
@@ -612,7 +621,7 @@ def evaluate_batch(model, batch, step, tau, args, tally: Tally, names, truths, g
 def run(model, dataset, num: int, args, step: int, tau: float, device) -> Tally:
     """Evaluate the first `num` sequences of the dataset in batches."""
     indices = list(range(num))
-    names = [sequence_name(dataset, i) for i in indices]
+    names = sequence_names(dataset)[:num]
     gif_names = set(names[:args.gif])
     loader = make_loader(Subset(dataset, indices), args.batch_size, shuffle=False, workers=args.workers,
                          drop_last=False)
@@ -751,7 +760,11 @@ def parse_args(argv):
                    help="sequences to evaluate (sprites: default 100; folders: default all)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's batch size")
     p.add_argument("--nll-samples", type=int, default=0, help="importance samples for the NLL (0: off)")
-    p.add_argument("--out", default="eval", help="output folder")
+    p.add_argument("--out", default="eval",
+                   help="output folder: written whole at the end (a sibling temporary folder until then); "
+                        "an existing non-empty one is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (whole, at the end, so it never holds a mix)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--gif", type=int, default=0, help="write GIFs of the first N sequences")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's sampling")
@@ -796,9 +809,58 @@ def prepare(argv):
     return args, model, int(payload.get("step", 0)), dataset, num, device
 
 
+def check_out(args) -> None:
+    """EvalError unless --out can be written: a folder that does not exist yet, an empty folder, or
+    (--overwrite) any folder."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise EvalError(f"--out '{out}' is a file, not a folder: pass another --out")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise EvalError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or another --out")
+
+
+def work_folder(out: str) -> str:
+    """A new temporary folder beside `out` (same file system, so it can be renamed into place)."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+
+
+def move_into_place(work: str, out: str) -> None:
+    """Replace `out` by the finished folder `work` (an existing `out` is renamed away first, then removed)."""
+    out = os.path.abspath(out)
+    old = None
+    if os.path.isdir(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(work, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_outputs(tally: Tally, args, cfg, step: int, tau: float) -> dict | None:
+    """predictions.json and (unless --track) report.json into args.out; returns the report."""
+    with open(os.path.join(args.out, "predictions.json"), "w") as f:
+        json.dump(tally.predictions, f)
+    if args.track:
+        return None
+    report = build_report(tally, args, cfg, step, tau, args.dataset)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(json_ready(report), f, indent=2)
+    return report
+
+
 def main(argv=None) -> int:
     try:
         args, model, step, dataset, num, device = prepare(argv)
+        check_out(args)
     except SystemExit as e:   # argparse: usage error (already printed) or --help
         return int(e.code or 0)
     except (EvalError, CheckpointError, DataError, ConfigError) as e:
@@ -807,28 +869,34 @@ def main(argv=None) -> int:
     cfg = model.cfg
     tau = tau_at(cfg, step)
     seed_everything(args.seed)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        print(f"evaluate.py: error: --out '{args.out}' is a file, not a folder: pass another --out", file=sys.stderr)
+    out = args.out
+    try:
+        work = work_folder(out)
+    except OSError as e:
+        print(f"evaluate.py: error: cannot write beside --out '{out}' ({e.strerror or e}): pass another --out",
+              file=sys.stderr)
         return 2
-    created = not os.path.exists(args.out)
-    os.makedirs(args.out, exist_ok=True)
+    args.out = work          # everything is written here, then moved into place whole
     try:
         tally = run(model, dataset, num, args, step, tau, device)
-    except DataError as e:   # a frame found corrupt while reading it (setup checks headers only)
-        if created:
-            shutil.rmtree(args.out, ignore_errors=True)
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        report = write_outputs(tally, args, cfg, step, tau)
+        move_into_place(work, out)
+    except (DataError, OSError) as e:   # a frame found corrupt while reading it (setup checks headers only), a full disk
+        shutil.rmtree(work, ignore_errors=True)
+        text = str(e) if isinstance(e, DataError) else \
+            f"cannot write the outputs to --out '{out}' (disk full / not writable: {' '.join(str(e).split())})"
+        print(f"evaluate.py: error: {text}; nothing written", file=sys.stderr)
         return 2
-    with open(os.path.join(args.out, "predictions.json"), "w") as f:
-        json.dump(tally.predictions, f)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        args.out = out
     if args.track:
-        print(f"wrote tracks, predictions.json and {min(args.gif, num)} GIFs of {num} sequences to {args.out}")
+        print(f"wrote tracks, predictions.json and {min(args.gif, num)} GIFs of {num} sequences to {out}")
         return 0
-    report = build_report(tally, args, cfg, step, tau, args.dataset)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(json_ready(report), f, indent=2)
     print(summary_table(report))
-    print(f"wrote report.json, tracks, predictions.json and {min(args.gif, num)} GIFs to {args.out}")
+    print(f"wrote report.json, tracks, predictions.json and {min(args.gif, num)} GIFs to {out}")
     return 0
 
 

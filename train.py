@@ -17,9 +17,16 @@ Resume continues exactly: a checkpoint holds the model, optimizer, RNG states an
 position (epoch, next batch); epoch e visits the data in the order of a permutation seeded by
 seed + e, so the resumed run sees the same batches in the same order.
 
+Before the first step the checkpoint and summary folders are created, locked (an flock on each
+folder, held while the process lives: a second train.py on the same run is refused) and checked to
+be writable; temporary files of checkpoint writes a killed run left are removed. Checkpoints hold
+only tensors and plain values and are read with torch.load(weights_only=True): a file that would
+run code is refused. A fresh start (no checkpoint resumed) starts losses.jsonl afresh.
+
 Exit codes: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 too many non-finite steps
-in a row (after a checkpoint of the last good state); 2 bad input (data, config, checkpoint; a
-one-line message on stderr, nothing written).
+in a row (after a checkpoint of the last good state: the newest whose weights have not diverged);
+2 bad input (data, config, checkpoint, an unwritable or locked folder; a one-line message on
+stderr, nothing written) or a checkpoint that could not be written (disk full).
 
 Test hook: the environment variable SCALOR_INJECT_NAN_AT="5,6" makes the loss NaN at steps 5 and 6.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import fcntl
 import inspect
 import json
 import math
@@ -35,6 +43,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import dataclass
@@ -48,10 +57,10 @@ import utils
 import viz
 from common import Config, ConfigError, check_flags_at_least, small_config
 from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, data_notices, is_frame_file,
-                  iterate, make_loader, make_sprites)
+                  is_number_name, iterate, list_folder, make_loader, make_sprites)
 from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
 from scalor import SCALOR
-from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
+from utils import (ARCHITECTURE_FIELDS, CheckpointError, SaveError, load_model_state, read_checkpoint, rng_state,
                    save_checkpoint, seed_everything, set_rng_state, tau_at, z_pres_prior_at)
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -238,8 +247,8 @@ def dataset_kind(args) -> str:
         return args.dataset
     if args.data_dir is None:
         return "sprites"
-    frames = [p for p in check_folder(args.data_dir).iterdir() if is_frame_file(p)]
-    if frames and all(p.stem.isdigit() for p in frames):
+    frames = [p for p in list_folder(check_folder(args.data_dir)) if is_frame_file(p)]
+    if frames and all(is_number_name(p.stem) for p in frames):
         print(f"notice: numbered frames in '{args.data_dir}' are read as Grand Central (8 crops, frame skip 8, "
               f"the last 10% held out); pass --dataset frames for a video of your own")
         return "grandcentral"
@@ -368,12 +377,49 @@ class Progress:
     rng: dict           # utils.rng_state() after the step
 
 
-def save(run, progress: Progress) -> Path:
-    """Write a checkpoint (rank 0), with every process's RNG states; all processes must call it."""
+@dataclass
+class Snapshot:
+    """A CPU copy of the model and optimizer states after a step, and where training stood then."""
+    progress: Progress
+    model_state: dict | None       # None on processes other than rank 0 (only rank 0 writes)
+    optimizer_state: dict | None
+
+
+def to_cpu(value):
+    """A copy of a (nested) state dict with every tensor copied to the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+def take_snapshot(run, progress: Progress) -> Snapshot:
+    if not run.ddp.main:
+        return Snapshot(progress, None, None)
+    return Snapshot(progress, to_cpu(run.model.state_dict()), to_cpu(run.optimizer.state_dict()))
+
+
+def weights_sane(model) -> bool:
+    """Whether every weight is finite and their sum of squares is finite in fp32: weights beyond
+    ~1e19 (a run diverged by a huge learning rate) overflow every normalisation layer, so the next
+    loss is not finite. One fused reduction and one host sync."""
+    with torch.no_grad():
+        total = torch.stack([p.detach().float().square().sum() for p in model.parameters()]).sum()
+    return bool(torch.isfinite(total))
+
+
+def save(run, progress: Progress, snapshot: Snapshot | None = None) -> Path:
+    """Write a checkpoint (rank 0), with every process's RNG states; all processes must call it.
+    The weights are the model's now, or those of `snapshot` (whose progress is then `progress`)."""
     path = run.ckpt_dir / f"ckpt_{progress.step:08d}.pt"
     rng_ranks = gather_objects(progress.rng, run.ddp)
     if run.ddp.main:
-        save_checkpoint(str(path), run.model, run.optimizer, progress.step, run.cfg, rng=progress.rng,
+        states = {} if snapshot is None else dict(model_state=snapshot.model_state,
+                                                   optimizer_state=snapshot.optimizer_state)
+        save_checkpoint(str(path), run.model, run.optimizer, progress.step, run.cfg, **states, rng=progress.rng,
                         rng_ranks=rng_ranks, world_size=run.ddp.world, epoch=progress.epoch,
                         batch_index=progress.batch_index, bad_steps=progress.bad_steps, data=run.data_desc)
         prune_checkpoints(run.ckpt_dir, run.keep_checkpoints)
@@ -399,6 +445,90 @@ class Run:
     keep_checkpoints: int
     resumed: bool
     ddp: Dist = Dist()
+    locks: list = dataclasses.field(default_factory=list)   # FolderLocks held until the run ends
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
+
+
+class FolderLock:
+    """An exclusive flock on a folder itself (no lock file to leave behind): held while the process
+    lives, released by the kernel when it dies, whatever the way."""
+
+    def __init__(self, folder: Path):
+        self.fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.release()
+
+
+def make_folders(folders) -> list:
+    """Create the (folder, flag) folders and check each before the first step: locked against a
+    second train.py, writable (a probe file created, written, synced and removed), and without the
+    temporary checkpoint files a killed run left behind (removed under the lock). Returns the locks;
+    ConfigError with one line otherwise, after removing the folders created here."""
+    created, locks = [], []
+    try:
+        for folder, flag in folders:
+            where = f"pass another {flag} or --run-name, or fix the folder"
+            missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"cannot create '{folder}' ({err.strerror or err}): {where}") from None
+            finally:
+                created += [p for p in missing if p.is_dir()]
+            if any(lock_folder == folder.resolve() for lock_folder, _ in locks):
+                continue
+            try:
+                locks.append((folder.resolve(), FolderLock(folder)))
+            except BlockingIOError:
+                raise ConfigError(f"'{folder}' is in use by another train.py (it holds the folder's lock): "
+                                  f"let that run end, or pass another --run-name (or {flag})") from None
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(b"scalor write probe\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                finally:
+                    os.remove(probe)
+            except OSError as err:
+                raise ConfigError(f"cannot write to '{folder}' ({flag}): disk full / not writable "
+                                  f"({err.strerror or err}): {where}") from None
+        return [lock for _, lock in locks]
+    except ConfigError:
+        for _, lock in locks:
+            lock.release()
+        for path in reversed(created):
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def remove_stale_temporaries(ckpt_dir: Path) -> None:
+    """Remove the .tmp-* files of checkpoint writes a killed run left (call with the folder locked)."""
+    stale = [p for p in ckpt_dir.iterdir() if p.name.startswith(".tmp-") and p.is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"notice: removed {len(stale)} temporary files of unfinished checkpoint writes in '{ckpt_dir}'")
 
 
 def setup(args, ddp: Dist = Dist()) -> Run:
@@ -456,9 +586,21 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     if start.batch_index >= batches_per_epoch:   # the checkpoint's epoch was longer (other data or batch size)
         start = dataclasses.replace(start, epoch=start.epoch + 1, batch_index=0)
     total_steps = args.epochs * batches_per_epoch if args.epochs else (args.steps or 100000)
+    locks, error = [], None
+    if ddp.main:   # only rank 0 writes: it creates, checks and locks the folders
+        try:
+            locks = make_folders(((ckpt_dir, "--ckpt-dir"), (summary_dir, "--summary-dir")))
+            remove_stale_temporaries(ckpt_dir)
+        except ConfigError as err:
+            error = str(err)
+    error = next((e for e in gather_objects(error, ddp) if e), None)   # every process stops, or none
+    if error:
+        for lock in locks:
+            lock.release()
+        raise ConfigError(error)
     return Run(cfg=cfg, device=device, model=model, optimizer=optimizer, dataset=dataset, data_desc=data_desc,
                start=start, total_steps=total_steps, ckpt_dir=ckpt_dir, summary_dir=summary_dir,
-               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp)
+               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp, locks=locks)
 
 
 def default_run_name(args, kind: str) -> str:
@@ -575,16 +717,16 @@ def train(run: Run, args) -> int:
     step_fn = TrainStep(model, run.optimizer, precision=args.precision if run.device.type == "cuda" else "fp32",
                         cuda_graph=args.cuda_graph and run.device.type == "cuda", forward=forward)
     writer = losses = None
-    if ddp.main:
-        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        run.summary_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else None)
+    if ddp.main:   # the folders were made, checked and locked by setup
+        # events and losses of steps after the start (a killed run's, or a fresh start's predecessor
+        # killed before its first checkpoint) are dropped: purge_step for TensorBoard
+        writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else 0)
         if not run.resumed:
             writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in cfg.to_dict().items()), 0)
         losses_path = run.summary_dir / "losses.jsonl"
-        if run.resumed:   # as the events' purge_step: drop the steps after the checkpoint (a crash's)
+        if run.resumed:
             drop_losses_after(losses_path, run.start.step)
-        losses = open(losses_path, "a")
+        losses = open(losses_path, "a" if run.resumed else "w")
     stop, previous = install_stop_handlers()
     inject = nan_steps()
     pin = run.device.type == "cuda"
@@ -592,6 +734,10 @@ def train(run: Run, args) -> int:
     data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin, ddp)
     good = run.start if run.start.rng else dataclasses.replace(run.start, rng=rng_state())
     step, bad_steps, bad_in_row, saved_at = good.step, good.bad_steps, 0, good.step
+    # the newest state known not to have diverged (weights_sane), a CPU copy: what a run that gives
+    # up on non-finite steps saves when the weights of its last finite step have diverged already.
+    # Taken at the start and at the finite logging steps (every print_freq), when the check passes.
+    kept = take_snapshot(run, good)
     last_log = (time.time(), step)
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
     if ddp.main:
@@ -625,6 +771,8 @@ def train(run: Run, args) -> int:
             if ok:
                 bad_in_row = 0
                 good = Progress(step, *position, bad_steps, rng_state())
+                if log_now and weights_sane(model):
+                    kept = take_snapshot(run, good)
             else:
                 bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
                 if writer:
@@ -650,16 +798,22 @@ def train(run: Run, args) -> int:
             bar.set_postfix(loss=f"{loss:.1f}", mean50=f"{sum(recent) / len(recent):.1f}", obj=f"{objects:.2f}")
 
             if bad_in_row >= args.max_bad_steps:
-                path = save(run, good)
+                diverged = not weights_sane(model)   # the weights of step good.step: used unless diverged
+                last = kept.progress if diverged else good
+                path = save(run, last, kept if diverged else None)
                 if ddp.main:
+                    why = f" (the weights after step {good.step} had diverged)" if diverged else ""
                     bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved the last good "
-                              f"state (step {good.step}) to {path}; lower --lr or --cp and resume from it",
+                              f"state (step {last.step}){why} to {path}; lower --lr or --cp and resume from it",
                               file=sys.stderr)
                 code = 1
                 break
             if ok and step % cfg.save_freq == 0:
-                save(run, good)
-                saved_at = step
+                if weights_sane(model):
+                    save(run, good)
+                    saved_at = step
+                elif ddp.main:
+                    bar.write(f"step {step}: the weights have diverged (beyond ~1e19); no checkpoint written")
             if stop_any > 0:
                 path = save(run, Progress(step, *position, bad_steps, rng_state()))
                 if ddp.main:
@@ -669,15 +823,17 @@ def train(run: Run, args) -> int:
         else:
             if saved_at != step:
                 save(run, Progress(step, *position, bad_steps, rng_state()))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        bar.close()
-        data.close()
-        if losses:
-            losses.close()
-        if writer:
-            writer.close()
+    finally:   # the stop handlers stay until the teardown is done: a second Ctrl-C cannot break it
+        try:
+            bar.close()
+            data.close()
+            if losses:
+                losses.close()
+            if writer:
+                writer.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return code
 
 
@@ -695,15 +851,16 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    if run.start.step >= run.total_steps:
-        print(f"checkpoint is at step {run.start.step}, the run ends at step {run.total_steps}: nothing to do")
-        return 0
     try:
+        if run.start.step >= run.total_steps:
+            print(f"checkpoint is at step {run.start.step}, the run ends at step {run.total_steps}: nothing to do")
+            return 0
         return train(run, args)
-    except DataError as err:   # e.g. a corrupt frame met during training
+    except (DataError, SaveError) as err:   # e.g. a corrupt frame met during training, a full disk
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     finally:
+        run.release()
         if ddp.world > 1:
             import torch.distributed as dist
             dist.destroy_process_group()

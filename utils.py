@@ -6,9 +6,11 @@ detach rule and alpha curriculum of step s.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -62,6 +64,39 @@ def pick_device(name: str, cpu_notice: str | None = None) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------
+# File names of sequences
+# ------------------------------------------------------------------------------------------------
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a name: runs of characters other than ASCII letters, digits and
+    ._- become one '_' ('seq' for an empty result). Different names may give the same safe name:
+    use unique_names for a set of names that must stay apart."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "seq"
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """File-name-safe names, one per name, all different (also ignoring case, for case-insensitive
+    file systems) and stable: a name that is safe already and meets no other stays as it is; one that
+    had to change ('a b', 'café') or collides gets '-' and 8 hex digits of the SHA-1 of the original
+    name appended ('a_b-1a2b3c4d'); equal originals are numbered ('-2', '-3', ...) in order."""
+    safe = [safe_name(n) for n in names]
+    seen = {}
+    for s in safe:
+        seen[s.lower()] = seen.get(s.lower(), 0) + 1
+    result, taken = [], set()
+    for name, s in zip(names, safe):
+        if s != name or seen[s.lower()] > 1:
+            s = f"{s}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+        candidate, k = s, 1
+        while candidate.lower() in taken:
+            k += 1
+            candidate = f"{s}-{k}"
+        taken.add(candidate.lower())
+        result.append(candidate)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
 # Seeding and RNG state
 # ------------------------------------------------------------------------------------------------
 
@@ -72,15 +107,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states of Python, NumPy, torch (and CUDA) as tensors and plain values, so that a
+    checkpoint holding them loads with torch.load(weights_only=True)."""
+    version, words, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -94,45 +138,83 @@ class CheckpointError(ValueError):
     """A file that is not a SCALOR checkpoint, or one that does not fit the model."""
 
 
-def save_checkpoint(path: str, model, optimizer=None, step: int = 0, cfg: Config | None = None, **extra) -> None:
+class SaveError(OSError):
+    """A checkpoint could not be written (disk full, folder not writable); the message is one line."""
+
+
+CHECKPOINT_FORMAT = "scalor-checkpoint-v1"
+
+
+def save_checkpoint(path: str, model=None, optimizer=None, step: int = 0, cfg: Config | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None, **extra) -> None:
     """Write atomically: a temporary file in the same folder, flushed, fsynced, then renamed.
 
-    A crash (or a full disk) during the write leaves any previous file at `path` intact."""
+    The weights come from `model` or, if given, `model_state` (a state_dict, e.g. a kept snapshot);
+    the optimizer's likewise. Everything saved is tensors and plain values, so the file loads with
+    torch.load(weights_only=True). A crash or a failed write (a full disk: OSError, or torch's
+    RuntimeError from its stream writer) leaves any previous file at `path` intact and no temporary
+    file; a failed write raises SaveError naming the folder."""
     cfg = cfg if cfg is not None else model.cfg
-    payload = {"format": "scalor-checkpoint-v1", "config": cfg.to_dict(), "step": step,
-               "model": model.state_dict(), **extra}
-    if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
+    payload = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "step": step,
+               "model": model_state if model_state is not None else model.state_dict(), **extra}
+    if optimizer_state is not None or optimizer is not None:
+        payload["optimizer"] = optimizer_state if optimizer_state is not None else optimizer.state_dict()
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
+    except (OSError, RuntimeError) as e:   # torch's zip writer reports a failed write as a RuntimeError
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        if getattr(e, "errno", None) == 28:
-            raise OSError(28, f"disk full while writing checkpoint '{path}'; the previous checkpoint is intact, free space and resume") from e
-        raise
+        detail = " ".join(str(e).split())[:200]
+        raise SaveError(f"cannot write checkpoint '{os.path.basename(path)}' in '{folder}': disk full / not "
+                        f"writable ({type(e).__name__}: {detail}); the previous checkpoint is intact: free space "
+                        f"or fix the folder, then resume") from e
 
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint file and check that it is one; returns its dict (config as a Config)."""
+    """Load a checkpoint file and check that it is one; returns its dict (config as a Config).
+
+    Always torch.load(weights_only=True): a file holding anything but tensors and plain values
+    (which unpickling could turn into code that runs) is refused, not loaded."""
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint '{path}' is a folder: pass one of its ckpt_*.pt files")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        text = str(e)
+        found = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: GLOBAL [^\s]+)", text)
+        if found:
+            raise CheckpointError(f"'{path}' is not a SCALOR checkpoint or holds objects other than tensors and "
+                                  f"plain values ({found.group(1)}); refused, nothing of it was run: pass a .pt "
+                                  f"file written by train.py") from None
         raise CheckpointError(f"'{path}' is not a readable SCALOR checkpoint ({type(e).__name__}); "
                               f"pass a .pt file written by train.py") from None
-    if not isinstance(payload, dict) or payload.get("format") != "scalor-checkpoint-v1":
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"'{path}' is not a SCALOR checkpoint (no 'format' tag); pass a .pt file written by train.py")
+    problems = [key for key, ok in (("config", isinstance(payload.get("config"), dict)),
+                                    ("model", isinstance(payload.get("model"), dict) and all(
+                                        isinstance(k, str) and torch.is_tensor(v)
+                                        for k, v in payload.get("model").items())),
+                                    ("step", type(payload.get("step")) is int and payload.get("step") >= 0))
+                if not ok]
+    for key in ("epoch", "batch_index", "bad_steps", "world_size"):
+        if key in payload and not (type(payload[key]) is int and payload[key] >= 0):
+            problems.append(key)
+    for key in ("optimizer", "rng"):
+        if key in payload and not isinstance(payload[key], dict):
+            problems.append(key)
+    if problems:
+        raise CheckpointError(f"'{path}' is a damaged SCALOR checkpoint: {', '.join(repr(k) for k in problems)} "
+                              f"missing or of the wrong type; pass another checkpoint of the run")
     try:
         payload["config"] = Config.from_dict(payload["config"])
     except (ConfigError, TypeError) as e:
