@@ -2,7 +2,8 @@
 
 Defaults are the reference implementation's Grand Central settings (JindongJiang/SCALOR,
 `common.py` + `parse.py`). Field names keep the reference's names so its users find them;
-`train.py` turns each field into a flag (`num_cell_h` -> `--num-cell-h`).
+`train.py` turns each field into a flag (`num_cell_h` -> `--num-cell-h`) whose help is the text
+given with the default (`setting(default, help)`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ def check_flags_at_least(args, bounds) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= {low}")
 
 
+def setting(default, help: str):
+    """A Config field: its default and its help text (the command-line flag's, see `flag_help`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def flag_help() -> dict:
+    """{field: its help text} for every Config field."""
+    return {f.name: f.metadata.get("help", f.name) for f in dataclasses.fields(Config)}
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
@@ -31,102 +42,104 @@ def _is_pow2(n: int) -> bool:
 @dataclass(frozen=True)
 class Config:
     # ---- sizes -------------------------------------------------------------------------------
-    img_h: int = 128                      # input frame height (pixels)
-    img_w: int = 128                      # input frame width (pixels)
-    seq_len: int = 10                     # frames per training sequence
-    num_cell_h: int = 8                   # discovery grid rows
-    num_cell_w: int = 8                   # discovery grid columns
-    glimpse_size: int = 64                # side of an object glimpse (pixels)
-    max_num_obj: int = 45                 # training-time cap on objects per frame (tracked + new)
+    img_h: int = setting(128, "input frame height (pixels)")
+    img_w: int = setting(128, "input frame width (pixels)")
+    seq_len: int = setting(10, "frames per training sequence")
+    num_cell_h: int = setting(8, "discovery grid rows")
+    num_cell_w: int = setting(8, "discovery grid columns")
+    glimpse_size: int = setting(64, "side of an object glimpse (pixels)")
+    max_num_obj: int = setting(45, "training-time cap on objects per frame (tracked + new)")
     # ---- latent and network widths -----------------------------------------------------------
-    z_what_dim: int = 64                  # object appearance latent
-    z_where_scale_dim: int = 2            # box scale (x, y)
-    z_where_shift_dim: int = 2            # box centre (x, y)
-    z_pres_dim: int = 1                   # presence
-    z_depth_dim: int = 1                  # depth (ordering in the composite)
-    bg_what_dim: int = 10                 # background latent
-    img_encode_dim: int = 64              # channels of the image features per cell
-    conv_lstm_hid_dim: int = 64           # ConvLSTM channels (2 layers, 3x3)
-    z_what_enc_dim: int = 128             # glimpse-encoder feature width
-    propagate_encode_dim: int = 32        # channels of the propagated-alpha (mask) encoder
-    temporal_rnn_hid_dim: int = 128       # tracker GRU state
-    temporal_rnn_inp_dim: int = 128       # tracker GRU input
-    temporal_img_enc_hid_dim: int = 64    # attention conv channels
-    temporal_img_enc_dim: int = 128       # attention code
-    z_where_transit_bias_net_hid_dim: int = 128   # hidden width of the z_where transition
-    z_depth_transit_net_hid_dim: int = 128        # hidden width of the z_depth transition
-    z_pres_hid_dim: int = 64              # hidden width of the propagation z_pres net
-    z_what_from_temporal_hid_dim: int = 64        # hidden width of the tracker -> z_what net
-    z_what_gate_hid_dim: int = 64         # hidden width of the z_what gate net
-    prior_rnn_inp_dim: int = 128          # propagation-prior LSTM input
-    prior_rnn_hid_dim: int = 64           # propagation-prior LSTM state
-    bg_prior_rnn_hid_dim: int = 32        # background-prior GRU state
+    z_what_dim: int = setting(64, "object appearance latent")
+    z_where_scale_dim: int = setting(2, "box scale (x, y)")
+    z_where_shift_dim: int = setting(2, "box centre (x, y)")
+    z_pres_dim: int = setting(1, "presence")
+    z_depth_dim: int = setting(1, "depth (ordering in the composite)")
+    bg_what_dim: int = setting(10, "background latent")
+    img_encode_dim: int = setting(64, "channels of the image features per cell")
+    conv_lstm_hid_dim: int = setting(64, "ConvLSTM channels (2 layers, 3x3)")
+    z_what_enc_dim: int = setting(128, "glimpse-encoder feature width")
+    propagate_encode_dim: int = setting(32, "channels of the propagated-alpha (mask) encoder")
+    temporal_rnn_hid_dim: int = setting(128, "tracker GRU state")
+    temporal_rnn_inp_dim: int = setting(128, "tracker GRU input")
+    temporal_img_enc_hid_dim: int = setting(64, "attention conv channels")
+    temporal_img_enc_dim: int = setting(128, "attention code")
+    z_where_transit_bias_net_hid_dim: int = setting(128, "hidden width of the z_where transition")
+    z_depth_transit_net_hid_dim: int = setting(128, "hidden width of the z_depth transition")
+    z_pres_hid_dim: int = setting(64, "hidden width of the propagation z_pres net")
+    z_what_from_temporal_hid_dim: int = setting(64, "hidden width of the tracker -> z_what net")
+    z_what_gate_hid_dim: int = setting(64, "hidden width of the z_what gate net")
+    prior_rnn_inp_dim: int = setting(128, "propagation-prior LSTM input")
+    prior_rnn_hid_dim: int = setting(64, "propagation-prior LSTM state")
+    bg_prior_rnn_hid_dim: int = setting(32, "background-prior GRU state")
     # ---- boxes ---------------------------------------------------------------------------------
-    size_anc: float = 0.1                 # box scale anchor (fraction of the image, half-extent)
-    var_s: float = 0.03                   # box scale range: size_anc +- var_s
-    ratio_anc: float = 2.5                # box aspect anchor (height / width)
-    var_anc: float = 0.5                  # aspect range: ratio_anc +- var_anc
-    where_update_scale: float = 0.2       # propagation: max centre move per frame (x tanh)
-    pres_logit_factor: float = 8.8        # z_pres logits = factor * tanh(.)
+    size_anc: float = setting(0.1, "box scale anchor (fraction of the image, half-extent)")
+    var_s: float = setting(0.03, "box scale range: size_anc +- var_s")
+    ratio_anc: float = setting(2.5, "box aspect anchor (height / width)")
+    var_anc: float = setting(0.5, "aspect range: ratio_anc +- var_anc")
+    where_update_scale: float = setting(0.2, "propagation: max centre move per frame (x tanh)")
+    pres_logit_factor: float = setting(8.8, "z_pres logits = factor * tanh(.)")
     # ---- switches ------------------------------------------------------------------------------
-    phase_conv_lstm: bool = True          # ConvLSTM over the image features
-    phase_no_background: bool = False     # no background module (black background)
-    phase_rejection: bool = True          # reject proposals already explained by tracked objects
-    first_frame_rejection: bool = False   # not in the reference: also reject, in the first frame, proposals
-                                          # explained by kept proposals of larger z_pres (no duplicates at t = 0)
-    phase_obj_num_contrain: bool = True   # training-time cap of max_num_obj (reference spelling)
-    using_bg_sbd: bool = False            # weaker spatial-broadcast background decoder
-    phase_bg_alpha_curriculum: bool = False   # fix discovery alpha early so foreground learns
-    bg_alpha_curriculum_steps: int = 200  # ... for this many steps
-    bg_alpha_curriculum_value: float = 0.9    # ... at this value per cell
-    phase_do_remove_detach: bool = True   # stop detaching object state after remove_detach_step
-    remove_detach_step: int = 30000       # step from which gradients cross frames
-    checkpoint_glimpses: bool = True      # recompute glimpse encoder/decoder activations in backward:
-                                          # far less memory, a little more time, the same numbers
-    triton_convs: bool = True             # 3x3 and 4x4/2 convs of <= 16 channels a side (glimpse decoder heads,
-                                          # encoders' first layers, background decoder's last) by Triton
-                                          # kernels on CUDA in fp32; off: cuDNN. Same numbers
-    nhwc_weight_grad: bool = True         # the weight gradient of 3x3 and 4x4/2 convs of 17-32 channels by a
-                                          # Triton kernel on CUDA in fp32 (decoder trunk 1.5x cuDNN's; step
-                                          # 364 -> 358 ms uncompiled on an H200); off: cuDNN. Same numbers
-    dot_convs: bool = True                # the Triton convs' forward (and 3x3 input gradient) as tensor-core
-                                          # products where they pay (kernels.dot_pays: >= 16 channels a side,
-                                          # or 16 in over the frames; TF32 only) instead of fp32 FMAs; step 359.0 ->
-                                          # 351.6 ms uncompiled on an H200; off: FMAs everywhere
-    fused_param_grads: bool = True        # each parameter's gradients from the frames summed in one multi-tensor
-                                          # pass at the end of backward (one alias a frame) instead of one
-                                          # addition kernel a frame (~2,700 a step at the default config);
-                                          # the same numbers up to the order of the float sums
+    phase_conv_lstm: bool = setting(True, "ConvLSTM over the image features")
+    phase_no_background: bool = setting(False, "no background module (black background)")
+    phase_rejection: bool = setting(True, "reject proposals already explained by tracked objects")
+    first_frame_rejection: bool = setting(False,
+        "not in the reference: also reject, in the first frame, proposals explained by kept proposals of larger "
+        "z_pres (no duplicates at t = 0)")
+    phase_obj_num_contrain: bool = setting(True, "training-time cap of max_num_obj (reference spelling)")
+    using_bg_sbd: bool = setting(False, "weaker spatial-broadcast background decoder")
+    phase_bg_alpha_curriculum: bool = setting(False, "fix discovery alpha early so foreground learns")
+    bg_alpha_curriculum_steps: int = setting(200, "... for this many steps")
+    bg_alpha_curriculum_value: float = setting(0.9, "... at this value per cell")
+    phase_do_remove_detach: bool = setting(True, "stop detaching object state after remove_detach_step")
+    remove_detach_step: int = setting(30000, "step from which gradients cross frames")
+    checkpoint_glimpses: bool = setting(True,
+        "recompute glimpse encoder/decoder activations in backward: far less memory, a little more time, the same "
+        "numbers")
+    triton_convs: bool = setting(True,
+        "3x3 and 4x4/2 convs of <= 16 channels a side (glimpse decoder heads, encoders' first layers, background "
+        "decoder's last) by Triton kernels on CUDA in fp32; off: cuDNN. Same numbers")
+    nhwc_weight_grad: bool = setting(True,
+        "the weight gradient of 3x3 and 4x4/2 convs of 17-32 channels by a Triton kernel on CUDA in fp32 (decoder "
+        "trunk 1.5x cuDNN's; step 364 -> 358 ms uncompiled on an H200); off: cuDNN. Same numbers")
+    dot_convs: bool = setting(True,
+        "the Triton convs' forward (and 3x3 input gradient) as tensor-core products where they pay "
+        "(kernels.dot_pays: >= 16 channels a side, or 16 in over the frames; TF32 only) instead of fp32 FMAs; step "
+        "359.0 -> 351.6 ms uncompiled on an H200; off: FMAs everywhere")
+    fused_param_grads: bool = setting(True,
+        "each parameter's gradients from the frames summed in one multi-tensor pass at the end of backward (one "
+        "alias a frame) instead of one addition kernel a frame (~2,700 a step at the default config); the same "
+        "numbers up to the order of the float sums")
     # ---- thresholds -----------------------------------------------------------------------------
-    explained_ratio_threshold: float = 0.3    # reject a proposal this much inside tracked alpha
-    proposal_alpha_threshold: float = 0.3     # proposal pixel counts where its alpha > this
-    propagated_alpha_threshold: float = 0.1   # tracked alpha pixel counts where > this
-    z_pres_disc_threshold: float = 0.7    # a discovered object is tracked when z_pres > this
-    z_pres_stop_threshold: float = 0.6    # drop a tracked object when sum(1 - z_pres) >= this
-    z_pres_masked_prior: float = 1e-8     # z_pres prior of a rejected proposal
+    explained_ratio_threshold: float = setting(0.3, "reject a proposal this much inside tracked alpha")
+    proposal_alpha_threshold: float = setting(0.3, "proposal pixel counts where its alpha > this")
+    propagated_alpha_threshold: float = setting(0.1, "tracked alpha pixel counts where > this")
+    z_pres_disc_threshold: float = setting(0.7, "a discovered object is tracked when z_pres > this")
+    z_pres_stop_threshold: float = setting(0.6, "drop a tracked object when sum(1 - z_pres) >= this")
+    z_pres_masked_prior: float = setting(1e-8, "z_pres prior of a rejected proposal")
     # ---- schedules -------------------------------------------------------------------------------
-    z_pres_anneal_start_value: float = 0.1    # discovery z_pres prior at step 0
-    z_pres_anneal_end_value: float = 1e-3     # ... annealed linearly to this
-    z_pres_anneal_start_step: int = 0
-    z_pres_anneal_end_step: int = 500
-    tau_end: float = 0.5                  # relaxed-Bernoulli temperature floor
-    tau_ep: float = 2e4                   # tau = exp(step * ln(tau_end) / tau_ep)
+    z_pres_anneal_start_value: float = setting(0.1, "discovery z_pres prior at step 0")
+    z_pres_anneal_end_value: float = setting(1e-3, "... annealed linearly to this")
+    z_pres_anneal_start_step: int = setting(0, "the z_pres prior anneals from this step ...")
+    z_pres_anneal_end_step: int = setting(500, "... to this step")
+    tau_end: float = setting(0.5, "relaxed-Bernoulli temperature floor")
+    tau_ep: float = setting(2e4, "tau = exp(step * ln(tau_end) / tau_ep)")
     # ---- generation -----------------------------------------------------------------------------
-    observe_frames: int = 5               # generation: frames inferred before sampling priors
-    gen_disc_pres_probs: float = 0.1      # generation: discovery z_pres probability
+    observe_frames: int = setting(5, "generation: frames inferred before sampling priors")
+    gen_disc_pres_probs: float = setting(0.1, "generation: discovery z_pres probability")
     # ---- objective and optimisation ---------------------------------------------------------
-    sigma: float = 0.1                    # std of the Gaussian pixel likelihood
-    batch_size: int = 20                  # sequences per step (per process)
-    lr: float = 4e-5                      # RMSprop learning rate
-    cp: float = 1.0                       # gradient-norm clip
-    seed: int = 666                       # random seed
+    sigma: float = setting(0.1, "std of the Gaussian pixel likelihood")
+    batch_size: int = setting(20, "sequences per step (per process)")
+    lr: float = setting(4e-5, "RMSprop learning rate")
+    cp: float = setting(1.0, "gradient-norm clip")
+    seed: int = setting(666, "random seed")
     # ---- logging ---------------------------------------------------------------------------------
-    num_img_summary: int = 3              # sequences shown in TensorBoard panels
-    color_num: int = 500                  # distinct id colours
-    print_freq: int = 100                 # log scalars and images every N steps
-    generate_freq: int = 500              # generation roll-out panel every N steps
-    save_freq: int = 5000                 # checkpoint every N steps
-    train_station_cropping_origin: int = 240  # Grand Central crop side (pixels, 720x480 frames)
+    num_img_summary: int = setting(3, "sequences shown in TensorBoard panels")
+    color_num: int = setting(500, "distinct id colours")
+    print_freq: int = setting(100, "log scalars and images every N steps")
+    generate_freq: int = setting(500, "generation roll-out panel every N steps")
+    save_freq: int = setting(5000, "checkpoint every N steps")
+    train_station_cropping_origin: int = setting(240, "Grand Central crop side (pixels, 720x480 frames)")
 
     def __post_init__(self):
         self.validate()

@@ -11,6 +11,7 @@ Every dataset item is a float32 tensor (seq_len, 3, img_h, img_w) with values in
   (ids, visible boxes, visible masks, counts).
 - `bench_batches`: the fixed synthetic workload of the speed benchmark.
 - `make_loader`: a DataLoader whose order is reproducible from a seed.
+- `dataset_kind`, `build_dataset`: which dataset a run reads, and building it (train.py, evaluate.py).
 
 Bad input raises `DataError` with a one-line message naming the file or folder and the fix.
 Unlike the reference, truncated images are never accepted silently.
@@ -792,6 +793,50 @@ def data_notices(dataset, data_dir) -> list[str]:
         lines.append(f"notice: left out {len(short)} videos shorter than one sequence in '{data_dir}' "
                      f"(the first: '{short[0]}')")
     return lines
+
+
+DATASET_KINDS = ("sprites", "grandcentral", "frames")
+
+
+def dataset_kind(kind: str | None, data_dir) -> str:
+    """The kind of dataset to read: `kind` if given; else sprites without a data folder, Grand
+    Central (with a notice) if every frame in it is named by a number, else a folder of frames."""
+    if kind is not None:
+        return kind
+    if data_dir is None:
+        return "sprites"
+    frames = [p for p in list_folder(check_folder(data_dir)) if is_frame_file(p)]
+    if frames and all(is_number_name(p.stem) for p in frames):
+        print(f"notice: numbered frames in '{data_dir}' are read as Grand Central (8 crops, frame skip 8, "
+              f"the last 10% held out); pass --dataset frames for a video of your own")
+        return "grandcentral"
+    return "frames"
+
+
+def build_dataset(kind: str, cfg, *, train: bool, data_dir=None, preset: str = "easy", num_sequences=None,
+                  frame_skip=None, skip_bad_frames: bool = False, seed: int = 0) -> Dataset:
+    """The dataset of `kind` at the config's frame size and sequence length (cfg: img_h, img_w,
+    seq_len, train_station_cropping_origin), for training (every start; Grand Central's first 90%)
+    or testing (non-overlapping sequences; its last 10%); notices of what it left out are printed.
+
+    sprites: `preset` scenes drawn from `seed`, `num_sequences` of them (None: the preset's);
+    grandcentral / frames: the frames in `data_dir`, `frame_skip` apart (None: 8 / 1)."""
+    if kind == "sprites":
+        return make_sprites(preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=cfg.seq_len,
+                            num_sequences=num_sequences, seed=seed)
+    if kind == "grandcentral":
+        dataset = GrandCentral(data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=train,
+                               frame_skip=8 if frame_skip is None else frame_skip,
+                               crop_size=cfg.train_station_cropping_origin, skip_bad_frames=skip_bad_frames)
+    elif kind == "frames":
+        dataset = FrameFolder(data_dir, cfg.img_h, cfg.img_w, cfg.seq_len,
+                              frame_skip=1 if frame_skip is None else frame_skip, train=train,
+                              skip_bad_frames=skip_bad_frames)
+    else:
+        raise DataError(f"unknown dataset kind '{kind}': choose one of {DATASET_KINDS}")
+    for line in data_notices(dataset, data_dir):
+        print(line)
+    return dataset
 
 
 def iterate(loader):

@@ -59,7 +59,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -73,13 +72,13 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from common import ConfigError
-from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, data_notices, iterate,
-                  make_loader, make_sprites, tight_boxes)
+from checkpoints import CheckpointError, load_model_state, read_checkpoint
+from data import (DATASET_KINDS, DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, build_dataset,
+                  iterate, make_loader, tight_boxes)
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import (CheckpointError, load_model_state, pick_device, read_checkpoint, safe_name, seed_everything,  # noqa: F401
-                   tau_at, unique_names)
+from utils import pick_device, safe_name, seed_everything, tau_at, unique_names  # noqa: F401 (safe_name: for importers)
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 IOU_THRESHOLD = 0.5        # a prediction matches a ground-truth object at IoU >= this
@@ -506,21 +505,13 @@ def resolve_data(args, trained: dict) -> None:
         raise EvalError(f"--dataset {args.dataset} needs --data-dir with the frames")
 
 
-def build_dataset(args, cfg):
-    """The test data (the training run's protocol, test split) and the number of sequences to use."""
-    if args.dataset == "sprites":
-        num = args.num_sequences if args.num_sequences is not None else 100
-        return make_sprites(args.preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=cfg.seq_len,
-                            num_sequences=num, seed=TEST_SEED_OFFSET + cfg.seed), num
-    if args.dataset == "grandcentral":
-        dataset = GrandCentral(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=False,
-                               frame_skip=args.frame_skip, crop_size=cfg.train_station_cropping_origin,
-                               skip_bad_frames=args.skip_bad_frames)
-    else:
-        dataset = FrameFolder(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, frame_skip=args.frame_skip,
-                              train=False, skip_bad_frames=args.skip_bad_frames)
-    for line in data_notices(dataset, args.data_dir):
-        print(line)
+def eval_dataset(args, cfg):
+    """The test data (the training run's protocol, test split: `data.build_dataset`) and the number
+    of sequences to use."""
+    sprites = args.num_sequences if args.num_sequences is not None else 100
+    dataset = build_dataset(args.dataset, cfg, train=False, data_dir=args.data_dir, preset=args.preset,
+                            num_sequences=sprites, frame_skip=args.frame_skip, skip_bad_frames=args.skip_bad_frames,
+                            seed=TEST_SEED_OFFSET + cfg.seed)
     num = len(dataset) if args.num_sequences is None else min(args.num_sequences, len(dataset))
     return dataset, num
 
@@ -745,7 +736,7 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
     p.add_argument("--track", action="store_true",
                    help="only run the model on --data-dir frames and write tracks, predictions.json and GIFs")
-    p.add_argument("--dataset", choices=("sprites", "grandcentral", "frames"), default=None,
+    p.add_argument("--dataset", choices=DATASET_KINDS, default=None,
                    help="test data (default: frames with --track, else grandcentral for a model trained "
                         "on it, else frames with --data-dir, else sprites)")
     p.add_argument("--data-dir", default=None,
@@ -803,7 +794,7 @@ def prepare(argv):
     model, payload = load_model(args.checkpoint, device, **changes)
     trained = payload.get("data")
     resolve_data(args, trained if isinstance(trained, dict) else {})
-    dataset, num = build_dataset(args, model.cfg)
+    dataset, num = eval_dataset(args, model.cfg)
     if args.batch_size is None:
         args.batch_size = model.cfg.batch_size
     return args, model, int(payload.get("step", 0)), dataset, num, device

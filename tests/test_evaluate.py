@@ -13,7 +13,7 @@ import evaluate as ev
 from common import small_config
 from data import make_sprites, write_to_disk
 from scalor import SCALOR
-from utils import save_checkpoint
+from checkpoints import save_checkpoint
 
 
 @pytest.fixture(autouse=True)
