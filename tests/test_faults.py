@@ -205,6 +205,29 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path, monkeypatc
     assert train.main(TINY + ["--run-name", "shared", "--steps", "1"]) == 0
 
 
+def test_a_second_train_py_process_is_refused_while_the_first_runs(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+    root = Path(__file__).resolve().parents[1]
+    first = subprocess.Popen([sys.executable, "train.py"] + TINY + run_dirs(tmp_path, "--steps", "100000"), cwd=root,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        log, deadline = tmp_path / "summary" / "losses.jsonl", time.time() + 120
+        while not (log.exists() and log.read_text().count("\n") >= 1):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+        assert train.main(TINY + run_dirs(tmp_path)) == 2
+        line = one_error_line(capsys)
+        assert str(tmp_path / "checkpoints") in line and "in use by another train.py" in line, line
+        assert first.poll() is None                   # the first run goes on, its files untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1
+
+
 # ---- 6: evaluate.py writes --out whole, at the end ------------------------------------------------------
 
 def test_evaluate_refuses_a_non_empty_out_and_replaces_it_whole_with_overwrite(tmp_path, tiny_checkpoint, capsys):
