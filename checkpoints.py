@@ -8,6 +8,7 @@ unpickled is refused. Writes are atomic (a temporary `.tmp-*.pt` beside it, fsyn
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -402,6 +403,11 @@ def make_folders(folders) -> list:
             except BlockingIOError:
                 raise ConfigError(f"'{folder}' is in use by another train.py (it holds the folder's lock): "
                                   f"let that run end, or pass another --run-name (or {flag})") from None
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                    raise ConfigError(f"cannot open '{folder}' ({err.strerror or err}): {where}") from None
+                print(f"notice: the file system of '{folder}' cannot lock it ({err.strerror}): a second train.py "
+                      f"on this run would not be stopped")
             try:
                 fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
                 try:

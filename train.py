@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -507,6 +508,12 @@ def main(argv=None) -> int:
         return train(run, args)
     except (DataError, SaveError) as err:   # e.g. a corrupt frame met during training, a full disk
         print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            raise
+        print(f"error: writing the run's logs failed ({err.strerror}): disk full / not writable; the last "
+              f"checkpoint in '{run.ckpt_dir}' is intact: free space, then resume with --resume auto", file=sys.stderr)
         return 2
     finally:
         run.release()

@@ -162,6 +162,28 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_no_tempora
     assert list((tmp_path / "checkpoints").iterdir()) == []                 # no .tmp-*.pt, no checkpoint
 
 
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
+    real_open = train.open_loss_log
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+    monkeypatch.setattr(train, "open_loss_log", lambda *args: FullDisk(real_open(*args)))
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "3")) == 2
+    line = one_error_line(capsys)
+    assert "disk full / not writable" in line and "--resume auto" in line, line
+    assert [r["step"] for r in losses(tmp_path)] == [1]
+
+
 # ---- 4: unwritable folders are found before the first step ---------------------------------------------
 
 @pytest.mark.parametrize("which", ["checkpoint folder not writable", "summary folder not writable",
