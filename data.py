@@ -802,6 +802,33 @@ def make_sprites(preset: str, img_h=None, img_w=None, seq_len=None, num_sequence
     return MovingSprites(dataclasses.replace(base, **changes))
 
 
+BLACK_LEVEL = 0.05          # a pixel value (every channel) at most this is black
+BLACK_FRACTION = 0.5        # frames whose static part is black over at least this fraction need no background module
+
+
+def estimate_background(dataset, num_sequences: int = 8, black_level: float = BLACK_LEVEL,
+                        black_fraction: float = BLACK_FRACTION) -> dict:
+    """Whether the frames have a background worth a background module, from a few sequences spread
+    over the dataset: per sequence, the temporal median of each pixel is its static part (moving
+    objects drop out); `black_fraction` is the share of pixels whose median is black in every
+    channel; `temporal_std` the mean per-pixel standard deviation over time (motion of objects or of
+    the background). has_background: False when black_fraction >= the threshold, i.e. a static
+    black background that SCALOR's phase_no_background (a black background) renders exactly."""
+    count = min(num_sequences, len(dataset))
+    if count < 1:
+        raise DataError("estimate_background needs at least one sequence")
+    indices = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
+    black, spread = [], []
+    for index in indices.tolist():
+        frames = dataset[index]                                          # (T, 3, H, W)
+        static = frames.median(dim=0).values                             # (3, H, W)
+        black.append(float((static <= black_level).all(dim=0).float().mean()))
+        spread.append(float(frames.std(dim=0, unbiased=False).mean()))
+    fraction = float(np.mean(black))
+    return {"black_fraction": fraction, "temporal_std": float(np.mean(spread)), "sequences": len(indices),
+            "has_background": fraction < black_fraction}
+
+
 def write_to_disk(dataset: Dataset, out_dir, num: int) -> Path:
     """Write the first `num` sequences as PNGs, out_dir/000000/0000.png, readable by FrameFolder."""
     out_dir = Path(out_dir)
