@@ -175,7 +175,7 @@ def ocrb_frame_predictions(record, H: int, W: int) -> list:
         index = torch.nonzero(record.z_pres[b] > 0).flatten()                        # every rendered object
         n = len(index)
         alpha = spatial_transform(record.alpha_glimpse[b][index].float(), record.z_where[b][index].float(),
-                                  (n, 1, H, W), inverse=True)[:, 0] if n else torch.zeros(0, H, W)
+                                  (n, 1, H, W), inverse=True)[:, 0] if n else record.alpha_map.new_zeros(0, H, W)
         weight = alpha * (record.z_pres[b][index].float() * torch.sigmoid(-record.z_depth[b][index].float()))[:, None, None]
         alpha_map = record.alpha_map[b, 0].float()
         share = alpha_map * weight / weight.sum(0).clamp_min(1e-12)
