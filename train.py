@@ -46,9 +46,9 @@ from tqdm import tqdm
 
 import utils
 import viz
-from common import Config, ConfigError, check_flags_at_least, small_config
-from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, data_notices, is_frame_file,
-                  iterate, make_loader, make_sprites)
+from common import RECIPES, Config, ConfigError, check_flags_at_least, small_config
+from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, data_notices, estimate_background,
+                  is_frame_file, iterate, make_loader, make_sprites)
 from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
 from scalor import SCALOR
 from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--small", action="store_true",
                      help="laptop preset: 64x64, 4x4 cells, glimpse 32, seq 5, cap 10, batch 8 (flags given win)")
+    run.add_argument("--recipe", choices=sorted(RECIPES),
+                     help="named config over the --small sizes (common.sprites_config: the measured sprite recipe; "
+                          "phase_no_background from the data unless given; flags given win)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="folder of frames (or of videos); absent: built-in moving sprites")
     run.add_argument("--dataset", choices=("sprites", "grandcentral", "frames"),
@@ -159,7 +162,7 @@ def make_config(args, base: Config | None) -> Config:
     observe_frames, when not given, is lowered to seq_len - 1 if it would not fit the sequence."""
     given = given_config(args)
     if base is None:
-        base = small_config() if args.small else Config()
+        base = RECIPES[args.recipe]() if args.recipe else small_config() if args.small else Config()
     values = {**base.to_dict(), **given}
     if "observe_frames" not in given and values["observe_frames"] >= values["seq_len"]:
         values["observe_frames"] = max(1, values["seq_len"] - 1)
@@ -421,6 +424,10 @@ def setup(args, ddp: Dist = Dist()) -> Run:
         print("notice: resuming, so the config comes from the checkpoint (flags given override it; --small is ignored)")
     cfg = make_config(args, payload["config"] if payload else None)
     dataset = build_dataset(cfg, args, kind)
+    if args.recipe and payload is None and "phase_no_background" not in given_config(args):   # decided by the data
+        cfg = cfg.replace(phase_no_background=not estimate_background(dataset)["has_background"])
+        print(f"notice: --recipe {args.recipe}: phase_no_background={cfg.phase_no_background} (estimated from the frames; "
+              f"pass --phase-no-background or --no-phase-no-background to choose)")
     data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=args.preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
     batches_per_epoch = len(dataset) // (cfg.batch_size * ddp.world)
