@@ -462,7 +462,8 @@ def axis_track(rng, spec: SpriteSpec, extent: int, half: np.ndarray, velocity: n
         max_speed = (high - low) / (spec.seq_len - 1)
         velocity = np.clip(velocity, -max_speed, max_speed)
     travel = velocity * (spec.seq_len - 1)
-    start = rng.uniform(low - np.minimum(travel, 0), high - np.maximum(travel, 0))
+    lo, hi = low - np.minimum(travel, 0), high - np.maximum(travel, 0)
+    start = rng.uniform(lo, np.maximum(hi, lo))     # hi < lo only by rounding when the speed is capped
     return start + velocity * times
 
 

@@ -178,7 +178,9 @@ def probe_video_file(path: Path, name: str) -> Source:
 
 def frames_source(folder: Path, paths: list, name: str, skip_bad_frames: bool) -> Source:
     """A Source of a folder of frames, after the header checks data.py makes (size, completeness)."""
-    paths, sizes, _ = check_frames(paths, skip_bad_frames)
+    paths, sizes, skipped = check_frames(paths, skip_bad_frames)
+    if skipped:
+        print(f"notice: skipped {skipped} unreadable frames in '{folder}'")
     if not paths:
         raise DataError(f"every frame in '{folder}' is unreadable: check the files")
     check_same_size(folder, paths, sizes)
