@@ -327,3 +327,29 @@ def test_read_mot_and_score_known_answers(tmp_path):
 
 def test_unique_names():
     assert track.unique_names(["a", "b", "a", "A", "a_2"]) == ["a", "b", "a_2", "A_3", "a_2_2"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Scripts
+# ------------------------------------------------------------------------------------------------
+
+def test_compare_script_export_equals_internal_scoring(tmp_path, checkpoint, capsys):
+    """The exported files score as the model's own predictions scored in memory (same draws)."""
+    from scripts.compare_track_export import main as compare
+    out = tmp_path / "cmp"
+    assert compare(["--checkpoint", checkpoint, "--num", "1", "--length", "5", "--out", str(out), "--device", "cpu",
+                    "--window", "2", "--no-evaluate"]) == 0
+    with open(out / "compare.json") as f:
+        result = json.load(f)
+    assert result["export_mota"]["tight"] == pytest.approx(result["internal_whole_video_mota"]["box_tight"])
+    assert result["export_mota"]["glimpse"] == pytest.approx(result["internal_whole_video_mota"]["box"])
+    assert set(result["internal_seq_len_chunks_mota"]) == {"box", "box_tight", "mask"}
+
+
+def test_demo_folder(tmp_path):
+    from scripts.sprite_videos import write_demo
+    folder = write_demo(tmp_path / "demo")
+    frames = sorted(p.name for p in folder.glob("*.png"))
+    assert frames == [f"{t:04d}.png" for t in range(40)]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 300_000
+    assert max(int(line[0]) for line in read_lines(folder / "ground_truth" / "demo.txt")) == 40
