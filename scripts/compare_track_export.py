@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (track.py --seed)")
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=True,
                    help="for every run here (default on, track.py's default)")
+    p.add_argument("--thresholds", default="0.5",
+                   help="comma-separated track.py --z-pres-threshold values to export (tight boxes) and score; "
+                        "the first is also used for the glimpse-box export (the internal scoring uses 0.5)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip running evaluate.py on its own test set")
     args = p.parse_args(argv)
@@ -99,16 +102,22 @@ def main(argv=None) -> int:
     truths = [ev.ground_truth_frames(data.ground_truth(i)) for i in range(args.num)]
 
     ffr = "--first-frame-rejection" if args.first_frame_rejection else "--no-first-frame-rejection"
-    exported = {}
-    for box in ("tight", "glimpse"):
-        folder = out / f"tracks_{box}"
+    thresholds = [float(v) for v in args.thresholds.split(",")]
+    runs = [("tight", thresholds[0]), ("glimpse", thresholds[0])] + [("tight", t) for t in thresholds[1:]]
+    exported, by_threshold = {}, {}
+    for box, threshold in runs:
+        folder = out / f"tracks_{box}_{threshold:g}"
         code = track.main([str(written["videos"]), "--checkpoint", args.checkpoint, "--out", str(folder), "--box", box,
                            "--window", str(window), "--device", args.device, "--seed", str(args.seed), ffr,
-                           "--score", str(written["gt"])])
+                           "--z-pres-threshold", str(threshold), "--score", str(written["gt"])])
         if code != 0:
             return code
         with open(folder / "score.json") as f:
-            exported[box] = json.load(f)["overall"]
+            overall = json.load(f)["overall"]
+        if threshold == thresholds[0]:
+            exported[box] = overall
+        if box == "tight":
+            by_threshold[f"{threshold:g}"] = overall["mota"]
 
     result = {
         "checkpoint": os.path.abspath(args.checkpoint), "step": int(payload.get("step", 0)), "preset": args.preset,
@@ -116,6 +125,8 @@ def main(argv=None) -> int:
         "seq_len": cfg.seq_len, "first_frame_rejection": args.first_frame_rejection,
         "export_mota": {box: m["mota"] for box, m in exported.items()},
         "export_id_switches": {box: m["id_switches"] for box, m in exported.items()},
+        "export_z_pres_threshold": thresholds[0],
+        "export_tight_mota_by_z_pres_threshold": by_threshold,
         "internal_whole_video_mota": internal_scores(model, payload, written["videos"], truths, window, args.seed,
                                                      None, device),
         "internal_seq_len_chunks_mota": internal_scores(model, payload, written["videos"], truths, window, args.seed,

@@ -253,7 +253,7 @@ def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("problem", ["garbage_video", "empty_folder", "not_a_checkpoint", "other_architecture",
-                                     "missing_video", "text_file"])
+                                     "missing_video", "text_file", "no_ground_truth"])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cfg, capsys, problem):
     frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "frames", 1)
     video, ckpt = str(frames), checkpoint
@@ -271,16 +271,22 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
         save_checkpoint(ckpt, SCALOR(tiny_cfg.replace(z_what_dim=16)), step=1, cfg=tiny_cfg)
     elif problem == "missing_video":
         video = str(tmp_path / "nope")
-    else:
+    elif problem == "text_file":
         video = str(tmp_path / "notes.txt")
         (tmp_path / "notes.txt").write_text("hello")
+    flags = []
+    if problem == "no_ground_truth":                                      # none named as the tracks will be
+        (tmp_path / "gt").mkdir()
+        (tmp_path / "gt" / "other.txt").write_text("1,1,0,0,4,4,1,-1,-1,-1\n")
+        flags = ["--score", str(tmp_path / "gt")]
     out = tmp_path / "out"
-    assert track.main([video, "--checkpoint", ckpt, "--out", str(out), "--device", "cpu"]) == 2
+    assert track.main([video, "--checkpoint", ckpt, "--out", str(out), "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("track.py: error: ") and err.count("\n") == 1, err
     expected = {"garbage_video": "cannot be read by ffmpeg", "empty_folder": "is empty",
                 "not_a_checkpoint": "not a readable SCALOR checkpoint", "other_architecture": "another architecture",
-                "missing_video": "does not exist", "text_file": "is not a video file"}[problem]
+                "missing_video": "does not exist", "text_file": "is not a video file",
+                "no_ground_truth": "holds no ground truth for these videos"}[problem]
     assert expected in err
     assert not out.exists() and not leftovers(tmp_path)
 
