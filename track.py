@@ -33,7 +33,7 @@ Written per video <name> (names from the folder or file, made unique) into --out
   [RLE], "ids": [id]}]}, frame t 0-based (= MOT frame - 1), each mask a (height, width) mask of the
   video frame run-length encoded as `evaluate.rle_encode` (the entries of evaluate.py's predictions.json).
 - `<name>.mp4` or `<name>.gif` with --video-out: the video with each object's box and id drawn in
-  the id's colour.
+  the id's colour (a video smaller than 256 pixels a side upscaled by a whole factor).
 - `track.json`: the settings and per video frames, objects and ids; `score.json` with --score.
 
 --score GT_DIR reads MOTChallenge ground-truth files `<name>.txt` from GT_DIR (lines whose 7th value
@@ -74,6 +74,7 @@ from utils import CheckpointError, pick_device, seed_everything, tau_at
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
 DEFAULT_OUT_FPS = 10.0      # --video-out frame rate for folders of frames
+VIDEO_MIN_SIDE = 256        # --video-out upscales (nearest) small videos to at least this many pixels a side
 
 
 class TrackError(Exception):
@@ -294,9 +295,12 @@ class MasksWriter:
 
 
 class VideoWriter:
-    """`--video-out`: frames with the boxes drawn, encoded by ffmpeg (H.264 .mp4 or .gif)."""
+    """`--video-out`: frames with the boxes drawn, encoded by ffmpeg (H.264 .mp4 or .gif); a small video
+    is upscaled by a whole factor (nearest) so the ids stay legible."""
 
     def __init__(self, path: str, kind: str, width: int, height: int, fps: float):
+        self.scale = max(1, math.ceil(VIDEO_MIN_SIDE / min(width, height)))
+        width, height = width * self.scale, height * self.scale
         self.width, self.height = width + width % 2, height + height % 2     # H.264 4:2:0 needs even sides
         params = dict(codec="libx264", pix_fmt_out="yuv420p") if kind == "mp4" else dict(codec="gif", pix_fmt_out="rgb8")
         self.writer = ffmpeg_reader().write_frames(path, (self.width, self.height), fps=fps, macro_block_size=1,
@@ -305,7 +309,9 @@ class VideoWriter:
 
     def add(self, image: Image.Image, objects: Objects) -> None:
         canvas = Image.new("RGB", (self.width, self.height))
-        canvas.paste(draw_objects(image, objects, 1), (0, 0))
+        if self.scale > 1:
+            image = image.resize((image.width * self.scale, image.height * self.scale), Image.NEAREST)
+        canvas.paste(draw_objects(image, objects, self.scale), (0, 0))
         self.writer.send(np.ascontiguousarray(np.asarray(canvas, dtype=np.uint8)).tobytes())
 
     def close(self) -> None:
@@ -321,9 +327,6 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
     Returns its summary for track.json."""
     cfg = model.cfg
     region = opts.region or Region(0, 0, source.width, source.height)
-    if region.x + region.w > source.width or region.y + region.h > source.height:
-        raise DataError(f"--crop {region.w}x{region.h} at ({region.x},{region.y}) does not fit the "
-                        f"{source.width}x{source.height} frames of '{source.path}': pass a crop inside them")
     seed_everything(opts.seed)      # each video the same draws whatever came before it
     frames = []                     # boxes per frame, no masks
     masks = MasksWriter(os.path.join(out_dir, f"{name}_masks.json"), source)
@@ -384,7 +387,7 @@ def parse_args(argv):
         prog="track.py", description="Track the objects of whole videos with a trained SCALOR: MOTChallenge tracks "
         "and RLE masks in the video's pixels, one id per object for the whole video.",
         epilog="Options marked 'not in the reference' are inference rules the reference implementation lacks. "
-               "Defaults: first-frame rejection on (measured on the easy sprites: mask MOTA 82-84%% -> 92-93%%, "
+               "Defaults: first-frame rejection on (measured on the easy sprites: mask MOTA 82-84% -> 92-93%, "
                "README); z_pres threshold 0.5, evaluate.py's rule (scripts/compare_track_export.py --thresholds "
                "measures others).")
     p.add_argument("videos", nargs="*", metavar="VIDEO",
@@ -451,6 +454,11 @@ def prepare(argv):
         args.window = model.cfg.seq_len
     sources = [s for arg in args.videos for s in find_sources(arg, args.skip_bad_frames)]
     names = unique_names([safe_name(s.name) for s in sources])
+    region = args.region
+    for source in sources:
+        if region is not None and (region.x + region.w > source.width or region.y + region.h > source.height):
+            raise TrackError(f"--crop {region.w}x{region.h} at ({region.x},{region.y}) does not fit the "
+                             f"{source.width}x{source.height} frames of '{source.path}': pass a crop inside them")
     if args.score is not None and not any(os.path.isfile(os.path.join(args.score, f"{n}.txt")) for n in names):
         raise TrackError(f"--score '{args.score}' holds no ground truth for these videos: it needs <name>.txt files "
                          f"named as the tracks ({', '.join(n + '.txt' for n in names[:3])}{', ...' if len(names) > 3 else ''})")

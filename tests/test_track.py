@@ -237,7 +237,7 @@ def test_video_files_are_tracked(tmp_path, checkpoint):
         with open(out / f"{name}_masks.json") as f:
             assert json.load(f)["num_frames"] == 6
         reader = imageio_ffmpeg.read_frames(str(out / f"{name}.mp4"))
-        assert next(reader)["size"] == (64, 64) and sum(1 for _ in reader) == 6
+        assert next(reader)["size"] == (256, 256) and sum(1 for _ in reader) == 6     # 64x64 upscaled 4x
 
 
 def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
@@ -253,7 +253,7 @@ def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("problem", ["garbage_video", "empty_folder", "not_a_checkpoint", "other_architecture",
-                                     "missing_video", "text_file", "no_ground_truth"])
+                                     "missing_video", "text_file", "no_ground_truth", "crop_outside"])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cfg, capsys, problem):
     frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "frames", 1)
     video, ckpt = str(frames), checkpoint
@@ -279,6 +279,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
         (tmp_path / "gt").mkdir()
         (tmp_path / "gt" / "other.txt").write_text("1,1,0,0,4,4,1,-1,-1,-1\n")
         flags = ["--score", str(tmp_path / "gt")]
+    if problem == "crop_outside":
+        flags = ["--crop", "10,10,60,20"]                                  # the frames are 64x64
     out = tmp_path / "out"
     assert track.main([video, "--checkpoint", ckpt, "--out", str(out), "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err
@@ -286,7 +288,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
     expected = {"garbage_video": "cannot be read by ffmpeg", "empty_folder": "is empty",
                 "not_a_checkpoint": "not a readable SCALOR checkpoint", "other_architecture": "another architecture",
                 "missing_video": "does not exist", "text_file": "is not a video file",
-                "no_ground_truth": "holds no ground truth for these videos"}[problem]
+                "no_ground_truth": "holds no ground truth for these videos", "crop_outside": "does not fit"}[problem]
     assert expected in err
     assert not out.exists() and not leftovers(tmp_path)
 
