@@ -163,7 +163,12 @@ def check_box_fits(folder: Path, box: tuple[int, int, int, int], size: tuple[int
 
 def load_frame(path: Path, box, img_h: int, img_w: int) -> torch.Tensor:
     """One frame, cropped to box (left, upper, right, lower) or not (None), resized: (3, img_h, img_w)."""
-    image = load_rgb(path)
+    return resize_frame(load_rgb(path), box, img_h, img_w)
+
+
+def resize_frame(image: Image.Image, box, img_h: int, img_w: int) -> torch.Tensor:
+    """An RGB image cropped to box (left, upper, right, lower) or not (None) and resized bilinearly,
+    as every dataset here prepares its frames: (3, img_h, img_w) float32 in [0, 1]."""
     if box is not None:
         image = image.crop(box)
     image = image.resize((img_w, img_h), resample=Image.BILINEAR)
@@ -485,7 +490,8 @@ def axis_track(rng, spec: SpriteSpec, extent: int, half: np.ndarray, velocity: n
         max_speed = (high - low) / (spec.seq_len - 1)
         velocity = np.clip(velocity, -max_speed, max_speed)
     travel = velocity * (spec.seq_len - 1)
-    start = rng.uniform(low - np.minimum(travel, 0), high - np.maximum(travel, 0))
+    lo, hi = low - np.minimum(travel, 0), high - np.maximum(travel, 0)
+    start = rng.uniform(lo, np.maximum(hi, lo))     # hi < lo only by rounding when the speed is capped
     return start + velocity * times
 
 

@@ -7,13 +7,13 @@ Usage:
                        [--nll-samples K] [--out DIR] [--device auto|cpu|cuda] [--gif N] [--seed S]
                        [--workers W] [--protocol default|ocrb] [--ocrb-start-frame N]
     python evaluate.py --aggregate eval_seed1/report.json eval_seed2/report.json ...
-    python evaluate.py --track --data-dir FRAMES --checkpoint CKPT --out DIR [--gif N]
+    python evaluate.py --track --data-dir FRAMES --checkpoint CKPT --out DIR [--gif N]   # = track.py FRAMES ...
 
 The first form runs the model on a test split and writes `report.json` (and prints a summary):
 sprite scenes drawn with seed 10000 + cfg.seed (training uses cfg.seed), Grand Central's last 10%
 of frames, or non-overlapping sequences of a folder of frames; data flags left out default to the
-training run's as its checkpoint records them (see `resolve_data`). The second form runs the model
-on any folder of frames (non-overlapping sequences of cfg.seq_len) and writes only the exports. Bad input (a missing or
+training run's as its checkpoint records them (see `resolve_data`). The second form is an alias of
+`track.py` (whole videos in windows with the state handed across; see its docstring). Bad input (a missing or
 foreign checkpoint, missing data) prints one line and exits with status 2, writing nothing.
 
 Conventions:
@@ -141,13 +141,14 @@ def placed_masks(alpha_glimpse: torch.Tensor, z_where: torch.Tensor, H: int, W: 
     return (alpha[:, 0] > MASK_THRESHOLD).cpu().numpy()
 
 
-def frame_predictions(record, H: int, W: int, min_area: int = MIN_GT_AREA) -> list:
-    """A FrameRecord (batch B) -> [Objects] per sequence: the entries with z_pres > PRES_THRESHOLD
-    whose mask has at least `min_area` pixels (the visibility rule of the ground truth: an object
-    that draws nothing is not a detection)."""
+def frame_predictions(record, H: int, W: int, min_area: int = MIN_GT_AREA,
+                      pres_threshold: float = PRES_THRESHOLD) -> list:
+    """A FrameRecord (batch B) -> [Objects] per sequence: the entries with z_pres > pres_threshold
+    (PRES_THRESHOLD, 0.5) whose mask has at least `min_area` pixels (the visibility rule of the ground
+    truth: an object that draws nothing is not a detection)."""
     result = []
     for b in range(record.z_pres.shape[0]):
-        index = torch.nonzero(record.z_pres[b] > PRES_THRESHOLD).flatten().cpu()      # z_pres > 0.5
+        index = torch.nonzero(record.z_pres[b] > pres_threshold).flatten().cpu()      # z_pres > 0.5
         masks = placed_masks(record.alpha_glimpse[b][index], record.z_where[b][index], H, W)
         visible = masks.sum(axis=(1, 2)) >= min_area
         index = index[torch.from_numpy(visible)]                                     # ... and visible
@@ -567,7 +568,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Evaluate a trained SCALOR checkpoint (metrics and exports).")
     p.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
     p.add_argument("--track", action="store_true",
-                   help="only run the model on --data-dir frames and write tracks, predictions.json and GIFs")
+                   help="alias of track.py: track the videos in --data-dir (see python track.py --help)")
     p.add_argument("--dataset", choices=("sprites", "grandcentral", "frames"), default=None,
                    help="test data (default: frames with --track, else grandcentral for a model trained "
                         "on it, else frames with --data-dir, else sprites)")
@@ -652,9 +653,12 @@ def aggregate_main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if "--aggregate" in argv:
         return aggregate_main(argv)
+    if "--track" in argv:     # whole videos, one id per object: track.py
+        import track
+        return track.evaluate_alias(argv)
     try:
         args, model, step, dataset, num, device = prepare(argv)
     except SystemExit as e:   # argparse: usage error (already printed) or --help

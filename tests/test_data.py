@@ -348,6 +348,15 @@ def test_sprites_without_entering_stay_inside(motion):
         assert (truth["masks"].sum(axis=(2, 3)) >= 25).all()  # never clipped by an edge
 
 
+def test_long_constant_sprites_whose_speed_is_capped():
+    """Capping the speed so the path fits can leave the start range's ends crossed by rounding
+    (high - low ~ -1e-15); that scene used to raise 'high - low < 0'."""
+    data = make_sprites("easy", img_h=64, img_w=64, seq_len=40, num_sequences=4, seed=10_666)
+    frames = data[3]
+    assert frames.shape == (40, 3, 64, 64)
+    assert data.ground_truth(3)["counts"].min() >= 1
+
+
 def test_sprites_wrap_across_edges():
     spec = SpriteSpec(img_h=24, img_w=24, seq_len=10, num_sequences=8, min_objects=1, max_objects=1,
                       shapes=("square",), min_size=6, max_size=6, min_speed=3, max_speed=5, motion="wrap")

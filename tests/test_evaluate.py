@@ -407,12 +407,13 @@ def test_main_end_to_end(tmp_path, checkpoint, tiny_cfg):
 
 
 def test_track_mode_writes_exports_only(tmp_path, checkpoint):
+    """--track is an alias of track.py (whole videos; tests/test_track.py tests it)."""
     frames = write_to_disk(make_sprites("easy", seq_len=4, num_sequences=1), tmp_path / "frames", 1)
     out = str(tmp_path / "tracks")
     assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--out", out,
                     "--device", "cpu"]) == 0
     names = sorted(os.listdir(out))
-    assert names == ["predictions.json", "tracks_000000_000000.txt"]      # one 3-frame sequence, no report
+    assert names == ["000000.txt", "000000_masks.json", "track.json"]     # track.py's files, no report
 
 
 def test_track_mode_bad_frames_and_out_folder(tmp_path, checkpoint, capsys):
