@@ -231,11 +231,15 @@ class ConvLSTMCell(nn.Module):
         self.Wcf = nn.Parameter(torch.zeros(1, hidden, map_h, map_w))
         self.Wco = nn.Parameter(torch.zeros(1, hidden, map_h, map_w))
 
-    def forward(self, xs):                     # (B, T, C, h, w) -> (B, T, hidden, h, w)
+    def forward(self, xs, state=None):          # (B, T, C, h, w) -> (B, T, hidden, h, w), (h, c)
+        """state: the (h, c) (B, hidden, h, w) after the previous frame, None at a video's start."""
         B, T = xs.shape[:2]
         gates_x = self.conv_x(xs.flatten(0, 1)).view(B, T, 4 * self.hidden, *xs.shape[-2:])
-        h = xs.new_zeros(B, self.hidden, *xs.shape[-2:])
-        c = torch.zeros_like(h)
+        if state is None:
+            h = xs.new_zeros(B, self.hidden, *xs.shape[-2:])
+            c = torch.zeros_like(h)
+        else:
+            h, c = state
         outs = []
         for t in range(T):
             xi, xf, xo, xc = gates_x[:, t].split(self.hidden, dim=1)
@@ -246,7 +250,7 @@ class ConvLSTMCell(nn.Module):
             c = f * c + i * torch.tanh(xc + hc)
             h = o * torch.tanh(c)
             outs.append(h)
-        return torch.stack(outs, dim=1)
+        return torch.stack(outs, dim=1), (h, c)
 
 
 class SequenceEncoder(nn.Module):
@@ -262,14 +266,20 @@ class SequenceEncoder(nn.Module):
             self.conv_lstm = nn.ModuleList([ConvLSTMCell(d, hid, cfg.num_cell_h, cfg.num_cell_w),
                                             ConvLSTMCell(hid, hid, cfg.num_cell_h, cfg.num_cell_w)])
 
-    def forward(self, seq):
+    def forward(self, seq, lstm_state=None):
+        """seq (B, T, 3, H, W); lstm_state: each ConvLSTM layer's (h, c) after the previous frame
+        (None at a video's start). -> features (B, T, D, h, w), the layers' (h, c) after the last frame
+        (None without ConvLSTM)."""
         B, T = seq.shape[:2]
         feat = self.image_enc(seq.flatten(0, 1))
         feat = feat.view(B, T, *feat.shape[1:])
-        if self.conv_lstm is not None:
-            for cell in self.conv_lstm:
-                feat = cell(feat)
-        return feat
+        if self.conv_lstm is None:
+            return feat, None
+        states = []
+        for i, cell in enumerate(self.conv_lstm):
+            feat, layer_state = cell(feat, None if lstm_state is None else lstm_state[i])
+            states.append(layer_state)
+        return feat, states
 
 
 # ------------------------------------------------------------------------------------------------

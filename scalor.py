@@ -126,6 +126,25 @@ class FrameRecord:
 
 
 @dataclass
+class VideoState:
+    """What the last frame of a window hands the next window's first frame, so a video of any
+    length can run in windows (`SCALOR.forward(..., state=)`): the same numbers as one forward over
+    the whole video."""
+    slots: Slots                # tracked objects, (B, K, ...)
+    next_id: torch.Tensor       # (B, 1) long: the id the next discovered object gets
+    bg_h: torch.Tensor          # (B, bg_prior_rnn_hid_dim) background prior GRU state
+    z_bg: torch.Tensor | None   # (B, bg_what_dim) the last frame's background latent (None: no background)
+    lstm: list | None           # per ConvLSTM layer (h, c) (B, conv_lstm_hid_dim, h, w); None without it
+    frames_seen: int            # frames of the video already processed
+
+    def detach(self) -> "VideoState":
+        lstm = None if self.lstm is None else [(h.detach(), c.detach()) for h, c in self.lstm]
+        z_bg = None if self.z_bg is None else self.z_bg.detach()
+        return VideoState(self.slots.map(torch.Tensor.detach), self.next_id, self.bg_h.detach(), z_bg, lstm,
+                          self.frames_seen)
+
+
+@dataclass
 class SCALOROutput:
     recon: torch.Tensor         # (B, T, 3, H, W)
     log_like: torch.Tensor      # (B, T) Gaussian log-likelihood of each frame (summed over pixels)
@@ -137,6 +156,7 @@ class SCALOROutput:
     log_imp: torch.Tensor       # (B, T) log p(z) - log q(z) (only with nll=True in eval mode)
     counts: torch.Tensor        # (B, T) objects tracked after each frame
     records: list               # [FrameRecord] per frame when keep_records, else []
+    state: VideoState | None = None  # the state after the last frame, for the next window
 
     @property
     def kl_total(self):
@@ -330,7 +350,7 @@ class SCALOR(nn.Module):
 
     # --------------------------------------------------------------------------------------------
     def forward(self, seq, step: int = 0, tau=1.0, generate: bool = False, nll: bool = False,
-                keep_records: bool = False, z_pres_prior=None) -> SCALOROutput:
+                keep_records: bool = False, z_pres_prior=None, state: VideoState | None = None) -> SCALOROutput:
         """Run the model over a sequence.
 
         seq (B, T, 3, H, W) in [0, 1]; step: the optimizer step (1-based, as the reference's
@@ -338,18 +358,20 @@ class SCALOR(nn.Module):
         temperature (a float, or a 0-dim tensor so a captured CUDA graph can be replayed with new
         values); generate: after cfg.observe_frames frames draw every latent from its prior;
         nll: compute log importance weights (eval mode); keep_records: return per-frame records;
-        z_pres_prior: overrides the annealed discovery z_pres prior of `step` (float or tensor)."""
+        z_pres_prior: overrides the annealed discovery z_pres prior of `step` (float or tensor);
+        state: the `out.state` of the previous window of the same video (None: seq starts the video);
+        frame indices (first frame, observe_frames) count from the video's start."""
         frame_params = None
         if self.cfg.fused_param_grads and torch.is_grad_enabled() and seq.shape[1] > 1:
             frame_params = FrameParameters(self, seq.shape[1])     # each frame its own aliases
         try:
-            return self._forward(seq, step, tau, generate, nll, keep_records, z_pres_prior, frame_params)
+            return self._forward(seq, step, tau, generate, nll, keep_records, z_pres_prior, frame_params, state)
         finally:
             if frame_params is not None:
                 frame_params.restore()
 
     def _forward(self, seq, step, tau, generate: bool, nll: bool, keep_records: bool, z_pres_prior,
-                 frame_params: FrameParameters | None) -> SCALOROutput:
+                 frame_params: FrameParameters | None, video: VideoState | None) -> SCALOROutput:
         cfg = self.cfg
         B, T = seq.shape[:2]
         dev, dt = seq.device, seq.dtype
@@ -363,11 +385,14 @@ class SCALOR(nn.Module):
         nll = nll and not self.training
         fixed = self.training and cfg.phase_obj_num_contrain   # fixed capacity, no host syncs
 
-        img_enc_seq = self.image_enc(seq)                                   # (B, T, D, h, w)
-        state = Slots.empty(cfg, B, cfg.max_num_obj if fixed else 1, dev, dt)
-        next_id = torch.ones(B, 1, dtype=torch.long, device=dev)
-        bg_h = seq.new_zeros(B, cfg.bg_prior_rnn_hid_dim)
-        z_bg_prev = None
+        img_enc_seq, lstm_state = self.image_enc(seq, None if video is None else video.lstm)  # (B, T, D, h, w)
+        if video is None:
+            state = Slots.empty(cfg, B, cfg.max_num_obj if fixed else 1, dev, dt)
+            next_id = torch.ones(B, 1, dtype=torch.long, device=dev)
+            bg_h = seq.new_zeros(B, cfg.bg_prior_rnn_hid_dim)
+            z_bg_prev, start = None, 0
+        else:
+            state, next_id, bg_h, z_bg_prev, start = video.slots, video.next_id, video.bg_h, video.z_bg, video.frames_seen
         terms = {k: [] for k in ("log_like", "what", "where", "depth", "pres", "bg", "log_imp", "counts")}
         recons, records = [], []
 
@@ -375,11 +400,12 @@ class SCALOR(nn.Module):
             if frame_params is not None:
                 frame_params.use(t)
             x, img_enc = seq[:, t], img_enc_seq[:, t]
-            gen_t = generate and t >= cfg.observe_frames
+            first = start + t == 0                                          # the video's first frame
+            gen_t = generate and start + t >= cfg.observe_frames
             K = state.mask.shape[1]
 
             # 1. propagation of the tracked slots
-            if t > 0:
+            if not first:
                 prop, kl_prop, imp_prop = self.propagation(x, img_enc, state, self.glimpse_enc, tau, gen_t, nll)
             else:
                 prop = state
@@ -388,7 +414,7 @@ class SCALOR(nn.Module):
 
             # 2. the propagated alpha map, as discovery sees it (no gradient)
             with torch.no_grad():
-                if t > 0:
+                if not first:
                     prop_decoded = self._decode_alpha(prop.z_what)                     # trunk, alpha
                     alpha_prop = self._alpha_map(prop_decoded[1], prop.z_where, prop.z_pres)
                 else:
@@ -398,7 +424,7 @@ class SCALOR(nn.Module):
 
             # 3. discovery
             free = (cfg.max_num_obj - state.mask.sum(1)).long() if fixed else None
-            disc, kl_disc, imp_disc = self._discover(x, img_enc, alpha_prop, t == 0, tau, prior_prob, gen_t, nll, free)
+            disc, kl_disc, imp_disc = self._discover(x, img_enc, alpha_prop, first, tau, prior_prob, gen_t, nll, free)
 
             # 4. render the objects whose z_pres is non-zero
             C = cfg.num_cells
@@ -442,7 +468,8 @@ class SCALOR(nn.Module):
         st = lambda k: torch.stack(terms[k], 1)  # noqa: E731
         return SCALOROutput(recon=torch.stack(recons, 1), log_like=st("log_like"), kl_what=st("what"),
                             kl_where=st("where"), kl_depth=st("depth"), kl_pres=st("pres"), kl_bg=st("bg"),
-                            log_imp=st("log_imp"), counts=st("counts"), records=records)
+                            log_imp=st("log_imp"), counts=st("counts"), records=records,
+                            state=VideoState(state, next_id, bg_h, z_bg_prev, lstm_state, start + T))
 
     # --------------------------------------------------------------------------------------------
     def _background(self, x, frame: dict, bg_h, z_bg_prev, generate: bool, nll: bool):

@@ -56,8 +56,9 @@ import viz
 from checkpoints import (CheckpointError, Progress, SaveError, check_branch, claim_folders, load_training_state,
                          open_loss_log, read_checkpoint, resume_path, rng_state, take_snapshot, weights_sane,
                          write_checkpoint)
-from common import Config, ConfigError, check_flags_at_least, flag_help, small_config
-from data import DATASET_KINDS, SPRITE_PRESETS, DataError, build_dataset, dataset_kind, iterate, make_loader
+from common import RECIPES, Config, ConfigError, check_flags_at_least, flag_help, small_config
+from data import (DATASET_KINDS, SPRITE_PRESETS, DataError, build_dataset, dataset_kind, estimate_background, iterate,
+                  make_loader)
 from distributed import Dist, all_mean, init_distributed, shutdown
 from engine import PRECISIONS, TrainStep, compile_blocks, compile_frames, make_optimizer, set_precision
 from scalor import SCALOR
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--small", action="store_true",
                      help="laptop preset: 64x64, 4x4 cells, glimpse 32, seq 5, cap 10, batch 8 (flags given win)")
+    run.add_argument("--recipe", choices=sorted(RECIPES),
+                     help="named config over the --small sizes (common.sprites_config: the measured sprite recipe; "
+                          "phase_no_background from the data unless given; flags given win)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="folder of frames (or of videos); absent: built-in moving sprites")
     run.add_argument("--dataset", choices=DATASET_KINDS,
@@ -150,7 +154,7 @@ def make_config(args, base: Config | None) -> Config:
     observe_frames, when not given, is lowered to seq_len - 1 if it would not fit the sequence."""
     given = given_config(args)
     if base is None:
-        base = small_config() if args.small else Config()
+        base = RECIPES[args.recipe]() if args.recipe else small_config() if args.small else Config()
     values = {**base.to_dict(), **given}
     if "observe_frames" not in given and values["observe_frames"] >= values["seq_len"]:
         values["observe_frames"] = max(1, values["seq_len"] - 1)
@@ -262,6 +266,10 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     dataset = build_dataset(kind, cfg, train=True, data_dir=args.data_dir, preset=args.preset,
                             num_sequences=args.num_sprite_sequences, frame_skip=args.frame_skip,
                             skip_bad_frames=args.skip_bad_frames, seed=cfg.seed)
+    if args.recipe and payload is None and "phase_no_background" not in given_config(args):   # decided by the data
+        cfg = cfg.replace(phase_no_background=not estimate_background(dataset)["has_background"])
+        print(f"notice: --recipe {args.recipe}: phase_no_background={cfg.phase_no_background} (estimated from the frames; "
+              f"pass --phase-no-background or --no-phase-no-background to choose)")
     data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=args.preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
     batches_per_epoch = len(dataset) // (cfg.batch_size * ddp.world)

@@ -370,7 +370,7 @@ def plain_forward(model, seq, step, tau, generate=False, nll=False):
 
     out = {k: [] for k in ("recon", "log_like", "kl_what", "kl_where", "kl_depth", "kl_pres", "kl_bg",
                            "log_imp", "counts", "max_length", "rejected", "capped", "tie_kept")}
-    img_enc_seq = model.image_enc(seq)
+    img_enc_seq, _ = model.image_enc(seq)
 
     for i in range(T):
         x, img_enc = seq[:, i], img_enc_seq[:, i]

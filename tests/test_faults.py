@@ -134,13 +134,13 @@ def test_unique_names_keep_names_apart_and_stable():
     assert out[1].startswith("a_b-") and out[2].startswith("a_b-")
 
 
-def test_track_exports_of_videos_with_clashing_names_are_all_kept(tmp_path, tiny_checkpoint):
+def test_exports_of_videos_with_clashing_names_are_all_kept(tmp_path, tiny_checkpoint):
     videos = ["a b", "a_b", unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFC", "cafè")]
     for video in videos:
         write_frames(tmp_path / "frames" / video, [f"{t:04d}.png" for t in range(3)])
-    out = tmp_path / "tracks"
-    assert ev.main(["--track", "--data-dir", str(tmp_path / "frames"), "--checkpoint", str(tiny_checkpoint),
-                    "--out", str(out), "--device", "cpu"]) == 0
+    out = tmp_path / "eval"
+    assert ev.main(["--dataset", "frames", "--data-dir", str(tmp_path / "frames"), "--checkpoint",
+                    str(tiny_checkpoint), "--out", str(out), "--device", "cpu"]) == 0
     tracks = sorted(p.name for p in out.iterdir() if p.name.startswith("tracks_"))
     assert len(tracks) == 4
     with open(out / "predictions.json") as f:

@@ -690,3 +690,34 @@ def test_fused_param_grads_leave_frozen_parameters_alone(tiny_cfg):
     model(_seq(tiny_cfg), step=100).loss().backward()
     assert all(p.grad is None for p in model.bg_dec.parameters())
     assert all(p.grad is not None for p in model.glimpse_dec.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows: a video processed in pieces, the state handed across
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training,generate", [(False, False), (True, False), (False, True)])
+def test_windows_with_handed_state_equal_one_forward(tiny_cfg, training, generate):
+    """Frames 0-1 then 2-4 with `state=` give the frames, terms, ids and state of one forward over
+    0-4 (same noise: the draws happen in the same order), in eval, training (fixed slots) and
+    generation (observe_frames counted from the video's start)."""
+    cfg = tiny_cfg.replace(seq_len=5, observe_frames=3)
+    torch.manual_seed(0)
+    model = SCALOR(cfg).train(training)
+    seq = _seq(cfg)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        whole = model(seq, step=10, tau=0.7, keep_records=True, generate=generate)
+        torch.manual_seed(1)
+        first = model(seq[:, :2], step=10, tau=0.7, keep_records=True, generate=generate)
+        second = model(seq[:, 2:], step=10, tau=0.7, keep_records=True, generate=generate, state=first.state)
+    assert first.state.frames_seen == 2 and second.state.frames_seen == 5
+    for name in ("recon", "log_like", "kl_what", "kl_where", "kl_depth", "kl_pres", "kl_bg", "counts"):
+        joined = torch.cat((getattr(first, name), getattr(second, name)), 1)
+        torch.testing.assert_close(joined, getattr(whole, name), rtol=0, atol=0)
+    for a, b in zip(first.records + second.records, whole.records):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.z_where, b.z_where)
+    assert torch.equal(second.state.next_id, whole.state.next_id)
+    assert torch.equal(second.state.slots.ids, whole.state.slots.ids)
+    assert all(torch.equal(x, y) for (h1, c1), (h2, c2) in zip(second.state.lstm, whole.state.lstm)
+               for x, y in ((h1, h2), (c1, c2)))
