@@ -68,9 +68,9 @@ from common import ConfigError
 from data import (DataError, check_frames, check_same_size, frame_files, load_rgb, natural_key, one_line,
                   resize_frame)
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
-                      iou_matrix_distance, load_model, prediction_entries, safe_name, summarize, write_tracks)
+                      iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
-from utils import pick_device, seed_everything, tau_at
+from utils import pick_device, seed_everything, tau_at, unique_names
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
@@ -80,20 +80,6 @@ VIDEO_MIN_SIDE = 256        # --video-out upscales (nearest) small videos to at 
 
 class TrackError(Exception):
     """Bad command-line input; the one-line message says what to fix."""
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """Stand-in for `utils.unique_names` (coming on another branch): the names in order, a repeat
-    (compared case-insensitively, for case-insensitive file systems) suffixed _2, _3, ..."""
-    taken, result = set(), []
-    for name in names:
-        candidate, k = name, 1
-        while candidate.lower() in taken:
-            k += 1
-            candidate = f"{name}_{k}"
-        taken.add(candidate.lower())
-        result.append(candidate)
-    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,7 +440,7 @@ def prepare(argv):
     if args.window is None:
         args.window = model.cfg.seq_len
     sources = [s for arg in args.videos for s in find_sources(arg, args.skip_bad_frames)]
-    names = unique_names([safe_name(s.name) for s in sources])
+    names = unique_names([s.name for s in sources])
     region = args.region
     for source in sources:
         if region is not None and (region.x + region.w > source.width or region.y + region.h > source.height):
