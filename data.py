@@ -11,6 +11,7 @@ Every dataset item is a float32 tensor (seq_len, 3, img_h, img_w) with values in
   (ids, visible boxes, visible masks, counts).
 - `bench_batches`: the fixed synthetic workload of the speed benchmark.
 - `make_loader`: a DataLoader whose order is reproducible from a seed.
+- `dataset_kind`, `build_dataset`: which dataset a run reads, and building it (train.py, evaluate.py).
 
 Bad input raises `DataError` with a one-line message naming the file or folder and the fix.
 Unlike the reference, truncated images are never accepted silently.
@@ -18,10 +19,12 @@ Unlike the reference, truncated images are never accepted silently.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +46,18 @@ class DataError(Exception):
 # Frame files
 # ---------------------------------------------------------------------------------------------
 
+NUMBER = re.compile(r"[0-9]+")     # ASCII digits only: str.isdigit() is also true for '²', which int() refuses
+
+
+def is_number_name(stem: str) -> bool:
+    """Whether a name is a plain number of ASCII digits ('1234'; not '5²' or '١٢')."""
+    return NUMBER.fullmatch(stem) is not None
+
+
 def natural_key(name: str) -> list:
     """Sort key that orders the numbers inside a name by value: 'f2.png' < 'f10.png'."""
-    parts = re.split(r"(\d+)", name.lower())
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts]
+    parts = re.split(r"([0-9]+)", name.lower())
+    return [(0, int(p)) if is_number_name(p) else (1, p) for p in parts]
 
 
 def is_frame_file(path: Path) -> bool:
@@ -54,23 +65,33 @@ def is_frame_file(path: Path) -> bool:
 
 
 def check_folder(root) -> Path:
-    """The data folder as a Path; DataError if it is missing or not a folder."""
+    """The data folder as a Path; DataError if it is missing, not a folder or unreadable."""
     folder = Path(os.path.expanduser(str(root)))
     if not folder.exists():
         raise DataError(f"data folder '{folder}' does not exist: pass --data-dir with a folder of frames")
     if not folder.is_dir():
         raise DataError(f"data folder '{folder}' is not a folder: pass --data-dir with a folder of frames")
+    list_folder(folder)
     return folder
+
+
+def list_folder(folder: Path) -> list[Path]:
+    """The entries of a folder; DataError (not a traceback) if it cannot be read."""
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise DataError(f"cannot read folder '{folder}' ({err.strerror or type(err).__name__}): fix its "
+                        f"permissions, or move it out of the data folder") from None
 
 
 def frame_files(folder: Path) -> list[Path]:
     """Frame files directly inside `folder`, in natural order of their names."""
-    frames = [p for p in folder.iterdir() if is_frame_file(p)]
+    frames = [p for p in list_folder(folder) if is_frame_file(p)]
     return sorted(frames, key=lambda p: natural_key(p.name))
 
 
 def no_frames_error(folder: Path, where: str = "") -> DataError:
-    if not any(folder.iterdir()):
+    if not list_folder(folder):
         return DataError(f"data folder '{folder}' is empty: put frames (.png/.jpg/.jpeg) in it "
                          f"or pass --data-dir with a folder of frames")
     return DataError(f"no frames (.png/.jpg/.jpeg) in '{folder}'{where}: "
@@ -99,8 +120,10 @@ def read_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header, after a check that the file is not truncated;
     DataError if it is not a whole image (frames are fully decoded when loaded)."""
     try:
-        with Image.open(path) as image:
+        with no_bomb_warning(), Image.open(path) as image:
             size, fmt = image.size, image.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise bomb_error(path, err) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"frame '{path}' is not a readable image ({one_line(err)}): "
                         f"remove it or pass --skip-bad-frames") from err
@@ -113,15 +136,31 @@ def read_size(path: Path) -> tuple[int, int]:
 def load_rgb(path: Path) -> Image.Image:
     """The fully decoded frame as RGB (grayscale/RGBA/palette converted); DataError if corrupt."""
     try:
-        with Image.open(path) as image:
+        with no_bomb_warning(), Image.open(path) as image:
             image.load()  # full decode: a truncated file fails here
             if image.mode.startswith("I"):   # 16-bit grey (PNG's deepest): convert() would clip it at 255
                 grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
                 return Image.fromarray(grey, "L").convert("RGB")
             return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise bomb_error(path, err) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"frame '{path}' is truncated or corrupt ({one_line(err)}): remove or replace it "
                         f"(found while decoding it; --skip-bad-frames drops only what the header check finds)") from err
+
+
+@contextlib.contextmanager
+def no_bomb_warning():
+    """A context in which Pillow's DecompressionBombWarning (an image over Image.MAX_IMAGE_PIXELS)
+    is raised, like its DecompressionBombError (over twice that), rather than printed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def bomb_error(path: Path, err: Exception) -> DataError:
+    return DataError(f"frame '{path}' is too large to decode safely ({one_line(err)}): downscale it, remove it "
+                     f"or pass --skip-bad-frames")
 
 
 def one_line(err: Exception) -> str:
@@ -163,7 +202,12 @@ def check_box_fits(folder: Path, box: tuple[int, int, int, int], size: tuple[int
 
 def load_frame(path: Path, box, img_h: int, img_w: int) -> torch.Tensor:
     """One frame, cropped to box (left, upper, right, lower) or not (None), resized: (3, img_h, img_w)."""
-    image = load_rgb(path)
+    return resize_frame(load_rgb(path), box, img_h, img_w)
+
+
+def resize_frame(image: Image.Image, box, img_h: int, img_w: int) -> torch.Tensor:
+    """An RGB image cropped to box (left, upper, right, lower) or not (None) and resized bilinearly,
+    as every dataset here prepares its frames: (3, img_h, img_w) float32 in [0, 1]."""
     if box is not None:
         image = image.crop(box)
     image = image.resize((img_w, img_h), resample=Image.BILINEAR)
@@ -182,11 +226,11 @@ def load_sequence(paths: list[Path], box, img_h: int, img_w: int) -> torch.Tenso
 
 def numbered_frames(folder: Path) -> list[Path]:
     """Frames named by a number ('1234.png'), sorted by that number."""
-    frames = [p for p in folder.iterdir() if is_frame_file(p)]
+    frames = [p for p in list_folder(folder) if is_frame_file(p)]
     if not frames:
         raise no_frames_error(folder)
     for path in frames:
-        if not path.stem.isdigit():
+        if not is_number_name(path.stem):
             raise DataError(f"frame '{path}' is not named by a number: Grand Central needs frames "
                             f"like '1234.png'; pass --dataset frames for other names")
     return sorted(frames, key=lambda p: int(p.stem))
@@ -277,7 +321,7 @@ def find_videos(folder: Path) -> list[tuple[Path, list[Path]]]:
     frames = frame_files(folder)
     if frames:
         return [(folder, frames)]
-    subfolders = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+    subfolders = sorted((p for p in list_folder(folder) if p.is_dir()), key=lambda p: natural_key(p.name))
     videos = [(sub, frame_files(sub)) for sub in subfolders]
     videos = [(sub, paths) for sub, paths in videos if paths]
     if not videos:
@@ -358,8 +402,12 @@ class FrameFolder(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 SHAPES = ("square", "circle", "triangle", "diamond", "ellipse")
-MOTIONS = ("constant", "bounce", "wrap")
+MOTIONS = ("constant", "bounce", "wrap", "cross")
 BACKGROUNDS = ("black", "static", "moving")
+PALETTES = ("distinct", "spmot")
+# Sprites-MOT's 6 colours (He et al. 2019, as regenerated by OCRB: ocrb/tba/scripts/gen_sprite.py,
+# colour i has R = (i+1)//4, G = ((i+1)%4)//2, B = (i+1)%2): blue, green, cyan, red, magenta, yellow
+SPMOT_COLORS = np.array([[0, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0], [1, 0, 1], [1, 1, 0]], dtype=np.float32)
 BG_LOW, BG_RANGE = 0.1, 0.3          # textured background values lie in [0.1, 0.4]
 MIN_SATURATION = MIN_VALUE = 0.75    # object colours: max channel >= 0.75, far from the background
 
@@ -378,11 +426,21 @@ class SpriteSpec:
     max_size: float = 14.0
     min_speed: float = 1.0               # pixels per frame
     max_speed: float = 3.0
-    motion: str = "constant"             # 'constant' | 'bounce' (off the edges) | 'wrap' (torus)
+    motion: str = "constant"             # 'constant' | 'bounce' (off the edges) | 'wrap' (torus) | 'cross':
+                                         # objects are born at an edge and cross to the opposite one, max_objects
+                                         # slots, a slot's object vanishing at the far edge (Sprites-MOT)
     background: str = "black"            # 'black' | 'static' (smooth noise) | 'moving' (drifting)
     enter_leave: bool = False            # objects may start outside and move in/out (constant only)
     bg_speed: float = 1.0                # drift of a 'moving' background, pixels per frame
     bg_cells: int = 8                    # coarse noise grid of a textured background
+    palette: str = "distinct"            # 'distinct' (saturated hues, evenly spread) | 'spmot' (6 colours, repeats)
+    hue_spread: float = 1.0              # 'distinct': fraction of the hue circle the scene's hues spread over
+                                         # (small = similar colours)
+    aspect_var: float = 0.0              # 'cross': height/width = u, width = size / sqrt(u), height = size * sqrt(u)
+                                         # for u uniform in [1 - aspect_var, 1 + aspect_var]
+    birth_prob: float = 0.5              # 'cross': chance per frame that a free slot's object is born
+    birth_wait: int = 5                  # 'cross': frames a slot stays free after its object left
+    warmup: int = 60                     # 'cross': frames simulated before the first one (a running stream)
     seed: int = 0
 
     def __post_init__(self):
@@ -413,6 +471,16 @@ class SpriteSpec:
             fail(f"enter_leave needs motion 'constant', not '{self.motion}'")
         if self.bg_cells < 1:
             fail("bg_cells must be positive")
+        if self.palette not in PALETTES:
+            fail(f"palette '{self.palette}' must be one of {PALETTES}")
+        if not 0 < self.hue_spread <= 1:
+            fail(f"hue_spread={self.hue_spread} must lie in (0, 1]")
+        if not 0 <= self.aspect_var < 1 or not 0 <= self.birth_prob <= 1:
+            fail("need 0 <= aspect_var < 1 and 0 <= birth_prob <= 1")
+        if self.birth_wait < 0 or self.warmup < 0:
+            fail("birth_wait and warmup must not be negative")
+        if self.motion == "cross" and self.max_objects < 1:
+            fail("motion 'cross' needs max_objects >= 1 (the slots)")
 
 
 @dataclass
@@ -425,11 +493,15 @@ class SpriteScene:
     depths: np.ndarray      # (N,) smaller = nearer (drawn on top)
     centers: np.ndarray     # (T, N, 2) object centre (x, y) in pixels per frame
     background: np.ndarray  # (T, H, W, 3) float32
+    present: np.ndarray | None = None   # (T, N) bool: the object exists in frame t (None: in every frame)
+
+    def exists(self, k: int, t: int) -> bool:
+        return self.present is None or bool(self.present[t, k])
 
 
-def distinct_colors(rng: np.random.Generator, num: int) -> np.ndarray:
-    """(num, 3) saturated colours with evenly spread hues in random order."""
-    hues = (rng.random() + rng.permutation(num) / max(num, 1)) % 1.0
+def distinct_colors(rng: np.random.Generator, num: int, spread: float = 1.0) -> np.ndarray:
+    """(num, 3) saturated colours with hues evenly spread over `spread` of the hue circle, in random order."""
+    hues = (rng.random() + rng.permutation(num) / max(num, 1) * spread) % 1.0
     saturations = rng.uniform(MIN_SATURATION, 1.0, num)
     values = rng.uniform(MIN_VALUE, 1.0, num)
     rgb = [colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hues, saturations, values)]
@@ -457,7 +529,8 @@ def axis_track(rng, spec: SpriteSpec, extent: int, half: np.ndarray, velocity: n
         max_speed = (high - low) / (spec.seq_len - 1)
         velocity = np.clip(velocity, -max_speed, max_speed)
     travel = velocity * (spec.seq_len - 1)
-    start = rng.uniform(low - np.minimum(travel, 0), high - np.maximum(travel, 0))
+    lo, hi = low - np.minimum(travel, 0), high - np.maximum(travel, 0)
+    start = rng.uniform(lo, np.maximum(hi, lo))     # hi < lo only by rounding when the speed is capped
     return start + velocity * times
 
 
@@ -498,8 +571,84 @@ def make_background(rng, spec: SpriteSpec) -> np.ndarray:
     return (BG_LOW + BG_RANGE * np.stack(frames)).astype(np.float32)
 
 
+def crossing_scene(spec: SpriteSpec, index: int) -> SpriteScene:
+    """Motion 'cross', the Sprites-MOT process (He et al. 2019; OCRB's ocrb/tba/scripts/gen_sprite.py):
+    max_objects slots; a free slot waits birth_wait frames, then each frame gives birth with
+    probability birth_prob; a new object starts on a random edge, at a uniform place along it and
+    `margin` (half the mean size) inside, and heads for a uniform place on the opposite edge at a
+    speed uniform in [min_speed, max_speed]; it shows from the frame after its birth until its centre
+    leaves [margin, extent - margin], when its slot is free again. Later slots cover earlier ones.
+    The process runs `warmup` frames before the first one returned, its slots first free at random
+    frames of the first half of it, so scenes start mid-stream with the slots out of step."""
+    rng = np.random.default_rng([spec.seed, index])
+    base_hue = rng.random()                             # 'distinct' palette: hues in [base, base + hue_spread)
+    slots, total = spec.max_objects, spec.warmup + spec.seq_len
+    margin = (spec.min_size + spec.max_size) / 4
+    extent = np.array([spec.img_w, spec.img_h], dtype=np.float64)
+    objects = []                                        # per object: slot, birth frame, start, velocity, looks
+    # slots start free with random delays of up to half the warm-up, so their phases are spread
+    waited = [spec.birth_wait - int(d) for d in rng.integers(0, max(1, spec.warmup // 2), slots)]
+    alive = [None] * slots                              # (object index, steps shown) of each slot
+    positions = {}                                      # (object, frame) -> centre
+    for t in range(total):
+        for slot in range(slots):
+            if alive[slot] is not None:
+                k, step = alive[slot]
+                obj = objects[k]
+                centre = obj["start"] + step * obj["velocity"]
+                if (centre < margin).any() or (centre > extent - margin).any():
+                    alive[slot], waited[slot] = None, 0      # left at the far edge
+                else:
+                    positions[k, t] = centre
+                    alive[slot] = (k, step + 1)
+            elif waited[slot] < spec.birth_wait:
+                waited[slot] += 1
+            elif rng.random() < spec.birth_prob:
+                alive[slot] = (len(objects), 0)
+                objects.append(new_crossing_object(rng, spec, slot, margin, extent, base_hue))
+    shown = sorted({k for k, t in positions if t >= spec.warmup})
+    num = len(shown)
+    centers = np.zeros((spec.seq_len, num, 2))
+    present = np.zeros((spec.seq_len, num), dtype=bool)
+    for n, k in enumerate(shown):
+        for t in range(spec.seq_len):
+            if (k, spec.warmup + t) in positions:
+                centers[t, n], present[t, n] = positions[k, spec.warmup + t], True
+    pick = lambda key: np.array([objects[k][key] for k in shown], dtype=np.float64).reshape(num)  # noqa: E731
+    colors = np.array([objects[k]["color"] for k in shown], dtype=np.float32).reshape(num, 3)
+    return SpriteScene(shapes=[objects[k]["shape"] for k in shown], half_w=pick("width") / 2,
+                       half_h=pick("height") / 2, colors=colors, depths=1 - (pick("slot") + 0.5) / slots,
+                       centers=centers, background=make_background(rng, spec), present=present)
+
+
+def new_crossing_object(rng, spec: SpriteSpec, slot: int, margin: float, extent: np.ndarray,
+                        base_hue: float) -> dict:
+    """A 'cross' object's slot, looks, start on a random edge and velocity towards the opposite edge."""
+    shape = spec.shapes[int(rng.integers(len(spec.shapes)))]
+    if spec.palette == "spmot":
+        color = SPMOT_COLORS[int(rng.integers(len(SPMOT_COLORS)))]
+    else:
+        hue = (base_hue + spec.hue_spread * rng.random()) % 1.0
+        color = colorsys.hsv_to_rgb(hue, rng.uniform(MIN_SATURATION, 1.0), rng.uniform(MIN_VALUE, 1.0))
+    size = rng.uniform(spec.min_size, spec.max_size)
+    root = math.sqrt(rng.uniform(1 - spec.aspect_var, 1 + spec.aspect_var))
+    edge = int(rng.integers(4))                          # 0: top -> bottom, 1: bottom -> top, 2: left -> right, 3: right -> left
+    axis = 1 if edge < 2 else 0                          # the axis the object crosses
+    along = rng.uniform(margin, extent[1 - axis] - margin, 2)   # start and end along the edges
+    start, end = np.empty(2), np.empty(2)
+    near, far = margin, extent[axis] - margin
+    start[axis], end[axis] = (near, far) if edge % 2 == 0 else (far, near)
+    start[1 - axis], end[1 - axis] = along
+    direction = (end - start) / np.linalg.norm(end - start)
+    speed = rng.uniform(spec.min_speed, spec.max_speed)
+    return dict(slot=slot, shape=shape, color=color, width=size / root, height=size * root,
+                start=start, velocity=speed * direction)
+
+
 def make_scene(spec: SpriteSpec, index: int) -> SpriteScene:
     """The objects and background of scene `index`, deterministic from (spec.seed, index)."""
+    if spec.motion == "cross":
+        return crossing_scene(spec, index)
     rng = np.random.default_rng([spec.seed, index])
     num = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     shapes = [spec.shapes[k] for k in rng.integers(0, len(spec.shapes), num)]
@@ -509,7 +658,7 @@ def make_scene(spec: SpriteSpec, index: int) -> SpriteScene:
     is_ellipse = np.array([s == "ellipse" for s in shapes], dtype=bool)
     widths = np.where(is_ellipse & ~tall, sizes, np.where(is_ellipse, sizes * aspect, sizes))
     heights = np.where(is_ellipse & tall, sizes, np.where(is_ellipse, sizes * aspect, sizes))
-    colors = distinct_colors(rng, num)
+    colors = distinct_colors(rng, num, spec.hue_spread)
     depths = (rng.permutation(num) + 0.5) / max(num, 1)
     speed = rng.uniform(spec.min_speed, spec.max_speed, num)
     angle = rng.uniform(0, 2 * np.pi, num)
@@ -554,6 +703,8 @@ def render_ids(spec: SpriteSpec, scene: SpriteScene) -> np.ndarray:
     far_to_near = np.argsort(-scene.depths)
     for t in range(spec.seq_len):
         for k in far_to_near:
+            if not scene.exists(k, t):
+                continue
             rows, cols, mask = object_window(spec, scene, k, t)
             window = id_maps[t][np.ix_(rows, cols)]
             window[mask] = k + 1
@@ -582,8 +733,10 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
 class MovingSprites(Dataset):
     """Procedural sprite videos with exact ground truth, made on the fly from (spec.seed, index).
 
-    Objects (ids 1..N) are hard-edged shapes of saturated distinct colours; nearer objects (smaller
-    depth) cover farther ones, so each visible mask is exactly where that object's colour shows.
+    Objects (ids 1..N) are hard-edged shapes of saturated colours; nearer objects (smaller depth)
+    cover farther ones, so each visible mask is exactly where that object's colour shows (unless two
+    objects share a colour: palette 'spmot' repeats its 6 colours). With motion 'cross' objects are
+    born and leave during the sequence (`ground_truth` ids are -1 where an object does not show).
     """
 
     def __init__(self, spec: SpriteSpec):
@@ -633,6 +786,8 @@ class MovingSprites(Dataset):
         masks = np.zeros((spec.seq_len, len(scene.shapes), spec.img_h, spec.img_w), dtype=bool)
         for t in range(spec.seq_len):
             for k in range(len(scene.shapes)):
+                if not scene.exists(k, t):
+                    continue
                 rows, cols, mask = object_window(spec, scene, k, t)
                 masks[t, k][np.ix_(rows, cols)] = mask
         return masks
@@ -647,6 +802,23 @@ SPRITE_PRESETS = {
                        motion="constant", background="static", enter_leave=True),
     "dynamic_bg": SpriteSpec(img_h=64, img_w=64, min_objects=1, max_objects=4, min_size=8, max_size=14,
                              motion="bounce", background="moving", bg_speed=1.5),
+    # Sprites-MOT as the object-centric representation benchmark (Weis et al. 2021) regenerated it
+    # (ocrb/tba/scripts/gen_sprite.py, made at 128x128 and scored at 64x64; all lengths halved here):
+    # 10 frames, 3 slots (0-3 objects at a time), birth chance 0.5 a frame after 5 free frames,
+    # template side 21 px x scale U[0.9, 1.1] (10.5 px here), height/width ratio U[0.8, 1.2], speed
+    # 5.3 px/frame (2.65), straight edge-to-edge paths, 4 shapes, 6 colours, black background
+    "spmot": SpriteSpec(img_h=64, img_w=64, seq_len=10, min_objects=0, max_objects=3,
+                        shapes=("circle", "square", "triangle", "diamond"), min_size=9.45, max_size=11.55,
+                        min_speed=2.65, max_speed=2.65, motion="cross", background="black", palette="spmot",
+                        aspect_var=0.2, birth_prob=0.5, birth_wait=5),
+    # hard: 5-9 sprites bouncing in 64x64 (many occlusions) with similar hues (a quarter of the circle)
+    "crowded": SpriteSpec(img_h=64, img_w=64, seq_len=10, min_objects=5, max_objects=9, min_size=9, max_size=16,
+                          motion="bounce", background="black", hue_spread=0.25),
+    # hard: a Sprites-MOT-like stream with births and exits, up to 6 at a time, similar hues, various
+    # speeds and aspects, on a textured static background
+    "stream": SpriteSpec(img_h=64, img_w=64, seq_len=10, min_objects=0, max_objects=6, min_size=8, max_size=14,
+                         min_speed=1.5, max_speed=3.5, motion="cross", background="static", hue_spread=0.3,
+                         aspect_var=0.3, birth_prob=0.5, birth_wait=2),
 }
 
 
@@ -673,6 +845,33 @@ def make_sprites(preset: str, img_h=None, img_w=None, seq_len=None, num_sequence
         raise DataError(f"unknown sprite options {unknown}: use SpriteSpec fields")
     changes.update(overrides)
     return MovingSprites(dataclasses.replace(base, **changes))
+
+
+BLACK_LEVEL = 0.05          # a pixel value (every channel) at most this is black
+BLACK_FRACTION = 0.5        # frames whose static part is black over at least this fraction need no background module
+
+
+def estimate_background(dataset, num_sequences: int = 8, black_level: float = BLACK_LEVEL,
+                        black_fraction: float = BLACK_FRACTION) -> dict:
+    """Whether the frames have a background worth a background module, from a few sequences spread
+    over the dataset: per sequence, the temporal median of each pixel is its static part (moving
+    objects drop out); `black_fraction` is the share of pixels whose median is black in every
+    channel; `temporal_std` the mean per-pixel standard deviation over time (motion of objects or of
+    the background). has_background: False when black_fraction >= the threshold, i.e. a static
+    black background that SCALOR's phase_no_background (a black background) renders exactly."""
+    count = min(num_sequences, len(dataset))
+    if count < 1:
+        raise DataError("estimate_background needs at least one sequence")
+    indices = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
+    black, spread = [], []
+    for index in indices.tolist():
+        frames = dataset[index]                                          # (T, 3, H, W)
+        static = frames.median(dim=0).values                             # (3, H, W)
+        black.append(float((static <= black_level).all(dim=0).float().mean()))
+        spread.append(float(frames.std(dim=0, unbiased=False).mean()))
+    fraction = float(np.mean(black))
+    return {"black_fraction": fraction, "temporal_std": float(np.mean(spread)), "sequences": len(indices),
+            "has_background": fraction < black_fraction}
 
 
 def write_to_disk(dataset: Dataset, out_dir, num: int) -> Path:
@@ -754,6 +953,50 @@ def data_notices(dataset, data_dir) -> list[str]:
         lines.append(f"notice: left out {len(short)} videos shorter than one sequence in '{data_dir}' "
                      f"(the first: '{short[0]}')")
     return lines
+
+
+DATASET_KINDS = ("sprites", "grandcentral", "frames")
+
+
+def dataset_kind(kind: str | None, data_dir) -> str:
+    """The kind of dataset to read: `kind` if given; else sprites without a data folder, Grand
+    Central (with a notice) if every frame in it is named by a number, else a folder of frames."""
+    if kind is not None:
+        return kind
+    if data_dir is None:
+        return "sprites"
+    frames = [p for p in list_folder(check_folder(data_dir)) if is_frame_file(p)]
+    if frames and all(is_number_name(p.stem) for p in frames):
+        print(f"notice: numbered frames in '{data_dir}' are read as Grand Central (8 crops, frame skip 8, "
+              f"the last 10% held out); pass --dataset frames for a video of your own")
+        return "grandcentral"
+    return "frames"
+
+
+def build_dataset(kind: str, cfg, *, train: bool, data_dir=None, preset: str = "easy", num_sequences=None,
+                  frame_skip=None, skip_bad_frames: bool = False, seed: int = 0) -> Dataset:
+    """The dataset of `kind` at the config's frame size and sequence length (cfg: img_h, img_w,
+    seq_len, train_station_cropping_origin), for training (every start; Grand Central's first 90%)
+    or testing (non-overlapping sequences; its last 10%); notices of what it left out are printed.
+
+    sprites: `preset` scenes drawn from `seed`, `num_sequences` of them (None: the preset's);
+    grandcentral / frames: the frames in `data_dir`, `frame_skip` apart (None: 8 / 1)."""
+    if kind == "sprites":
+        return make_sprites(preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=cfg.seq_len,
+                            num_sequences=num_sequences, seed=seed)
+    if kind == "grandcentral":
+        dataset = GrandCentral(data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=train,
+                               frame_skip=8 if frame_skip is None else frame_skip,
+                               crop_size=cfg.train_station_cropping_origin, skip_bad_frames=skip_bad_frames)
+    elif kind == "frames":
+        dataset = FrameFolder(data_dir, cfg.img_h, cfg.img_w, cfg.seq_len,
+                              frame_skip=1 if frame_skip is None else frame_skip, train=train,
+                              skip_bad_frames=skip_bad_frames)
+    else:
+        raise DataError(f"unknown dataset kind '{kind}': choose one of {DATASET_KINDS}")
+    for line in data_notices(dataset, data_dir):
+        print(line)
+    return dataset
 
 
 def iterate(loader):

@@ -5,15 +5,19 @@ Usage:
     python evaluate.py --checkpoint CKPT [--dataset sprites|grandcentral|frames] [--data-dir DIR]
                        [--preset easy] [--frame-skip N] [--num-sequences N] [--batch-size B]
                        [--nll-samples K] [--out DIR] [--device auto|cpu|cuda] [--gif N] [--seed S]
-                       [--workers W]
-    python evaluate.py --track --data-dir FRAMES --checkpoint CKPT --out DIR [--gif N]
+                       [--workers W] [--protocol default|ocrb] [--ocrb-start-frame N]
+    python evaluate.py --aggregate eval_seed1/report.json eval_seed2/report.json ...
+    python evaluate.py --track --data-dir FRAMES --checkpoint CKPT --out DIR [--gif N]   # = track.py FRAMES ...
 
 The first form runs the model on a test split and writes `report.json` (and prints a summary):
 sprite scenes drawn with seed 10000 + cfg.seed (training uses cfg.seed), Grand Central's last 10%
 of frames, or non-overlapping sequences of a folder of frames; data flags left out default to the
-training run's as its checkpoint records them (see `resolve_data`). The second form runs the model
-on any folder of frames (non-overlapping sequences of cfg.seq_len) and writes only the exports. Bad input (a missing or
-foreign checkpoint, missing data) prints one line and exits with status 2, writing nothing.
+training run's as its checkpoint records them (see `resolve_data`). The second form is an alias of
+`track.py` (whole videos in windows with the state handed across; see its docstring). Bad input (a missing or
+foreign checkpoint, missing data, a non-empty --out without --overwrite) prints one line and exits with status 2,
+writing nothing. The first form writes everything into a temporary folder beside --out and moves it into place
+at the end, so --out never holds a mix of two runs or a half-written file (an existing one is replaced whole
+with --overwrite).
 
 Conventions:
 
@@ -41,7 +45,13 @@ Conventions:
   motmetrics itself calls mostly tracked); `partially_tracked` (20-80%) and `mostly_lost` (< 20%)
   are motmetrics' detection-based counts, so mostly_detected + partially_tracked + mostly_lost =
   num_unique_objects. These follow the object-centric representation benchmark (Weis et al. 2021).
-- Exports: `tracks_<seq>.txt` in the MOTChallenge layout `frame,id,x,y,w,h,conf,-1,-1,-1` (frame
+- `--protocol ocrb` adds `tracking_ocrb`, that benchmark's own protocol (see `metrics.py`): each
+  pixel goes to the object (or background) of the largest share of the composite (argmax), masks
+  of more than 5 pixels, mask IoU >= 0.5, frames from --ocrb-start-frame (2) on, one accumulator
+  pooled over all sequences, numbers in percent. `--aggregate` prints the mean +- std of every
+  number over several report.json files (the benchmark reports training seeds that way).
+- Exports (`<seq>`: the sequence's name made file-name safe and unique by `utils.unique_names`):
+  `tracks_<seq>.txt` in the MOTChallenge layout `frame,id,x,y,w,h,conf,-1,-1,-1` (frame
   1-based within the sequence, pixels of the model's img_w x img_h frames, conf = z_pres); `predictions.json` =
   {"<seq>": [{"frame": t (0-based), "masks": [RLE], "ids": [id]}, ...]}; masks are run-length
   encoded as the object-centric representation benchmark reads them: the mask flattened in
@@ -55,12 +65,11 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
-import motmetrics as mm
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -69,22 +78,23 @@ from tqdm import tqdm
 
 import fast
 from common import ConfigError
-from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, data_notices, iterate,
-                  make_loader, make_sprites, tight_boxes)
+from checkpoints import CheckpointError, load_model_state, read_checkpoint
+from data import (DATASET_KINDS, DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, build_dataset,
+                  iterate, make_loader)
+from metrics import (IOU_THRESHOLD, MOT_METRICS, OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_table,  # noqa: F401
+                     argmax_masks, box_centres, count_duplicates, count_metrics, greedy_match, iou_matrix_distance,
+                     iou_to_distance, iou_xywh, lifespan_counts, mask_boxes, mask_iou, mask_iou_distance,
+                     match_centres, overall_motp, rle_decode, rle_encode, summarize, tracking_metrics, xyxy_to_xywh)
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import CheckpointError, load_model_state, pick_device, read_checkpoint, seed_everything, tau_at
+from utils import pick_device, safe_name, seed_everything, tau_at, unique_names  # noqa: F401 (safe_name: for importers)
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
-IOU_THRESHOLD = 0.5        # a prediction matches a ground-truth object at IoU >= this
 PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
 MASK_THRESHOLD = 0.5       # a pixel belongs to an object's mask where its placed alpha > this
 TEST_SEED_OFFSET = 10_000  # sprite test scenes use seed TEST_SEED_OFFSET + cfg.seed (training: cfg.seed)
 GIF_MIN_SIDE = 128         # GIF panels are upscaled (nearest) to at least this many pixels a side
-MOT_METRICS = ["mota", "num_switches", "num_false_positives", "num_misses", "mostly_tracked",
-               "mostly_lost", "partially_tracked", "num_objects", "num_unique_objects", "num_matches",
-               "num_predictions", "idf1"]
 
 
 class EvalError(Exception):
@@ -101,218 +111,6 @@ def box_to_pixels(z_where, H: int, W: int) -> np.ndarray:
     sx, sy, tx, ty = z[..., 0], z[..., 1], z[..., 2], z[..., 3]
     return np.stack(((tx - sx + 1) / 2 * W, (ty - sy + 1) / 2 * H,
                      (tx + sx + 1) / 2 * W, (ty + sy + 1) / 2 * H), axis=-1)
-
-
-def xyxy_to_xywh(boxes) -> np.ndarray:
-    """(..., 4) corners (x0, y0, x1, y1) -> (..., 4) (x, y, w, h)."""
-    b = np.asarray(boxes, dtype=np.float64)
-    return np.concatenate((b[..., :2], b[..., 2:] - b[..., :2]), axis=-1)
-
-
-def box_centres(xywh) -> np.ndarray:
-    """(N, 4) boxes (x, y, w, h) -> (N, 2) centres (x, y)."""
-    b = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
-    return b[:, :2] + b[:, 2:] / 2
-
-
-def iou_xywh(a, b) -> np.ndarray:
-    """IoU of every box in a (N, 4) with every box in b (M, 4), both (x, y, w, h): (N, M)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None]
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None]
-    inter_w = np.clip(np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    inter_h = np.clip(np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = inter_w * inter_h
-    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def iou_to_distance(iou: np.ndarray, thresh: float) -> np.ndarray:
-    """motmetrics distances: 1 - IoU, NaN (never paired) where IoU < thresh."""
-    return np.where(iou >= thresh, 1.0 - iou, np.nan)
-
-
-def iou_matrix_distance(gt_xywh, pred_xywh, thresh: float = IOU_THRESHOLD) -> np.ndarray:
-    """(N, M) box distances 1 - IoU between ground truth and predictions, NaN where IoU < thresh."""
-    return iou_to_distance(iou_xywh(gt_xywh, pred_xywh), thresh)
-
-
-def mask_boxes(masks) -> np.ndarray:
-    """(n, H, W) bool masks -> (n, 4) tight boxes (x, y, w, h) of whole pixels; (0, 0, 0, 0) for an empty mask."""
-    return tight_boxes(np.asarray(masks, dtype=bool)[None])[0].astype(np.float64)
-
-
-def mask_iou(a, b) -> np.ndarray:
-    """IoU of every mask in a (N, H, W) with every mask in b (M, H, W): (N, M); 0 where both are empty."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    fa = a.reshape(a.shape[0], int(np.prod(a.shape[1:]))).astype(np.float64)
-    fb = b.reshape(b.shape[0], int(np.prod(b.shape[1:]))).astype(np.float64)
-    inter = fa @ fb.T
-    union = fa.sum(1)[:, None] + fb.sum(1)[None] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def count_duplicates(masks, thresh: float = IOU_THRESHOLD) -> int:
-    """Predictions of one frame (n, H, W) whose mask IoU with an earlier one of the frame is >= thresh
-    (two cells claiming one object: each extra copy counts once)."""
-    if len(masks) < 2:
-        return 0
-    iou = np.triu(mask_iou(masks, masks), k=1)                                    # (n, n), i < j
-    return int((iou >= thresh).any(axis=0).sum())
-
-
-def mask_iou_distance(gt_masks, pred_masks, thresh: float = IOU_THRESHOLD) -> np.ndarray:
-    """(N, M) mask distances 1 - IoU between ground truth and predictions, NaN where IoU < thresh."""
-    return iou_to_distance(mask_iou(gt_masks, pred_masks), thresh)
-
-
-# ------------------------------------------------------------------------------------------------
-# Run-length encoding
-# ------------------------------------------------------------------------------------------------
-
-def rle_encode(mask) -> str:
-    """Binary (H, W) mask -> "start length start length ..." of its runs of ones in row-major order,
-    starts 1-based (the object-centric representation benchmark's format); "" for an empty mask."""
-    flat = np.asarray(mask, dtype=bool).ravel()
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], flat, [False])).astype(np.int8)))
-    starts, ends = edges[0::2], edges[1::2]
-    return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts.tolist(), ends.tolist()))
-
-
-def rle_decode(s: str, h: int, w: int) -> np.ndarray:
-    """Inverse of rle_encode: the (h, w) bool mask. ValueError if the string does not fit."""
-    values = [int(v) for v in s.split()]
-    if len(values) % 2:
-        raise ValueError(f"RLE string has an odd number of values ({len(values)})")
-    flat = np.zeros(h * w, dtype=bool)
-    for start, length in zip(values[0::2], values[1::2]):
-        if start < 1 or length < 0 or start - 1 + length > h * w:
-            raise ValueError(f"RLE run ({start}, {length}) does not fit a {h}x{w} mask")
-        flat[start - 1:start - 1 + length] = True
-    return flat.reshape(h, w)
-
-
-# ------------------------------------------------------------------------------------------------
-# Tracking, counting and centre metrics
-# ------------------------------------------------------------------------------------------------
-
-def accumulate(gt_frames, pred_frames, distance=iou_matrix_distance):
-    """A motmetrics accumulator of one sequence.
-
-    gt_frames, pred_frames: per frame (ids, objects), where objects are whatever `distance`
-    compares: (n, 4) xywh boxes for iou_matrix_distance, (n, H, W) masks for mask_iou_distance."""
-    if len(gt_frames) != len(pred_frames):
-        raise ValueError(f"{len(gt_frames)} ground-truth frames but {len(pred_frames)} predicted frames")
-    acc = mm.MOTAccumulator(auto_id=True)
-    for (gt_ids, gt_objects), (pred_ids, pred_objects) in zip(gt_frames, pred_frames):
-        acc.update([int(i) for i in gt_ids], [int(i) for i in pred_ids], distance(gt_objects, pred_objects))
-    return acc
-
-
-def lifespan_counts(acc) -> tuple[int, int]:
-    """(mostly tracked, mostly detected) ground-truth objects of one accumulator: matched without an
-    id switch (MATCH), resp. by any prediction (MATCH or SWITCH), in >= 80% of their frames."""
-    events = acc.mot_events
-    events = events[events.Type.isin(["MATCH", "SWITCH", "MISS"])]
-    if len(events) == 0:
-        return 0, 0
-    frames = events.OId.value_counts()
-    matched = events[events.Type != "MISS"].OId.value_counts().reindex(frames.index, fill_value=0)
-    same_id = events[events.Type == "MATCH"].OId.value_counts().reindex(frames.index, fill_value=0)
-    return int((same_id / frames >= 0.8).sum()), int((matched / frames >= 0.8).sum())
-
-
-def overall_motp(accumulators: list) -> float:
-    """Mean distance of all matched pairs (MATCH and SWITCH events) over every sequence.
-
-    motmetrics' OVERALL row weights each sequence's MOTP by its detections, and a sequence
-    without any is NaN there (NaN x 0), which made the overall MOTP NaN."""
-    total, count = 0.0, 0
-    for acc in accumulators:
-        events = acc.mot_events
-        matched = events.loc[events["Type"].isin(("MATCH", "SWITCH")), "D"]
-        total, count = total + float(matched.sum()), count + len(matched)
-    return total / count if count else float("nan")
-
-
-def summarize(accumulators: list, names: list | None = None) -> dict:
-    """Tracking metrics over all sequences' accumulators (motmetrics' OVERALL row, plus ours)."""
-    names = names if names is not None else [str(i) for i in range(len(accumulators))]
-    summary = mm.metrics.create().compute_many(accumulators, names=names, metrics=MOT_METRICS,
-                                               generate_overall=True)
-    row = summary.loc["OVERALL"]
-    counts = [lifespan_counts(acc) for acc in accumulators]
-    motp = overall_motp(accumulators)
-    unique = int(row["num_unique_objects"])
-    return {
-        "mota": float(row["mota"]),
-        "motp_distance": motp,
-        "motp_iou": 1.0 - motp,
-        "idf1": float(row["idf1"]),
-        "id_switches": int(row["num_switches"]),
-        "false_positives": int(row["num_false_positives"]),
-        "misses": int(row["num_misses"]),
-        "matches": int(row["num_matches"]),
-        "num_objects": int(row["num_objects"]),
-        "num_predictions": int(row["num_predictions"]),
-        "num_unique_objects": unique,
-        "mostly_tracked": sum(c[0] for c in counts),
-        "mostly_detected": sum(c[1] for c in counts),
-        "partially_tracked": int(row["partially_tracked"]),
-        "mostly_lost": int(row["mostly_lost"]),
-        "mostly_tracked_ratio": sum(c[0] for c in counts) / unique if unique else float("nan"),
-        "mostly_detected_ratio": sum(c[1] for c in counts) / unique if unique else float("nan"),
-    }
-
-
-def tracking_metrics(gt_frames, pred_frames, distance=iou_matrix_distance) -> dict:
-    """Tracking metrics of one sequence; frames are (ids, xywh boxes) (or masks with mask_iou_distance)."""
-    return summarize([accumulate(gt_frames, pred_frames, distance)])
-
-
-def count_metrics(gt_counts, pred_counts) -> dict:
-    """Per-frame counting: exact-count accuracy, mean absolute error and mean signed error (pred - gt)."""
-    gt = np.asarray(gt_counts, dtype=np.int64).ravel()
-    pred = np.asarray(pred_counts, dtype=np.int64).ravel()
-    if gt.shape != pred.shape:
-        raise ValueError(f"{gt.size} ground-truth counts but {pred.size} predicted counts")
-    if gt.size == 0:
-        return {"accuracy": float("nan"), "mae": float("nan"), "bias": float("nan"), "frames": 0}
-    return {"accuracy": float((gt == pred).mean()), "mae": float(np.abs(pred - gt).mean()),
-            "bias": float((pred - gt).mean()), "frames": int(gt.size)}
-
-
-def match_centres(gt_centres, pred_centres, use_scipy: bool = True) -> np.ndarray:
-    """Distances of the matched (ground truth, prediction) centre pairs, (min(N, M),).
-
-    One-to-one matching minimising the total distance (Hungarian, scipy), or greedy nearest pairs
-    when scipy is missing or use_scipy is False."""
-    gt = np.asarray(gt_centres, dtype=np.float64).reshape(-1, 2)
-    pred = np.asarray(pred_centres, dtype=np.float64).reshape(-1, 2)
-    if len(gt) == 0 or len(pred) == 0:
-        return np.zeros(0)
-    dist = np.linalg.norm(gt[:, None] - pred[None], axis=-1)
-    if use_scipy:
-        try:
-            from scipy.optimize import linear_sum_assignment
-        except ImportError:
-            use_scipy = False
-    if not use_scipy:
-        return greedy_match(dist)
-    rows, cols = linear_sum_assignment(dist)
-    return dist[rows, cols]
-
-
-def greedy_match(dist: np.ndarray) -> np.ndarray:
-    """Repeatedly pair the closest unmatched (row, column): the matched distances."""
-    dist = dist.copy()
-    matched = []
-    for _ in range(min(dist.shape)):
-        r, c = np.unravel_index(np.argmin(dist), dist.shape)
-        matched.append(dist[r, c])
-        dist[r, :] = np.inf
-        dist[:, c] = np.inf
-    return np.array(matched)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,13 +147,14 @@ def placed_masks(alpha_glimpse: torch.Tensor, z_where: torch.Tensor, H: int, W: 
     return (alpha[:, 0] > MASK_THRESHOLD).cpu().numpy()
 
 
-def frame_predictions(record, H: int, W: int, min_area: int = MIN_GT_AREA) -> list:
-    """A FrameRecord (batch B) -> [Objects] per sequence: the entries with z_pres > PRES_THRESHOLD
-    whose mask has at least `min_area` pixels (the visibility rule of the ground truth: an object
-    that draws nothing is not a detection)."""
+def frame_predictions(record, H: int, W: int, min_area: int = MIN_GT_AREA,
+                      pres_threshold: float = PRES_THRESHOLD) -> list:
+    """A FrameRecord (batch B) -> [Objects] per sequence: the entries with z_pres > pres_threshold
+    (PRES_THRESHOLD, 0.5) whose mask has at least `min_area` pixels (the visibility rule of the ground
+    truth: an object that draws nothing is not a detection)."""
     result = []
     for b in range(record.z_pres.shape[0]):
-        index = torch.nonzero(record.z_pres[b] > PRES_THRESHOLD).flatten().cpu()      # z_pres > 0.5
+        index = torch.nonzero(record.z_pres[b] > pres_threshold).flatten().cpu()      # z_pres > 0.5
         masks = placed_masks(record.alpha_glimpse[b][index], record.z_where[b][index], H, W)
         visible = masks.sum(axis=(1, 2)) >= min_area
         index = index[torch.from_numpy(visible)]                                     # ... and visible
@@ -371,6 +170,26 @@ def sequence_predictions(records: list, H: int, W: int) -> list:
     """Per-frame records -> per sequence, per frame Objects: result[b][t]."""
     per_frame = [frame_predictions(rec, H, W) for rec in records]   # [t][b]
     return [list(frames) for frames in zip(*per_frame)]
+
+
+def ocrb_frame_predictions(record, H: int, W: int) -> list:
+    """A FrameRecord (batch B) -> per sequence (ids, masks) as the OCRB protocol reads a model: each
+    pixel goes to the largest of the rendered objects' shares alpha_map * w_k (w_k the normalised
+    importance alpha * z_pres * sigmoid(-z_depth) of the composite) and the background's
+    1 - alpha_map (`metrics.argmax_masks`); the objects with z_pres > PRES_THRESHOLD are the predictions."""
+    result = []
+    for b in range(record.z_pres.shape[0]):
+        index = torch.nonzero(record.z_pres[b] > 0).flatten()                        # every rendered object
+        n = len(index)
+        alpha = spatial_transform(record.alpha_glimpse[b][index].float(), record.z_where[b][index].float(),
+                                  (n, 1, H, W), inverse=True)[:, 0] if n else record.alpha_map.new_zeros(0, H, W)
+        weight = alpha * (record.z_pres[b][index].float() * torch.sigmoid(-record.z_depth[b][index].float()))[:, None, None]
+        alpha_map = record.alpha_map[b, 0].float()
+        share = alpha_map * weight / weight.sum(0).clamp_min(1e-12)
+        masks = argmax_masks(share.cpu().numpy(), (1 - alpha_map).cpu().numpy())
+        predicted = (record.z_pres[b][index] > PRES_THRESHOLD).cpu().numpy()
+        result.append((record.ids[b][index].cpu().numpy().astype(np.int64)[predicted], masks[predicted]))
+    return result
 
 
 def ground_truth_frames(gt: dict, min_area: int = MIN_GT_AREA) -> list:
@@ -441,25 +260,28 @@ def write_gif(path: str, columns: list, objects: list, box_column: int, titles=G
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=400, loop=0)
 
 
-def safe_name(name: str) -> str:
-    """A file-name-safe version of a sequence name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "seq"
-
-
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
 
 def sequence_name(dataset, index: int) -> str:
     """A readable name of item `index`: sprites '000007', Grand Central 'crop3_000160',
-    frame folders '<video folder>_<first frame>'."""
+    frame folders '<video folder>_<first frame>' (as the folder is named: pass the names of all
+    items through `sequence_names`/`utils.unique_names` for file names)."""
     if isinstance(dataset, GrandCentral):
         crop, start = dataset.crop_and_start(index)
         return f"crop{crop}_{start:06d}"
     if isinstance(dataset, FrameFolder):
         video, start = dataset.items[index]
-        return safe_name(f"{dataset.videos[video][0].parent.name}_{start:06d}")
+        return f"{dataset.videos[video][0].parent.name}_{start:06d}"
     return f"{index:06d}"
+
+
+def sequence_names(dataset) -> list[str]:
+    """The file-name-safe, distinct names of all items of the dataset (`utils.unique_names`): videos
+    whose folder names differ only in characters a file name cannot keep ('café'/'cafè', 'a b'/'a_b')
+    keep apart."""
+    return unique_names([sequence_name(dataset, i) for i in range(len(dataset))])
 
 
 def resolve_data(args, trained: dict) -> None:
@@ -498,21 +320,13 @@ def resolve_data(args, trained: dict) -> None:
         raise EvalError(f"--dataset {args.dataset} needs --data-dir with the frames")
 
 
-def build_dataset(args, cfg):
-    """The test data (the training run's protocol, test split) and the number of sequences to use."""
-    if args.dataset == "sprites":
-        num = args.num_sequences if args.num_sequences is not None else 100
-        return make_sprites(args.preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=cfg.seq_len,
-                            num_sequences=num, seed=TEST_SEED_OFFSET + cfg.seed), num
-    if args.dataset == "grandcentral":
-        dataset = GrandCentral(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=False,
-                               frame_skip=args.frame_skip, crop_size=cfg.train_station_cropping_origin,
-                               skip_bad_frames=args.skip_bad_frames)
-    else:
-        dataset = FrameFolder(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, frame_skip=args.frame_skip,
-                              train=False, skip_bad_frames=args.skip_bad_frames)
-    for line in data_notices(dataset, args.data_dir):
-        print(line)
+def eval_dataset(args, cfg):
+    """The test data (the training run's protocol, test split: `data.build_dataset`) and the number
+    of sequences to use."""
+    sprites = args.num_sequences if args.num_sequences is not None else 100
+    dataset = build_dataset(args.dataset, cfg, train=False, data_dir=args.data_dir, preset=args.preset,
+                            num_sequences=sprites, frame_skip=args.frame_skip, skip_bad_frames=args.skip_bad_frames,
+                            seed=TEST_SEED_OFFSET + cfg.seed)
     num = len(dataset) if args.num_sequences is None else min(args.num_sequences, len(dataset))
     return dataset, num
 
@@ -539,6 +353,7 @@ class Tally:
     predictions: dict = field(default_factory=dict)
     invisible: int = 0                        # predictions with z_pres > 0.5 left out as invisible
     duplicates: int = 0                       # predictions repeating another of their frame (mask IoU >= 0.5)
+    ocrb: OcrbAccumulator | None = None       # --protocol ocrb: one accumulator over all sequences
 
 
 def nll_per_sequence(model, batch, step: int, tau: float, samples: int) -> torch.Tensor:
@@ -589,6 +404,15 @@ def add_inference(tally: Tally, preds: list, names: list, truths, out_dir: str) 
         tally.pred_counts.extend(p.count for p in preds[b])
 
 
+def add_ocrb(tally: Tally, records: list, truths: list, H: int, W: int) -> None:
+    """--protocol ocrb: each sequence's argmax masks and ground truth (with its background, the pixels
+    of no object) into the one OCRB accumulator."""
+    per_frame = [ocrb_frame_predictions(rec, H, W) for rec in records]              # [t][b]
+    for b, gt in enumerate(truths):
+        gt_frames = [(g.ids, g.masks, ~g.masks.any(axis=0)) for g in gt]
+        tally.ocrb.add_video(gt_frames, [frame[b] for frame in per_frame])
+
+
 def evaluate_batch(model, batch, step, tau, args, tally: Tally, names, truths, gif_names) -> None:
     """Run the model on one batch (inference, then generation and the NLL samples unless --track),
     add everything to the tally and write the batch's exports."""
@@ -599,6 +423,8 @@ def evaluate_batch(model, batch, step, tau, args, tally: Tally, names, truths, g
     tally.sq_err += float(((out.recon - batch) ** 2).double().sum())
     tally.num_values += batch.numel()
     add_inference(tally, preds, names, truths, args.out)
+    if tally.ocrb is not None and truths is not None:
+        add_ocrb(tally, out.records, truths, H, W)
     gifs = [b for b, name in enumerate(names) if name in gif_names]
     gen = model(batch, step, tau, generate=True, keep_records=True) if not args.track or gifs else None
     if not args.track:
@@ -613,12 +439,13 @@ def evaluate_batch(model, batch, step, tau, args, tally: Tally, names, truths, g
 def run(model, dataset, num: int, args, step: int, tau: float, device) -> Tally:
     """Evaluate the first `num` sequences of the dataset in batches."""
     indices = list(range(num))
-    names = [sequence_name(dataset, i) for i in indices]
+    names = sequence_names(dataset)[:num]
     gif_names = set(names[:args.gif])
     loader = make_loader(Subset(dataset, indices), args.batch_size, shuffle=False, workers=args.workers,
                          drop_last=False)
     has_truth = isinstance(dataset, MovingSprites) and not args.track
-    tally = Tally()
+    protocol = getattr(args, "protocol", "default")
+    tally = Tally(ocrb=OcrbAccumulator(getattr(args, "ocrb_start_frame", OCRB_START_FRAME)) if protocol == "ocrb" else None)
     position = 0
     with torch.no_grad(), tqdm(total=num, unit="seq", desc="evaluate", file=sys.stderr) as bar:
         for batch in iterate(loader):
@@ -679,6 +506,7 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
         "tracking_box": summarize(tally.box_accs, tally.names) if has_truth else None,
         "tracking_box_tight": summarize(tally.tight_accs, tally.names) if has_truth else None,
         "tracking_mask": summarize(tally.mask_accs, tally.names) if has_truth else None,
+        "tracking_ocrb": tally.ocrb.summary() if has_truth and tally.ocrb is not None else None,
         "counting": count_metrics(tally.gt_counts, tally.pred_counts) if has_truth else None,
         "reconstruction": {"mse": tally.sq_err / max(tally.num_values, 1)},
         "nll": nll_report(tally, args.nll_samples, cfg),
@@ -712,6 +540,11 @@ def summary_table(report: dict) -> str:
                      (f"misses ({label})", m["misses"]),
                      (f"mostly tracked ({label})", f"{m['mostly_tracked']} / {m['num_unique_objects']}"),
                      (f"mostly detected ({label})", f"{m['mostly_detected']} / {m['num_unique_objects']}")]
+    m = report.get("tracking_ocrb")
+    if m:
+        rows += [(f"OCRB {name} (%, frames {m['start_frame']}+, pooled)", m[key]) for name, key in
+                 (("MOTA", "mota"), ("MOTP", "motp"), ("MD", "mostly_detected"), ("MT", "mostly_tracked"),
+                  ("match", "match"), ("miss", "miss"), ("ID switches", "id_switches"), ("FPs", "false_positives"))]
     if report.get("counting"):
         rows += [("count accuracy", report["counting"]["accuracy"]), ("count MAE", report["counting"]["mae"])]
     rows.append(("reconstruction MSE", report["reconstruction"]["mse"]))
@@ -736,8 +569,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Evaluate a trained SCALOR checkpoint (metrics and exports).")
     p.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
     p.add_argument("--track", action="store_true",
-                   help="only run the model on --data-dir frames and write tracks, predictions.json and GIFs")
-    p.add_argument("--dataset", choices=("sprites", "grandcentral", "frames"), default=None,
+                   help="alias of track.py: track the videos in --data-dir (see python track.py --help)")
+    p.add_argument("--dataset", choices=DATASET_KINDS, default=None,
                    help="test data (default: frames with --track, else grandcentral for a model trained "
                         "on it, else frames with --data-dir, else sprites)")
     p.add_argument("--data-dir", default=None,
@@ -752,7 +585,11 @@ def parse_args(argv):
                    help="sequences to evaluate (sprites: default 100; folders: default all)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's batch size")
     p.add_argument("--nll-samples", type=int, default=0, help="importance samples for the NLL (0: off)")
-    p.add_argument("--out", default="eval", help="output folder")
+    p.add_argument("--out", default="eval",
+                   help="output folder: written whole at the end (a sibling temporary folder until then); "
+                        "an existing non-empty one is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (whole, at the end, so it never holds a mix)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--gif", type=int, default=0, help="write GIFs of the first N sequences")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's sampling")
@@ -761,13 +598,19 @@ def parse_args(argv):
                    help="reject first-frame proposals explained by kept proposals of larger z_pres, an inference rule "
                         "without parameters that the reference lacks (no duplicates born in the first frame; "
                         "default: the checkpoint's first_frame_rejection)")
+    p.add_argument("--protocol", choices=("default", "ocrb"), default="default",
+                   help="ocrb: also score tracking as the object-centric representation benchmark does (argmax masks, "
+                        "mask IoU >= 0.5, masks of > 5 pixels, frames from --ocrb-start-frame on, pooled over all "
+                        "sequences, percent; report.json 'tracking_ocrb')")
+    p.add_argument("--ocrb-start-frame", type=int, default=OCRB_START_FRAME,
+                   help=f"first frame (0-based) OCRB scores [{OCRB_START_FRAME}, its eval_mot.py default]")
     args = p.parse_args(argv)
     for name in ("num_sequences", "batch_size", "frame_skip"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.nll_samples < 0 or args.gif < 0 or args.workers < 0:
-        raise EvalError("--nll-samples, --gif and --workers must not be negative")
+    if args.nll_samples < 0 or args.gif < 0 or args.workers < 0 or args.ocrb_start_frame < 0:
+        raise EvalError("--nll-samples, --gif, --workers and --ocrb-start-frame must not be negative")
     return args
 
 
@@ -791,15 +634,87 @@ def prepare(argv):
     model, payload = load_model(args.checkpoint, device, **changes)
     trained = payload.get("data")
     resolve_data(args, trained if isinstance(trained, dict) else {})
-    dataset, num = build_dataset(args, model.cfg)
+    dataset, num = eval_dataset(args, model.cfg)
     if args.batch_size is None:
         args.batch_size = model.cfg.batch_size
     return args, model, int(payload.get("step", 0)), dataset, num, device
 
 
+def check_out(args) -> None:
+    """EvalError unless --out can be written: a folder that does not exist yet, an empty folder, or
+    (--overwrite) any folder."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise EvalError(f"--out '{out}' is a file, not a folder: pass another --out")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise EvalError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or another --out")
+
+
+def work_folder(out: str) -> str:
+    """A new temporary folder beside `out` (same file system, so it can be renamed into place)."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+
+
+def move_into_place(work: str, out: str) -> None:
+    """Replace `out` by the finished folder `work` (an existing `out` is renamed away first, then removed)."""
+    out = os.path.abspath(out)
+    old = None
+    if os.path.isdir(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(work, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_outputs(tally: Tally, args, cfg, step: int, tau: float) -> dict | None:
+    """predictions.json and (unless --track) report.json into args.out; returns the report."""
+    with open(os.path.join(args.out, "predictions.json"), "w") as f:
+        json.dump(tally.predictions, f)
+    if args.track:
+        return None
+    report = build_report(tally, args, cfg, step, tau, args.dataset)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(json_ready(report), f, indent=2)
+    return report
+
+
+def aggregate_main(argv) -> int:
+    """`--aggregate REPORT.json ...`: mean +- std of every number over several runs (e.g. seeds)."""
+    p = argparse.ArgumentParser(description="Mean and standard deviation of several report.json files.")
+    p.add_argument("--aggregate", nargs="+", required=True, metavar="REPORT", help="report.json files")
+    args = p.parse_args(argv)
+    missing = [path for path in args.aggregate if not os.path.isfile(path)]
+    if missing:
+        print(f"evaluate.py: error: no report '{missing[0]}': pass report.json files written by evaluate.py", file=sys.stderr)
+        return 2
+    try:
+        print(aggregate_table(args.aggregate))
+    except (json.JSONDecodeError, AttributeError) as e:
+        print(f"evaluate.py: error: a report is not a report.json ({e})", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--aggregate" in argv:
+        return aggregate_main(argv)
+    if "--track" in argv:     # whole videos, one id per object: track.py
+        import track
+        return track.evaluate_alias(argv)
     try:
         args, model, step, dataset, num, device = prepare(argv)
+        check_out(args)
     except SystemExit as e:   # argparse: usage error (already printed) or --help
         return int(e.code or 0)
     except (EvalError, CheckpointError, DataError, ConfigError) as e:
@@ -808,28 +723,34 @@ def main(argv=None) -> int:
     cfg = model.cfg
     tau = tau_at(cfg, step)
     seed_everything(args.seed)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        print(f"evaluate.py: error: --out '{args.out}' is a file, not a folder: pass another --out", file=sys.stderr)
+    out = args.out
+    try:
+        work = work_folder(out)
+    except OSError as e:
+        print(f"evaluate.py: error: cannot write beside --out '{out}' ({e.strerror or e}): pass another --out",
+              file=sys.stderr)
         return 2
-    created = not os.path.exists(args.out)
-    os.makedirs(args.out, exist_ok=True)
+    args.out = work          # everything is written here, then moved into place whole
     try:
         tally = run(model, dataset, num, args, step, tau, device)
-    except DataError as e:   # a frame found corrupt while reading it (setup checks headers only)
-        if created:
-            shutil.rmtree(args.out, ignore_errors=True)
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        report = write_outputs(tally, args, cfg, step, tau)
+        move_into_place(work, out)
+    except (DataError, OSError) as e:   # a frame found corrupt while reading it (setup checks headers only), a full disk
+        shutil.rmtree(work, ignore_errors=True)
+        text = str(e) if isinstance(e, DataError) else \
+            f"cannot write the outputs to --out '{out}' (disk full / not writable: {' '.join(str(e).split())})"
+        print(f"evaluate.py: error: {text}; nothing written", file=sys.stderr)
         return 2
-    with open(os.path.join(args.out, "predictions.json"), "w") as f:
-        json.dump(tally.predictions, f)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        args.out = out
     if args.track:
-        print(f"wrote tracks, predictions.json and {min(args.gif, num)} GIFs of {num} sequences to {args.out}")
+        print(f"wrote tracks, predictions.json and {min(args.gif, num)} GIFs of {num} sequences to {out}")
         return 0
-    report = build_report(tally, args, cfg, step, tau, args.dataset)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(json_ready(report), f, indent=2)
     print(summary_table(report))
-    print(f"wrote report.json, tracks, predictions.json and {min(args.gif, num)} GIFs to {args.out}")
+    print(f"wrote report.json, tracks, predictions.json and {min(args.gif, num)} GIFs to {out}")
     return 0
 
 

@@ -17,22 +17,29 @@ Resume continues exactly: a checkpoint holds the model, optimizer, RNG states an
 position (epoch, next batch); epoch e visits the data in the order of a permutation seeded by
 seed + e, so the resumed run sees the same batches in the same order.
 
-Exit codes: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 too many non-finite steps
-in a row (after a checkpoint of the last good state); 2 bad input (data, config, checkpoint; a
-one-line message on stderr, nothing written).
+Before the first step the checkpoint and summary folders are created, locked (an flock on each
+folder, held while the process lives: a second train.py on the same run is refused) and checked to
+be writable; temporary files of checkpoint writes a killed run left are removed. Checkpoints hold
+only tensors and plain values and are read with torch.load(weights_only=True): a file that would
+run code is refused. A fresh start (no checkpoint resumed) starts losses.jsonl afresh.
 
-Test hook: the environment variable SCALOR_INJECT_NAN_AT="5,6" makes the loss NaN at steps 5 and 6.
+Exit codes: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 too many non-finite steps
+in a row (after a checkpoint of the last good state: the newest whose weights have not diverged);
+2 bad input (data, config, checkpoint, an unwritable or locked folder; a one-line message on
+stderr, nothing written) or a checkpoint that could not be written (disk full).
+
+Modules: checkpoints.py (checkpoint files, resume, run folders, loss log), distributed.py
+(torchrun), data.py (datasets, `build_dataset`), engine.py (one training step).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import dataclasses
-import inspect
+import errno
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -46,48 +53,33 @@ from tqdm import tqdm
 
 import utils
 import viz
-from common import Config, ConfigError, check_flags_at_least, small_config
-from data import (SPRITE_PRESETS, DataError, FrameFolder, GrandCentral, check_folder, data_notices, is_frame_file,
-                  iterate, make_loader, make_sprites)
+from checkpoints import (CheckpointError, Progress, SaveError, check_branch, claim_folders, load_training_state,
+                         open_loss_log, read_checkpoint, resume_path, rng_state, take_snapshot, weights_sane,
+                         write_checkpoint)
+from common import RECIPES, Config, ConfigError, check_flags_at_least, flag_help, small_config
+from data import (DATASET_KINDS, SPRITE_PRESETS, DataError, build_dataset, dataset_kind, estimate_background, iterate,
+                  make_loader)
+from distributed import Dist, all_mean, init_distributed, shutdown
 import fast
 from engine import TrainStep, make_optimizer
 from fast import SpeedOptions
 from scalor import SCALOR
-from utils import (ARCHITECTURE_FIELDS, CheckpointError, load_model_state, read_checkpoint, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, tau_at, z_pres_prior_at)
-
-CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
-INJECT_NAN_ENV = "SCALOR_INJECT_NAN_AT"   # test hook: comma-separated steps whose loss is made NaN
+from utils import seed_everything, tau_at, z_pres_prior_at
 
 
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-def config_comments() -> dict:
-    """{field: its comment in common.py}, the help text of the config flags."""
-    comments, last, column = {}, None, -1
-    for line in inspect.getsource(Config).splitlines():
-        match = re.match(r"\s+(\w+): [\w.]+ = [^#]+#\s*(.+)", line)
-        if match:
-            last, column = match.group(1), line.index("#")
-            comments[last] = match.group(2).replace("%", "%%")
-        elif last and line.strip().startswith("#") and line.index("#") == column:   # a continuation line
-            comments[last] += " " + line.strip()[1:].strip().replace("%", "%%")
-        else:
-            last = None
-    return comments
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train SCALOR.", allow_abbrev=False)
     group = parser.add_argument_group("config (common.Config; only flags given override the defaults, "
                                       "the --small preset or a resumed checkpoint's config)")
     types = typing.get_type_hints(Config)
-    comments = config_comments()
+    helps = flag_help()
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
-        text = f"{comments.get(field.name, field.name)} [{field.default}]"
+        text = f"{helps[field.name]} [{field.default}]".replace("%", "%%")
         if types[field.name] is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
@@ -98,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--small", action="store_true",
                      help="laptop preset: 64x64, 4x4 cells, glimpse 32, seq 5, cap 10, batch 8 (flags given win)")
+    run.add_argument("--recipe", choices=sorted(RECIPES),
+                     help="named config over the --small sizes (common.sprites_config: the measured sprite recipe; "
+                          "phase_no_background from the data unless given; flags given win)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="folder of frames (or of videos); absent: built-in moving sprites")
-    run.add_argument("--dataset", choices=("sprites", "grandcentral", "frames"),
+    run.add_argument("--dataset", choices=DATASET_KINDS,
                      help="default: sprites without --data-dir, else grandcentral if every frame is named "
                           "by a number, else frames")
     run.add_argument("--preset", default="easy", choices=sorted(SPRITE_PRESETS), help="sprite scenes [easy]")
@@ -154,58 +149,11 @@ def make_config(args, base: Config | None) -> Config:
     observe_frames, when not given, is lowered to seq_len - 1 if it would not fit the sequence."""
     given = given_config(args)
     if base is None:
-        base = small_config() if args.small else Config()
+        base = RECIPES[args.recipe]() if args.recipe else small_config() if args.small else Config()
     values = {**base.to_dict(), **given}
     if "observe_frames" not in given and values["observe_frames"] >= values["seq_len"]:
         values["observe_frames"] = max(1, values["seq_len"] - 1)
     return Config(**values)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 when run directly)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> Dist:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
-
-
-def all_mean(values: torch.Tensor, ddp: Dist) -> torch.Tensor:
-    """Average a small tensor over the processes of the job."""
-    if ddp.world == 1:
-        return values
-    import torch.distributed as dist
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / ddp.world
-
-
-def gather_objects(obj, ddp: Dist) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every process."""
-    if ddp.world == 1:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * ddp.world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def pick_device(name: str, ddp: Dist = Dist(), small: bool = False) -> torch.device:
@@ -215,48 +163,9 @@ def pick_device(name: str, ddp: Dist = Dist(), small: bool = False) -> torch.dev
                              + ("" if small else " (slow at full size; try --small)"))
 
 
-def nan_steps() -> set:
-    """Steps listed in SCALOR_INJECT_NAN_AT (test hook) whose loss is made NaN."""
-    text = os.environ.get(INJECT_NAN_ENV, "").strip()
-    try:
-        return {int(s) for s in text.split(",") if s.strip()}
-    except ValueError:
-        raise ConfigError(f"{INJECT_NAN_ENV}='{text}' must be comma-separated step numbers, e.g. '5,6'") from None
-
-
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-
-def dataset_kind(args) -> str:
-    if args.dataset is not None:
-        return args.dataset
-    if args.data_dir is None:
-        return "sprites"
-    frames = [p for p in check_folder(args.data_dir).iterdir() if is_frame_file(p)]
-    if frames and all(p.stem.isdigit() for p in frames):
-        print(f"notice: numbered frames in '{args.data_dir}' are read as Grand Central (8 crops, frame skip 8, "
-              f"the last 10% held out); pass --dataset frames for a video of your own")
-        return "grandcentral"
-    return "frames"
-
-
-def build_dataset(cfg: Config, args, kind: str):
-    if kind == "sprites":
-        return make_sprites(args.preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=cfg.seq_len,
-                            num_sequences=args.num_sprite_sequences, seed=cfg.seed)
-    if kind == "grandcentral":
-        dataset = GrandCentral(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=True,
-                               frame_skip=8 if args.frame_skip is None else args.frame_skip,
-                               crop_size=cfg.train_station_cropping_origin, skip_bad_frames=args.skip_bad_frames)
-    else:
-        dataset = FrameFolder(args.data_dir, cfg.img_h, cfg.img_w, cfg.seq_len,
-                              frame_skip=1 if args.frame_skip is None else args.frame_skip,
-                              train=True, skip_bad_frames=args.skip_bad_frames)
-    for line in data_notices(dataset, args.data_dir):
-        print(line)
-    return dataset
-
 
 class TrainOrder(torch.utils.data.Sampler):
     """This process's sequence indices, epoch after epoch without end, from global batch
@@ -305,77 +214,6 @@ def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pi
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------------
-
-def list_checkpoints(folder: Path) -> list:
-    """ckpt_<step>.pt files in `folder`, oldest step first."""
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name)), key=checkpoint_step)
-
-
-def drop_losses_after(path: Path, step: int) -> None:
-    """Rewrite losses.jsonl (atomically) without the lines of steps after `step` and broken lines
-    (a run killed mid-write)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(kept))
-    os.replace(temporary, path)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(CHECKPOINT_NAME.match(path.name).group(1))
-
-
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    for path in list_checkpoints(folder)[:-keep]:
-        path.unlink()
-
-
-def resume_path(args, ckpt_dir: Path):
-    if args.resume is None:
-        return None
-    if args.resume != "auto":
-        return Path(args.resume)
-    found = list_checkpoints(ckpt_dir)
-    if not found:
-        print(f"notice: no checkpoint in '{ckpt_dir}', starting a fresh run")
-        return None
-    return found[-1]
-
-
-@dataclass
-class Progress:
-    """Where training stands after a step: what a checkpoint needs besides model and optimizer."""
-    step: int           # iterations done
-    epoch: int          # data position: epoch of the next batch
-    batch_index: int    # ... and its index within that epoch
-    bad_steps: int      # non-finite steps skipped so far
-    rng: dict           # utils.rng_state() after the step
-
-
-def save(run, progress: Progress) -> Path:
-    """Write a checkpoint (rank 0), with every process's RNG states; all processes must call it."""
-    path = run.ckpt_dir / f"ckpt_{progress.step:08d}.pt"
-    rng_ranks = gather_objects(progress.rng, run.ddp)
-    if run.ddp.main:
-        save_checkpoint(str(path), run.model, run.optimizer, progress.step, run.cfg, rng=progress.rng,
-                        rng_ranks=rng_ranks, world_size=run.ddp.world, epoch=progress.epoch,
-                        batch_index=progress.batch_index, bad_steps=progress.bad_steps, data=run.data_desc)
-        prune_checkpoints(run.ckpt_dir, run.keep_checkpoints)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------
 # Setup: everything is validated before anything is written
 # ------------------------------------------------------------------------------------------------
 
@@ -394,15 +232,20 @@ class Run:
     keep_checkpoints: int
     resumed: bool
     ddp: Dist = Dist()
+    locks: list = dataclasses.field(default_factory=list)   # FolderLocks held until the run ends
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
 
 
 def setup(args, ddp: Dist = Dist()) -> Run:
     check_run_args(args)
-    nan_steps()   # validate the test hook's variable before anything is written
     if args.cuda_graph and ddp.world > 1:
         raise ConfigError("--cuda-graph works in single-process runs only: drop it under torchrun")
     device = pick_device(args.device, ddp, small=args.small)
-    kind = dataset_kind(args)
+    kind = dataset_kind(args.dataset, args.data_dir)
     run_name = args.run_name or default_run_name(args, kind)
     ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
     summary_dir = Path(args.summary_dir or Path("runs") / run_name / "summary")
@@ -410,12 +253,18 @@ def setup(args, ddp: Dist = Dist()) -> Run:
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"'{folder}' is a file, not a folder: pass another {flag} or --run-name")
 
-    path = resume_path(args, ckpt_dir)
+    path = resume_path(args.resume, ckpt_dir)
     payload = read_checkpoint(str(path)) if path is not None else None
     if payload is not None and args.small:
         print("notice: resuming, so the config comes from the checkpoint (flags given override it; --small is ignored)")
     cfg = make_config(args, payload["config"] if payload else None)
-    dataset = build_dataset(cfg, args, kind)
+    dataset = build_dataset(kind, cfg, train=True, data_dir=args.data_dir, preset=args.preset,
+                            num_sequences=args.num_sprite_sequences, frame_skip=args.frame_skip,
+                            skip_bad_frames=args.skip_bad_frames, seed=cfg.seed)
+    if args.recipe and payload is None and "phase_no_background" not in given_config(args):   # decided by the data
+        cfg = cfg.replace(phase_no_background=not estimate_background(dataset)["has_background"])
+        print(f"notice: --recipe {args.recipe}: phase_no_background={cfg.phase_no_background} (estimated from the frames; "
+              f"pass --phase-no-background or --no-phase-no-background to choose)")
     data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=args.preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
     batches_per_epoch = len(dataset) // (cfg.batch_size * ddp.world)
@@ -435,65 +284,20 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
     if payload is not None:
         start = load_training_state(model, optimizer, payload, path, args.allow_partial_load, cfg, data_desc, ddp)
-        newer = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > start.step]
-        if newer:   # keeping the newest checkpoints would delete this branch's, and auto would resume the other
-            raise ConfigError(f"'{ckpt_dir}' holds checkpoints newer than step {start.step} ({newer[-1].name}): "
-                              f"continue from the newest (--resume auto), or pass another --ckpt-dir for this branch")
-    elif list_checkpoints(ckpt_dir):
-        raise ConfigError(f"'{ckpt_dir}' already holds checkpoints: pass --resume auto to continue that run, "
-                          f"or another --run-name / --ckpt-dir")
+    check_branch(ckpt_dir, start.step if payload is not None else None)
     if start.batch_index >= batches_per_epoch:   # the checkpoint's epoch was longer (other data or batch size)
         start = dataclasses.replace(start, epoch=start.epoch + 1, batch_index=0)
     total_steps = args.epochs * batches_per_epoch if args.epochs else (args.steps or 100000)
+    locks = claim_folders(ckpt_dir, summary_dir, ddp)   # made, locked, writable: the last check
     return Run(cfg=cfg, device=device, model=model, optimizer=optimizer, dataset=dataset, data_desc=data_desc,
                start=start, total_steps=total_steps, ckpt_dir=ckpt_dir, summary_dir=summary_dir,
-               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp)
+               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp, locks=locks)
 
 
 def default_run_name(args, kind: str) -> str:
     name = f"sprites-{args.preset}" if kind == "sprites" else \
         "grandcentral" if kind == "grandcentral" else Path(args.data_dir).resolve().name
     return name + ("-small" if args.small else "")
-
-
-def load_training_state(model, optimizer, payload: dict, path: Path, allow_partial: bool, cfg: Config,
-                        data_desc: dict, ddp: Dist = Dist()) -> Progress:
-    """Weights, optimizer, RNG states and data position from a checkpoint; CheckpointError if unusable."""
-    try:
-        load_model_state(model, payload, str(path), allow_partial=allow_partial)
-    except RuntimeError as err:   # shapes that do not fit even a partial load
-        detail = " ".join(str(err).split())[:300]
-        raise CheckpointError(f"{path} does not fit this model: {detail}") from None
-    architecture_same = not set(model.cfg.diff(payload["config"])) & ARCHITECTURE_FIELDS
-    if "optimizer" in payload and architecture_same:
-        optimizer.load_state_dict(payload["optimizer"])
-        capturable = optimizer.defaults.get("capturable", False)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr    # a given --lr wins over the checkpoint's
-            group["capturable"] = capturable   # this run's choice (CUDA graph or not)
-        for state in optimizer.state.values():   # capturable RMSprop keeps its step count on the device
-            if "step" in state:
-                state["step"] = state["step"].to(next(model.parameters()).device if capturable else "cpu")
-    else:
-        print(f"notice: optimizer state of {path} not used; RMSprop starts afresh")
-    saved_world = payload.get("world_size", 1)
-    ranks = payload.get("rng_ranks") or ([payload["rng"]] if "rng" in payload else [])
-    if len(ranks) == ddp.world:       # the same number of processes: each continues its own streams
-        set_rng_state(ranks[ddp.rank])
-    else:                              # another number of processes: fresh per-process streams
-        seed_everything(cfg.seed + 1000 * ddp.rank + payload["step"])
-        if ddp.main:
-            print(f"notice: {path} was written by {saved_world} processes, this run has {ddp.world}: "
-                  f"the data position carries over, the random streams start afresh")
-    if payload.get("data", data_desc) != data_desc:
-        print(f"notice: {path} was trained on {payload['data']}, now {data_desc}: the data position will not match")
-    # the data position in sequences of the epoch (the epoch's order does not depend on the batch
-    # size), in global batches of this run (rounded down): other process counts or batch sizes
-    saved_batch = payload["config"].batch_size
-    batch_index = payload.get("batch_index", 0) * saved_world * saved_batch // (ddp.world * cfg.batch_size)
-    rng = ranks[ddp.rank] if len(ranks) == ddp.world else {}
-    return Progress(step=payload["step"], epoch=payload.get("epoch", 0), batch_index=batch_index,
-                    bad_steps=payload.get("bad_steps", 0), rng=rng)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -565,23 +369,23 @@ def train(run: Run, args) -> int:
     step_fn = TrainStep(model, run.optimizer, precision=speed.precision if run.device.type == "cuda" else "fp32",
                         cuda_graph=speed.cuda_graph, forward=forward)
     writer = losses = None
-    if ddp.main:
-        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        run.summary_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else None)
+    if ddp.main:   # the folders were made, checked and locked by setup
+        # events and losses of steps after the start (a killed run's, or a fresh start's predecessor
+        # killed before its first checkpoint) are dropped: purge_step for TensorBoard
+        writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else 0)
         if not run.resumed:
             writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in cfg.to_dict().items()), 0)
-        losses_path = run.summary_dir / "losses.jsonl"
-        if run.resumed:   # as the events' purge_step: drop the steps after the checkpoint (a crash's)
-            drop_losses_after(losses_path, run.start.step)
-        losses = open(losses_path, "a")
+        losses = open_loss_log(run.summary_dir, run.start.step, run.resumed)
     stop, previous = install_stop_handlers()
-    inject = nan_steps()
     pin = run.device.type == "cuda"
     per_epoch = len(run.dataset) // (cfg.batch_size * ddp.world)
     data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin, ddp)
     good = run.start if run.start.rng else dataclasses.replace(run.start, rng=rng_state())
     step, bad_steps, bad_in_row, saved_at = good.step, good.bad_steps, 0, good.step
+    # the newest state known not to have diverged (weights_sane), a CPU copy: what a run that gives
+    # up on non-finite steps saves when the weights of its last finite step have diverged already.
+    # Taken at the start and at the finite logging steps (every print_freq), when the check passes.
+    kept = take_snapshot(run, good)
     last_log = (time.time(), step)
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
     if ddp.main:
@@ -602,7 +406,7 @@ def train(run: Run, args) -> int:
             step += 1
             batch = batch.to(run.device, non_blocking=pin)
             log_now = step == 1 or step % cfg.print_freq == 0
-            result = step_fn(batch, step, keep_records=log_now and ddp.main, inject_nan=step in inject)
+            result = step_fn(batch, step, keep_records=log_now and ddp.main)
             # one small all-reduce: loss, objects and "stop requested" (a signal or --max-minutes) agreed by
             # every process, so all of them stop after the same step
             out_of_time = time.time() >= deadline
@@ -615,6 +419,8 @@ def train(run: Run, args) -> int:
             if ok:
                 bad_in_row = 0
                 good = Progress(step, *position, bad_steps, rng_state())
+                if log_now and weights_sane(model):
+                    kept = take_snapshot(run, good)
             else:
                 bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
                 if writer:
@@ -640,34 +446,42 @@ def train(run: Run, args) -> int:
             bar.set_postfix(loss=f"{loss:.1f}", mean50=f"{sum(recent) / len(recent):.1f}", obj=f"{objects:.2f}")
 
             if bad_in_row >= args.max_bad_steps:
-                path = save(run, good)
+                diverged = not weights_sane(model)   # the weights of step good.step: used unless diverged
+                last = kept.progress if diverged else good
+                path = write_checkpoint(run, last, kept if diverged else None)
                 if ddp.main:
+                    why = f" (the weights after step {good.step} had diverged)" if diverged else ""
                     bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved the last good "
-                              f"state (step {good.step}) to {path}; lower --lr or --cp and resume from it",
+                              f"state (step {last.step}){why} to {path}; lower --lr or --cp and resume from it",
                               file=sys.stderr)
                 code = 1
                 break
             if ok and step % cfg.save_freq == 0:
-                save(run, good)
-                saved_at = step
+                if weights_sane(model):
+                    write_checkpoint(run, good)
+                    saved_at = step
+                elif ddp.main:
+                    bar.write(f"step {step}: the weights have diverged (beyond ~1e19); no checkpoint written")
             if stop_any > 0:
-                path = save(run, Progress(step, *position, bad_steps, rng_state()))
+                path = write_checkpoint(run, Progress(step, *position, bad_steps, rng_state()))
                 if ddp.main:
                     why = stop["signal"] or (f"--max-minutes {args.max_minutes:g}" if out_of_time else "signal")
                     bar.write(f"{why}: stopped after step {step}; saved {path}")
                 break
         else:
             if saved_at != step:
-                save(run, Progress(step, *position, bad_steps, rng_state()))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        bar.close()
-        data.close()
-        if losses:
-            losses.close()
-        if writer:
-            writer.close()
+                write_checkpoint(run, Progress(step, *position, bad_steps, rng_state()))
+    finally:   # the stop handlers stay until the teardown is done: a second Ctrl-C cannot break it
+        try:
+            bar.close()
+            data.close()
+            if losses:
+                losses.close()
+            if writer:
+                writer.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return code
 
 
@@ -685,18 +499,23 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    if run.start.step >= run.total_steps:
-        print(f"checkpoint is at step {run.start.step}, the run ends at step {run.total_steps}: nothing to do")
-        return 0
     try:
+        if run.start.step >= run.total_steps:
+            print(f"checkpoint is at step {run.start.step}, the run ends at step {run.total_steps}: nothing to do")
+            return 0
         return train(run, args)
-    except DataError as err:   # e.g. a corrupt frame met during training
+    except (DataError, SaveError) as err:   # e.g. a corrupt frame met during training, a full disk
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            raise
+        print(f"error: writing the run's logs failed ({err.strerror}): disk full / not writable; the last "
+              f"checkpoint in '{run.ckpt_dir}' is intact: free space, then resume with --resume auto", file=sys.stderr)
+        return 2
     finally:
-        if ddp.world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        run.release()
+        shutdown(ddp)
 
 
 if __name__ == "__main__":

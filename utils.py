@@ -1,4 +1,4 @@
-"""Schedules, seeding and checkpoints.
+"""Schedules, seeding, device picking and file names (checkpoints: checkpoints.py).
 
 The step convention follows the reference: training step s (1-based, the number of optimizer
 steps taken including this one) uses temperature `tau_at(cfg, s - 1)` and the z_pres prior,
@@ -6,10 +6,10 @@ detach rule and alpha curriculum of step s.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-import os
 import random
-import tempfile
+import re
 
 import numpy as np
 import torch
@@ -62,111 +62,43 @@ def pick_device(name: str, cpu_notice: str | None = None) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------
-# Seeding and RNG state
+# File names of sequences
+# ------------------------------------------------------------------------------------------------
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a name: runs of characters other than ASCII letters, digits and
+    ._- become one '_' ('seq' for an empty result). Different names may give the same safe name:
+    use unique_names for a set of names that must stay apart."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "seq"
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """File-name-safe names, one per name, all different (also ignoring case, for case-insensitive
+    file systems) and stable: a name that is safe already and meets no other stays as it is; one that
+    had to change ('a b', 'café') or collides gets '-' and 8 hex digits of the SHA-1 of the original
+    name appended ('a_b-1a2b3c4d'); equal originals are numbered ('-2', '-3', ...) in order."""
+    safe = [safe_name(n) for n in names]
+    seen = {}
+    for s in safe:
+        seen[s.lower()] = seen.get(s.lower(), 0) + 1
+    result, taken = [], set()
+    for name, s in zip(names, safe):
+        if s != name or seen[s.lower()] > 1:
+            s = f"{s}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+        candidate, k = s, 1
+        while candidate.lower() in taken:
+            k += 1
+            candidate = f"{s}-{k}"
+        taken.add(candidate.lower())
+        result.append(candidate)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeding
 # ------------------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A file that is not a SCALOR checkpoint, or one that does not fit the model."""
-
-
-def save_checkpoint(path: str, model, optimizer=None, step: int = 0, cfg: Config | None = None, **extra) -> None:
-    """Write atomically: a temporary file in the same folder, flushed, fsynced, then renamed.
-
-    A crash (or a full disk) during the write leaves any previous file at `path` intact."""
-    cfg = cfg if cfg is not None else model.cfg
-    payload = {"format": "scalor-checkpoint-v1", "config": cfg.to_dict(), "step": step,
-               "model": model.state_dict(), **extra}
-    if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if getattr(e, "errno", None) == 28:
-            raise OSError(28, f"disk full while writing checkpoint '{path}'; the previous checkpoint is intact, free space and resume") from e
-        raise
-
-
-def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint file and check that it is one; returns its dict (config as a Config)."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint '{path}' is a folder: pass one of its ckpt_*.pt files")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"'{path}' is not a readable SCALOR checkpoint ({type(e).__name__}); "
-                              f"pass a .pt file written by train.py") from None
-    if not isinstance(payload, dict) or payload.get("format") != "scalor-checkpoint-v1":
-        raise CheckpointError(f"'{path}' is not a SCALOR checkpoint (no 'format' tag); pass a .pt file written by train.py")
-    try:
-        payload["config"] = Config.from_dict(payload["config"])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"checkpoint '{path}' holds an unusable config: {e}") from None
-    return payload
-
-
-def load_model_state(model, payload: dict, path: str = "checkpoint", allow_partial: bool = False) -> None:
-    """Load weights strictly: a config or key mismatch names what differs; never a silent partial load."""
-    diff = model.cfg.diff(payload["config"])
-    arch = {k: v for k, v in diff.items() if k in ARCHITECTURE_FIELDS}
-    if arch and not allow_partial:
-        listed = ", ".join(f"{k}: model {a!r} vs checkpoint {b!r}" for k, (a, b) in sorted(arch.items()))
-        raise CheckpointError(f"{path} was trained with another config ({listed}); "
-                              f"use its config or pass --allow-partial-load")
-    state = payload["model"]
-    mismatched = []
-    if allow_partial:   # load what fits: tensors of another shape stay as initialised
-        own = model.state_dict()
-        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        state = {k: v for k, v in state.items() if k not in mismatched}
-    result = model.load_state_dict(state, strict=not allow_partial)
-    if allow_partial and (result.missing_keys or result.unexpected_keys or mismatched):
-        print(f"partial load from {path}: {len(mismatched)} tensors of another shape and "
-              f"{len(result.missing_keys) - len(mismatched)} missing keys left as initialised, "
-              f"{len(result.unexpected_keys)} unexpected keys ignored")
-
-
-# Fields that change the parameters' shapes or meaning.
-ARCHITECTURE_FIELDS = {
-    "img_h", "img_w", "num_cell_h", "num_cell_w", "glimpse_size", "z_what_dim", "bg_what_dim",
-    "img_encode_dim", "conv_lstm_hid_dim", "z_what_enc_dim", "propagate_encode_dim",
-    "temporal_rnn_hid_dim", "temporal_rnn_inp_dim", "temporal_img_enc_hid_dim", "temporal_img_enc_dim",
-    "z_where_transit_bias_net_hid_dim", "z_depth_transit_net_hid_dim", "z_pres_hid_dim",
-    "z_what_from_temporal_hid_dim", "z_what_gate_hid_dim", "prior_rnn_inp_dim", "prior_rnn_hid_dim",
-    "bg_prior_rnn_hid_dim", "phase_conv_lstm", "phase_no_background", "using_bg_sbd",
-}

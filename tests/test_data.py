@@ -1,5 +1,7 @@
 """Tests of data.py: Grand Central protocol, frame folders, sprite ground truth, errors, bench data."""
+import colorsys
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -7,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (DataError, FrameFolder, GrandCentral, MovingSprites, SpriteSpec, bench_batches,
-                  data_notices, load_rgb, make_loader, make_sprites, write_to_disk)
+from data import (SPMOT_COLORS, DataError, FrameFolder, GrandCentral, MovingSprites, SpriteSpec, bench_batches,
+                  data_notices, load_rgb, make_loader, make_scene, make_sprites, write_to_disk)
 
 CORNERS_720 = [(120, 0), (360, 0), (0, 240), (240, 240), (480, 240), (0, 120), (240, 120), (480, 120)]
 
@@ -274,7 +276,7 @@ def check_ground_truth(dataset, index):
     return truth
 
 
-@pytest.mark.parametrize("preset", ["easy", "few", "many", "dynamic_bg"])
+@pytest.mark.parametrize("preset", ["easy", "few", "many", "dynamic_bg", "crowded", "stream"])
 def test_sprite_masks_boxes_counts_are_exact(preset):
     dataset = make_sprites(preset, seq_len=6, num_sequences=3, seed=1)
     for index in range(3):
@@ -344,6 +346,15 @@ def test_sprites_without_entering_stay_inside(motion):
         truth = MovingSprites(spec).ground_truth(index)
         assert (truth["counts"] == 1).all()
         assert (truth["masks"].sum(axis=(2, 3)) >= 25).all()  # never clipped by an edge
+
+
+def test_long_constant_sprites_whose_speed_is_capped():
+    """Capping the speed so the path fits can leave the start range's ends crossed by rounding
+    (high - low ~ -1e-15); that scene used to raise 'high - low < 0'."""
+    data = make_sprites("easy", img_h=64, img_w=64, seq_len=40, num_sequences=4, seed=10_666)
+    frames = data[3]
+    assert frames.shape == (40, 3, 64, 64)
+    assert data.ground_truth(3)["counts"].min() >= 1
 
 
 def test_sprites_wrap_across_edges():
@@ -454,3 +465,82 @@ def test_videos_shorter_than_a_sequence_are_left_out_with_a_notice(video_root):
     assert data_notices(dataset, "videos") == [
         f"notice: left out 1 videos shorter than one sequence in 'videos' (the first: '{video_root / 'b2'}')"]
     assert data_notices(FrameFolder(video_root, img_h=8, img_w=12, seq_len=2), "videos") == []
+
+
+# ---- Sprites-MOT and the hard presets ------------------------------------------------------------
+
+def test_spmot_preset_follows_the_published_generator():
+    """OCRB's SpMOT (ocrb/tba/scripts/gen_sprite.py, at half its 128x128 size): 64x64, 10 frames,
+    0-3 objects at a time from 3 slots, births and exits, sides 21/2 x U[0.9, 1.1] with a
+    height/width ratio in [0.8, 1.2], 2.65 px a frame on straight lines, 6 colours, 4 shapes,
+    a black background."""
+    data = make_sprites("spmot", num_sequences=40, seed=3)
+    spec = data.spec
+    assert (spec.img_h, spec.img_w, spec.seq_len, spec.max_objects) == (64, 64, 10, 3)
+    assert sorted(spec.shapes) == ["circle", "diamond", "square", "triangle"] and spec.background == "black"
+    assert data[0].shape == (10, 3, 64, 64)
+    counts, born, left, sides = [], 0, 0, []
+    for index in range(40):
+        truth = data.ground_truth(index)
+        frames = data[index].permute(0, 2, 3, 1).numpy()
+        counts.append(truth["counts"])
+        assert (frames[~truth["masks"].any(axis=1)] == 0).all()             # black where no object shows
+        assert all((SPMOT_COLORS == c).all(axis=1).any() for c in truth["colors"])
+        scene = make_scene(spec, index)
+        for k in range(len(scene.shapes)):
+            shown = np.flatnonzero(scene.present[:, k])
+            assert np.array_equal(shown, np.arange(shown[0], shown[-1] + 1))   # one stretch: no return
+            born += shown[0] > 0
+            left += shown[-1] < spec.seq_len - 1
+            steps = np.linalg.norm(np.diff(scene.centers[shown, k], axis=0), axis=1)
+            np.testing.assert_allclose(steps, 2.65, atol=1e-9)                # constant speed, straight
+            w, h = 2 * scene.half_w[k], 2 * scene.half_h[k]
+            assert 0.8 - 1e-9 <= h / w <= 1.2 + 1e-9 and 9.45 - 1e-9 <= math.sqrt(w * h) <= 11.55 + 1e-9
+            sides += [w, h]
+    counts = np.stack(counts)
+    assert counts.max() == 3 and counts.min() >= 0 and (counts < 3).any()
+    assert born > 0 and left > 0                                              # births and exits happen
+    assert 9.45 / math.sqrt(1.2) - 1e-9 <= min(sides) and max(sides) <= 11.55 * math.sqrt(1.2) + 1e-9
+
+
+def test_spmot_ground_truth_is_consistent_with_repeated_colours():
+    data = make_sprites("spmot", num_sequences=12, seed=0)
+    for index in range(12):
+        truth = data.ground_truth(index)
+        frames = data[index].permute(0, 2, 3, 1).numpy()
+        masks = truth["masks"]                                                # (T, N, H, W)
+        assert not (masks.sum(axis=1) > 1).any()
+        assert np.array_equal(masks.any(axis=1), frames.any(axis=-1))        # objects: exactly the lit pixels
+        for k, color in enumerate(truth["colors"]):
+            assert (frames[masks[:, k]] == color).all()
+            for t in range(10):
+                rows, cols = np.nonzero(masks[t, k])
+                if len(rows) == 0:
+                    assert truth["ids"][t, k] == -1 and not truth["boxes"][t, k].any()
+                    continue
+                box = [cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
+                assert truth["ids"][t, k] == k + 1 and truth["boxes"][t, k].tolist() == box
+        assert np.array_equal(truth["counts"], (truth["ids"] > 0).sum(axis=1))
+        amodal = data.amodal_masks(index)
+        assert (amodal | ~masks).all()                                        # visible part of the full shape
+
+
+def test_hard_presets_crowd_occlude_and_share_hues():
+    crowded = make_sprites("crowded", num_sequences=6, seed=1)
+    occluded = 0
+    for index in range(6):
+        truth = crowded.ground_truth(index)
+        assert 5 <= truth["ids"].shape[1] <= 9
+        occluded += int(crowded.amodal_masks(index).sum() > truth["masks"].sum())
+        hues = sorted(colorsys.rgb_to_hsv(*c)[0] for c in truth["colors"])
+        gaps = np.diff(hues + [hues[0] + 1])
+        assert gaps.max() >= 0.75 - 1e-6                                      # all hues within a quarter circle
+    assert occluded >= 5
+    stream = make_sprites("stream", num_sequences=6, seed=1)
+    births = exits = 0
+    for index in range(6):
+        scene = make_scene(stream.spec, index)
+        assert scene.present.sum(axis=1).max() <= 6
+        births += int((~scene.present[0] & scene.present.any(axis=0)).sum())
+        exits += int((~scene.present[-1] & scene.present.any(axis=0)).sum())
+    assert births > 0 and exits > 0

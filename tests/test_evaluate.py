@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import evaluate as ev
+import metrics as mt
 from common import small_config
 from data import make_sprites, write_to_disk
 from scalor import SCALOR
-from utils import save_checkpoint
+from checkpoints import save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,7 @@ def boxes_to_masks(frames, size=128):
 def test_ground_truth_as_predictions_is_perfect():
     gt = moving_boxes(num_objects=3, num_frames=5)
     pred = [(ids + 100, boxes.copy()) for ids, boxes in gt]   # different id values, same tracks
-    m = ev.tracking_metrics(gt, pred)
+    m = mt.tracking_metrics(gt, pred)
     assert m["mota"] == 1.0
     assert m["motp_distance"] == 0.0 and m["motp_iou"] == 1.0
     assert m["idf1"] == 1.0
@@ -68,7 +69,7 @@ def test_ground_truth_as_predictions_is_perfect():
 
 def test_ground_truth_masks_as_predictions_is_perfect():
     gt = boxes_to_masks(moving_boxes(num_objects=2, num_frames=4))
-    m = ev.tracking_metrics(gt, gt, distance=ev.mask_iou_distance)
+    m = mt.tracking_metrics(gt, gt, distance=mt.mask_iou_distance)
     assert m["mota"] == 1.0 and m["motp_distance"] == 0.0 and m["motp_iou"] == 1.0
     assert (m["id_switches"], m["false_positives"], m["misses"]) == (0, 0, 0)
 
@@ -79,7 +80,7 @@ def test_swapping_two_ids_once_gives_two_switches():
     for t, (ids, boxes) in enumerate(gt):
         pred_ids = np.array([11, 12]) if t < 3 else np.array([12, 11])   # swapped from frame 3 on
         pred.append((pred_ids, boxes.copy()))
-    m = ev.tracking_metrics(gt, pred)
+    m = mt.tracking_metrics(gt, pred)
     assert m["id_switches"] == 2                                      # one per object, at frame 3
     assert (m["false_positives"], m["misses"], m["num_objects"]) == (0, 0, 12)
     assert m["mota"] == pytest.approx(1 - 2 / 12, abs=1e-12)
@@ -95,7 +96,7 @@ def test_dropping_k_objects_in_m_frames_gives_k_times_m_misses():
     for t, (ids, boxes) in enumerate(gt):
         keep = slice(k, None) if t in (1, 4, 6) else slice(None)      # drop objects 1..k in m frames
         pred.append((ids[keep] + 50, boxes[keep]))
-    m = ev.tracking_metrics(gt, pred)
+    m = mt.tracking_metrics(gt, pred)
     assert m["misses"] == k * m_frames
     assert (m["false_positives"], m["id_switches"]) == (0, 0)
     assert m["mota"] == pytest.approx(1 - k * m_frames / 24, abs=1e-12)
@@ -106,7 +107,7 @@ def test_dropping_k_objects_in_m_frames_gives_k_times_m_misses():
 def test_false_positives_are_counted():
     gt = moving_boxes(num_objects=1, num_frames=4)
     pred = [(np.array([7, 8]), np.concatenate((boxes, [[100.0, 100.0, 5.0, 5.0]]))) for _, boxes in gt]
-    m = ev.tracking_metrics(gt, pred)
+    m = mt.tracking_metrics(gt, pred)
     assert (m["false_positives"], m["misses"], m["id_switches"]) == (4, 0, 0)
     assert m["mota"] == pytest.approx(1 - 4 / 4, abs=1e-12)
 
@@ -114,8 +115,8 @@ def test_false_positives_are_counted():
 def test_summarize_adds_up_sequences():
     gt = moving_boxes(num_objects=2, num_frames=3)
     pred_miss = [(ids[:1], boxes[:1]) for ids, boxes in gt]           # second object always missed
-    accs = [ev.accumulate(gt, gt), ev.accumulate(gt, pred_miss)]
-    m = ev.summarize(accs, ["a", "b"])
+    accs = [mt.accumulate(gt, gt), mt.accumulate(gt, pred_miss)]
+    m = mt.summarize(accs, ["a", "b"])
     assert (m["num_objects"], m["misses"], m["num_unique_objects"]) == (12, 3, 4)
     assert (m["mostly_tracked"], m["mostly_lost"]) == (3, 1)
 
@@ -125,7 +126,7 @@ def test_motp_is_the_mean_over_all_matches_when_a_sequence_has_none():
     gt = moving_boxes(num_objects=1, num_frames=2)
     shifted = [(ids, boxes + np.array([boxes[0][2] / 4, 0, 0, 0])) for ids, boxes in gt]   # IoU 0.6 each
     nothing = [(ids[:0], boxes[:0]) for ids, boxes in gt]
-    m = ev.summarize([ev.accumulate(gt, shifted), ev.accumulate(gt, nothing)], ["a", "b"])
+    m = mt.summarize([mt.accumulate(gt, shifted), mt.accumulate(gt, nothing)], ["a", "b"])
     assert (m["matches"], m["misses"]) == (2, 2)
     assert m["motp_iou"] == pytest.approx(0.6)
 
@@ -137,15 +138,15 @@ def test_motp_is_the_mean_over_all_matches_when_a_sequence_has_none():
 def test_box_shifted_by_half_its_width_has_iou_one_third():
     a = np.array([[10.0, 20.0, 8.0, 6.0]])
     b = np.array([[14.0, 20.0, 8.0, 6.0]])
-    assert ev.iou_xywh(a, b)[0, 0] == 1 / 3
-    assert ev.iou_xywh(a, a)[0, 0] == 1.0
-    assert ev.iou_xywh(a, [[18.0, 20.0, 8.0, 6.0]])[0, 0] == 0.0       # touching edges
-    dist = ev.iou_matrix_distance(a, np.concatenate((a, b)))
+    assert mt.iou_xywh(a, b)[0, 0] == 1 / 3
+    assert mt.iou_xywh(a, a)[0, 0] == 1.0
+    assert mt.iou_xywh(a, [[18.0, 20.0, 8.0, 6.0]])[0, 0] == 0.0       # touching edges
+    dist = mt.iou_matrix_distance(a, np.concatenate((a, b)))
     assert dist[0, 0] == 0.0 and np.isnan(dist[0, 1])                  # IoU 1/3 < 0.5: never paired
     # the same through the normalised-coordinate conversion
     z = np.array([[0.25, 0.25, 0.0, 0.0], [0.25, 0.25, 0.25, 0.0]])
-    boxes = ev.xyxy_to_xywh(ev.box_to_pixels(z, 64, 64))
-    assert ev.iou_xywh(boxes[:1], boxes[1:])[0, 0] == 1 / 3
+    boxes = mt.xyxy_to_xywh(ev.box_to_pixels(z, 64, 64))
+    assert mt.iou_xywh(boxes[:1], boxes[1:])[0, 0] == 1 / 3
 
 
 def test_box_to_pixels_known_values():
@@ -154,8 +155,8 @@ def test_box_to_pixels_known_values():
     assert xyxy.shape == (1, 2, 4)
     np.testing.assert_array_equal(xyxy[0, 0], [0, 0, 64, 32])             # the whole frame
     np.testing.assert_array_equal(xyxy[0, 1], [32, 4, 64, 12])
-    np.testing.assert_array_equal(ev.xyxy_to_xywh(xyxy)[0, 1], [32, 4, 32, 8])
-    np.testing.assert_array_equal(ev.box_centres([[32, 4, 32, 8]]), [[48, 8]])
+    np.testing.assert_array_equal(mt.xyxy_to_xywh(xyxy)[0, 1], [32, 4, 32, 8])
+    np.testing.assert_array_equal(mt.box_centres([[32, 4, 32, 8]]), [[48, 8]])
 
 
 def test_mask_iou_distance_known_values():
@@ -165,10 +166,10 @@ def test_mask_iou_distance_known_values():
     b[0, :2, :2] = True                                                   # same
     b[1, :2, :3] = True                                                   # 6 pixels, IoU 4/6
     b[2, :1, :2] = True                                                   # 2 pixels, IoU 2/4
-    np.testing.assert_allclose(ev.mask_iou(a, b), [[1.0, 2 / 3, 0.5]])
-    np.testing.assert_allclose(ev.mask_iou_distance(a, b), [[0.0, 1 / 3, 0.5]])
-    assert np.isnan(ev.mask_iou_distance(a, b, thresh=0.6)[0, 2])
-    assert ev.mask_iou_distance(a, np.zeros((0, 4, 4), bool)).shape == (1, 0)
+    np.testing.assert_allclose(mt.mask_iou(a, b), [[1.0, 2 / 3, 0.5]])
+    np.testing.assert_allclose(mt.mask_iou_distance(a, b), [[0.0, 1 / 3, 0.5]])
+    assert np.isnan(mt.mask_iou_distance(a, b, thresh=0.6)[0, 2])
+    assert mt.mask_iou_distance(a, np.zeros((0, 4, 4), bool)).shape == (1, 0)
 
 
 def test_placed_masks_match_the_boxes():
@@ -193,7 +194,7 @@ def test_mask_boxes_are_tight_boxes_of_whole_pixels():
     masks = np.zeros((3, 8, 10), dtype=bool)
     masks[0, 2:5, 3:9] = True               # rows 2-4, columns 3-8
     masks[1, 7, 0] = True                   # one pixel in the corner
-    boxes = ev.mask_boxes(masks)            # masks[2] is empty
+    boxes = mt.mask_boxes(masks)            # masks[2] is empty
     np.testing.assert_array_equal(boxes, [[3, 2, 6, 3], [0, 7, 1, 1], [0, 0, 0, 0]])
 
 
@@ -222,38 +223,38 @@ def test_predictions_that_draw_fewer_than_five_pixels_are_not_detections():
 def test_rle_round_trips_exactly(shape):
     rng = np.random.default_rng(sum(shape))
     for mask in (rng.random(shape) < 0.3, rng.random(shape) < 0.9, np.zeros(shape, bool), np.ones(shape, bool)):
-        text = ev.rle_encode(mask)
-        decoded = ev.rle_decode(text, *shape)
+        text = mt.rle_encode(mask)
+        decoded = mt.rle_decode(text, *shape)
         assert decoded.dtype == bool and decoded.shape == shape
         np.testing.assert_array_equal(decoded, mask)
 
 
 def test_rle_format():
-    assert ev.rle_encode(np.array([[0, 1, 1], [1, 0, 0]])) == "2 3"       # row-major, 1-based starts
-    assert ev.rle_encode(np.array([[1, 0], [0, 1]])) == "1 1 4 1"
-    assert ev.rle_encode(np.zeros((2, 3))) == ""
-    assert ev.rle_encode(np.ones((2, 3))) == "1 6"
+    assert mt.rle_encode(np.array([[0, 1, 1], [1, 0, 0]])) == "2 3"       # row-major, 1-based starts
+    assert mt.rle_encode(np.array([[1, 0], [0, 1]])) == "1 1 4 1"
+    assert mt.rle_encode(np.zeros((2, 3))) == ""
+    assert mt.rle_encode(np.ones((2, 3))) == "1 6"
     with pytest.raises(ValueError):
-        ev.rle_decode("1", 2, 3)
+        mt.rle_decode("1", 2, 3)
     with pytest.raises(ValueError):
-        ev.rle_decode("5 3", 2, 3)
+        mt.rle_decode("5 3", 2, 3)
 
 
 def test_count_metrics_known_answers():
-    m = ev.count_metrics([2, 3, 1, 0], [2, 1, 1, 1])
+    m = mt.count_metrics([2, 3, 1, 0], [2, 1, 1, 1])
     assert m == {"accuracy": 0.5, "mae": 0.75, "bias": -0.25, "frames": 4}
-    assert ev.count_metrics([4, 4], [4, 4])["accuracy"] == 1.0
+    assert mt.count_metrics([4, 4], [4, 4])["accuracy"] == 1.0
     with pytest.raises(ValueError):
-        ev.count_metrics([1, 2], [1])
+        mt.count_metrics([1, 2], [1])
 
 
 def test_match_centres_hungarian_and_greedy():
     gt = [[0.0, 0.0], [10.0, 0.0]]
     pred = [[9.0, 0.0], [19.0, 0.0]]
-    assert sorted(ev.match_centres(gt, pred).tolist()) == [9.0, 9.0]      # least total distance
-    assert sorted(ev.match_centres(gt, pred, use_scipy=False).tolist()) == [1.0, 19.0]  # closest first
-    assert ev.match_centres(gt, np.zeros((0, 2))).size == 0
-    assert ev.match_centres(gt, [[3.0, 4.0]]).tolist() == [5.0]
+    assert sorted(mt.match_centres(gt, pred).tolist()) == [9.0, 9.0]      # least total distance
+    assert sorted(mt.match_centres(gt, pred, use_scipy=False).tolist()) == [1.0, 19.0]  # closest first
+    assert mt.match_centres(gt, np.zeros((0, 2))).size == 0
+    assert mt.match_centres(gt, [[3.0, 4.0]]).tolist() == [5.0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,18 +401,19 @@ def test_main_end_to_end(tmp_path, checkpoint, tiny_cfg):
             assert len(fr["masks"]) == len(fr["ids"])
             assert sorted(fr["ids"]) == sorted(int(line[1]) for line in tracks[seq] if int(line[0]) == fr["frame"] + 1)
             for text in fr["masks"]:
-                assert ev.rle_decode(text, 64, 64).shape == (64, 64)
+                assert mt.rle_decode(text, 64, 64).shape == (64, 64)
     assert os.path.isfile(os.path.join(out, "gif_000000.gif"))
     assert not os.path.exists(os.path.join(out, "gif_000001.gif"))
 
 
 def test_track_mode_writes_exports_only(tmp_path, checkpoint):
+    """--track is an alias of track.py (whole videos; tests/test_track.py tests it)."""
     frames = write_to_disk(make_sprites("easy", seq_len=4, num_sequences=1), tmp_path / "frames", 1)
     out = str(tmp_path / "tracks")
     assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--out", out,
                     "--device", "cpu"]) == 0
     names = sorted(os.listdir(out))
-    assert names == ["predictions.json", "tracks_000000_000000.txt"]      # one 3-frame sequence, no report
+    assert names == ["000000.txt", "000000_masks.json", "track.json"]     # track.py's files, no report
 
 
 def test_track_mode_bad_frames_and_out_folder(tmp_path, checkpoint, capsys):
@@ -521,10 +523,28 @@ def test_duplicates_count_each_extra_copy_of_an_object_once():
     a, b = box(2, 2), box(20, 20)
     near = box(3, 2)                       # IoU 7/9 with a
     half = box(6, 2)                       # shifted by half the width: IoU 1/3, not a copy
-    assert ev.count_duplicates(np.stack([a, b, half])) == 0
-    assert ev.count_duplicates(np.stack([a, near, b, a])) == 2
-    assert ev.count_duplicates(np.stack([a, box(2, 2, 8, 4)])) == 1      # IoU exactly 0.5 counts
-    assert ev.count_duplicates(np.stack([a, box(2, 2, 8, 3)])) == 0      # IoU 3/8
-    assert ev.count_duplicates(np.zeros((2, 32, 32), dtype=bool)) == 0    # empty masks: IoU 0
-    assert ev.count_duplicates(np.zeros((1, 32, 32), dtype=bool)) == 0
-    assert ev.count_duplicates(np.zeros((0, 32, 32), dtype=bool)) == 0
+    assert mt.count_duplicates(np.stack([a, b, half])) == 0
+    assert mt.count_duplicates(np.stack([a, near, b, a])) == 2
+    assert mt.count_duplicates(np.stack([a, box(2, 2, 8, 4)])) == 1      # IoU exactly 0.5 counts
+    assert mt.count_duplicates(np.stack([a, box(2, 2, 8, 3)])) == 0      # IoU 3/8
+    assert mt.count_duplicates(np.zeros((2, 32, 32), dtype=bool)) == 0    # empty masks: IoU 0
+    assert mt.count_duplicates(np.zeros((1, 32, 32), dtype=bool)) == 0
+    assert mt.count_duplicates(np.zeros((0, 32, 32), dtype=bool)) == 0
+
+
+def test_ocrb_protocol_end_to_end(tmp_path, checkpoint):
+    out = str(tmp_path / "eval")
+    assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "2", "--batch-size", "2", "--out", out,
+                    "--device", "cpu", "--protocol", "ocrb", "--ocrb-start-frame", "1"]) == 0
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    m = report["tracking_ocrb"]
+    assert (m["num_videos"], m["num_frames"], m["start_frame"]) == (2, 4, 1)     # seq_len 3: frames 1 and 2
+    if m["num_objects"]:
+        assert m["match"] + m["miss"] + m["id_switches"] == pytest.approx(100.0)
+        assert m["mota"] == pytest.approx(100 - m["miss"] - m["false_positives"] - m["id_switches"])
+    assert report["tracking_mask"] is not None                                  # the default sections stay
+    default = str(tmp_path / "default")
+    assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "1", "--out", default, "--device", "cpu"]) == 0
+    with open(os.path.join(default, "report.json")) as f:
+        assert json.load(f)["tracking_ocrb"] is None

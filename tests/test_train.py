@@ -14,8 +14,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 import viz
-from common import Config
-from utils import read_checkpoint
+from checkpoints import read_checkpoint
+from common import Config, flag_help
+from data import build_dataset, dataset_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--small", "--img-h", "64", "--img-w", "64", "--seq-len", "3", "--batch-size", "2", "--steps", "4",
@@ -73,7 +74,7 @@ def test_every_config_field_is_a_flag_with_its_type():
 
 
 def test_flag_help_is_the_whole_config_comment():
-    comments = train.config_comments()
+    comments = flag_help()
     helps = {action.dest: action.help for action in train.build_parser()._actions}   # speed flags: fast.SpeedOptions
     assert helps["checkpoint_glimpses"].startswith("recompute the glimpse encoder's and decoder's activations")
     assert comments["pres_logit_factor"] == "z_pres logits = factor * tanh(.)"   # the next section header does not join
@@ -169,7 +170,7 @@ def test_resume_continues_exactly(short_run, tmp_path, capsys):
 def test_epoch_order_is_seeded_and_resumable():
     args = train.build_parser().parse_args(TINY)
     cfg = train.make_config(args, None)
-    dataset = train.build_dataset(cfg, args, "sprites")
+    dataset = build_dataset("sprites", cfg, train=True, num_sequences=args.num_sprite_sequences, seed=cfg.seed)
     stream = train.batches(dataset, cfg, 0, 0, 0, False)
     first = [next(stream) for _ in range(6)]          # 4 batches per epoch: epoch 0, then 2 of epoch 1
     assert [(e, i) for e, i, _ in first] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
@@ -256,8 +257,16 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(short_run, capsys):
 
 # ---- non-finite steps ----------------------------------------------------------------------------
 
+def inject_nan_at(monkeypatch, steps) -> None:
+    """Make the loss NaN (and so the gradients) at the given steps: the training step wrapped."""
+    class NaNAt(train.TrainStep):
+        def __call__(self, batch, step, keep_records=False, inject_nan=False):
+            return super().__call__(batch, step, keep_records, inject_nan=step in steps)
+    monkeypatch.setattr(train, "TrainStep", NaNAt)
+
+
 def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCALOR_INJECT_NAN_AT", "2,3")
+    inject_nan_at(monkeypatch, {2, 3})
     assert train.main(TINY + run_dirs(tmp_path, "--max-bad-steps", "3")) == 0
     assert [r["skipped"] for r in losses(tmp_path)] == [False, True, True, False]
     events = EventAccumulator(str(tmp_path / "summary"), size_guidance={"scalars": 0})
@@ -267,7 +276,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_too_many_nan_steps_save_the_last_good_state_and_exit_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SCALOR_INJECT_NAN_AT", "2,3,4")
+    inject_nan_at(monkeypatch, {2, 3, 4})
     assert train.main(TINY + run_dirs(tmp_path, "--steps", "6", "--max-bad-steps", "2", "--save-freq", "10")) == 1
     assert "step 3" in capsys.readouterr().err
     assert len(losses(tmp_path)) == 3
@@ -353,7 +362,7 @@ import sys, torch
 sys.path.insert(0, {root!r})
 from common import small_config
 from scalor import SCALOR
-from utils import save_checkpoint
+from checkpoints import save_checkpoint
 model = SCALOR(small_config())
 save_checkpoint({path!r}, model, step=1)
 print("first", flush=True)
@@ -429,7 +438,7 @@ def test_numbered_frames_are_read_as_grand_central_with_a_notice(tmp_path, capsy
     for n in range(3):
         (folder / f"f{n}.png").rename(folder / f"{n:04d}.png")
     args = train.build_parser().parse_args(["--data-dir", str(folder)])
-    assert train.dataset_kind(args) == "grandcentral"
+    assert dataset_kind(args.dataset, args.data_dir) == "grandcentral"
     assert "pass --dataset frames for a video of your own" in capsys.readouterr().out
 
 

@@ -1,0 +1,151 @@
+"""MOTA of track.py's exported files against the model's internal scoring, on the same sprite videos.
+
+    python scripts/compare_track_export.py --checkpoint CKPT [--preset easy] [--num 20] [--length 50]
+                                           [--out DIR] [--device auto|cpu|cuda] [--window N] [--seed S]
+                                           [--[no-]first-frame-rejection] [--no-evaluate]
+
+1. writes `num` held-out sprite videos of `length` frames at the model's image size, with ground truth
+   (scripts/sprite_videos.py; scene seed 20000 + cfg.seed, apart from training's and evaluate.py's);
+2. runs track.py on them (`--box tight` and `--box glimpse`) and scores the written MOTChallenge
+   files read back (track.score_folder);
+3. scores the model's own predictions on the same videos as evaluate.py does (its functions:
+   sequence_predictions, accumulate with box / tight box / mask IoU, summarize), over the whole video
+   (the state handed across windows, so the same draws as track.py: the tight-box MOTA must equal the
+   export's) and cut into evaluate.py's non-overlapping seq_len chunks with ids restarting (what
+   `evaluate.py` measures);
+4. unless --no-evaluate, runs `evaluate.py` itself on its sprite test set (seq_len sequences) with
+   the same first-frame-rejection setting and takes its tracking_box_tight / tracking_mask MOTA;
+
+and prints one JSON object (also written to OUT/compare.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import evaluate as ev  # noqa: E402
+import track  # noqa: E402
+from data import load_frame, make_sprites  # noqa: E402
+from scripts.sprite_videos import write_sprite_videos  # noqa: E402
+from utils import pick_device, seed_everything, tau_at  # noqa: E402
+
+SCENE_SEED_OFFSET = 20_000
+
+
+def internal_scores(model, payload, videos_dir: Path, truths: list, window: int, seed: int, chunk: int | None,
+                    device) -> dict:
+    """evaluate.py's three MOTAs of the model's predictions on the videos on disk.
+
+    chunk None: each whole video, windows of `window` with the state handed across (track.py's run);
+    chunk N: non-overlapping N-frame pieces, each a fresh sequence (ids restart), as evaluate.py cuts."""
+    cfg = model.cfg
+    step = int(payload.get("step", 0))
+    tau = tau_at(cfg, step)
+    box, tight, mask = [], [], []
+    for i, truth in enumerate(truths):
+        paths = sorted((videos_dir / f"{i:06d}").glob("*.png"))
+        frames = torch.stack([load_frame(p, None, cfg.img_h, cfg.img_w) for p in paths])
+        seed_everything(seed)
+        pieces = [(0, len(frames))] if chunk is None else \
+            [(s, s + chunk) for s in range(0, len(frames) - chunk + 1, chunk)]
+        for start, stop in pieces:
+            preds, state = [], None
+            with torch.no_grad():
+                step_len = window if chunk is None else chunk
+                for s in range(start, stop, step_len):
+                    out = model(frames[s:min(s + step_len, stop)][None].to(device), step, tau, keep_records=True,
+                                state=state)
+                    state = out.state
+                    preds += ev.sequence_predictions(out.records, cfg.img_h, cfg.img_w)[0]
+            gt = truth[start:stop]
+            box.append(ev.accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.xywh) for p in preds]))
+            tight.append(ev.accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.tight) for p in preds]))
+            mask.append(ev.accumulate([(g.ids, g.masks) for g in gt], [(p.ids, p.masks) for p in preds],
+                                      ev.mask_iou_distance))
+    return {name: ev.summarize(accs)["mota"] for name, accs in (("box", box), ("box_tight", tight), ("mask", mask))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="MOTA of track.py's exported files vs the internal scoring.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--preset", default="easy")
+    p.add_argument("--num", type=int, default=20, help="videos")
+    p.add_argument("--length", type=int, default=50, help="frames per video")
+    p.add_argument("--out", default="compare_track")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--window", type=int, default=None, help="track.py --window (default: the checkpoint's seq_len)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (track.py --seed)")
+    p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=True,
+                   help="for every run here (default on, track.py's default)")
+    p.add_argument("--thresholds", default="0.5",
+                   help="comma-separated track.py --z-pres-threshold values to export (tight boxes) and score; "
+                        "the first is also used for the glimpse-box export (the internal scoring uses 0.5)")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                   help="skip running evaluate.py on its own test set")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    model, payload = ev.load_model(args.checkpoint, device, first_frame_rejection=args.first_frame_rejection)
+    cfg = model.cfg
+    window = args.window or cfg.seq_len
+    out = Path(args.out)
+    scene_seed = SCENE_SEED_OFFSET + cfg.seed
+    written = write_sprite_videos(out / "data", args.preset, args.num, args.length, (cfg.img_h, cfg.img_w), scene_seed)
+    data = make_sprites(args.preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=args.length,
+                        num_sequences=args.num, seed=scene_seed)
+    truths = [ev.ground_truth_frames(data.ground_truth(i)) for i in range(args.num)]
+
+    ffr = "--first-frame-rejection" if args.first_frame_rejection else "--no-first-frame-rejection"
+    thresholds = [float(v) for v in args.thresholds.split(",")]
+    runs = [("tight", thresholds[0]), ("glimpse", thresholds[0])] + [("tight", t) for t in thresholds[1:]]
+    exported, by_threshold = {}, {}
+    for box, threshold in runs:
+        folder = out / f"tracks_{box}_{threshold:g}"
+        code = track.main([str(written["videos"]), "--checkpoint", args.checkpoint, "--out", str(folder), "--box", box,
+                           "--window", str(window), "--device", args.device, "--seed", str(args.seed), ffr,
+                           "--z-pres-threshold", str(threshold), "--score", str(written["gt"])])
+        if code != 0:
+            return code
+        with open(folder / "score.json") as f:
+            overall = json.load(f)["overall"]
+        if threshold == thresholds[0]:
+            exported[box] = overall
+        if box == "tight":
+            by_threshold[f"{threshold:g}"] = overall["mota"]
+
+    result = {
+        "checkpoint": os.path.abspath(args.checkpoint), "step": int(payload.get("step", 0)), "preset": args.preset,
+        "videos": args.num, "length": args.length, "image_size": [cfg.img_h, cfg.img_w], "window": window,
+        "seq_len": cfg.seq_len, "first_frame_rejection": args.first_frame_rejection,
+        "export_mota": {box: m["mota"] for box, m in exported.items()},
+        "export_id_switches": {box: m["id_switches"] for box, m in exported.items()},
+        "export_z_pres_threshold": thresholds[0],
+        "export_tight_mota_by_z_pres_threshold": by_threshold,
+        "internal_whole_video_mota": internal_scores(model, payload, written["videos"], truths, window, args.seed,
+                                                     None, device),
+        "internal_seq_len_chunks_mota": internal_scores(model, payload, written["videos"], truths, window, args.seed,
+                                                        cfg.seq_len, device),
+    }
+    if args.evaluate:
+        eval_out = out / "evaluate"
+        code = ev.main(["--checkpoint", args.checkpoint, "--dataset", "sprites", "--preset", args.preset,
+                        "--num-sequences", str(args.num), "--out", str(eval_out), "--device", args.device, ffr])
+        if code != 0:
+            return code
+        with open(eval_out / "report.json") as f:
+            report = json.load(f)
+        result["evaluate_py_mota"] = {k: report[f"tracking_{k}"]["mota"] for k in ("box", "box_tight", "mask")}
+    text = json.dumps(ev.json_ready(result), indent=2)
+    (out / "compare.json").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The sprite training recipe (common.sprites_config, train.py --recipe sprites) and the background
+estimate (data.estimate_background) that decides its phase_no_background."""
+import pytest
+import torch
+
+import train
+from common import RECIPES, small_config, sprites_config
+from data import estimate_background, make_sprites
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sprites_recipe_values():
+    cfg = sprites_config()
+    assert (cfg.batch_size, cfg.lr, cfg.tau_ep, cfg.z_pres_anneal_end_value) == (64, 3e-4, 4000.0, 1e-9)
+    small = small_config()
+    changed = cfg.diff(small)
+    assert set(changed) == {"batch_size", "lr", "tau_ep", "z_pres_anneal_end_value"}   # the --small sizes otherwise
+    assert cfg.phase_no_background is False and cfg.first_frame_rejection is False     # not hard-coded
+    assert sprites_config(lr=1e-3).lr == 1e-3
+    assert RECIPES["sprites"] is sprites_config
+
+
+@pytest.mark.parametrize("preset, has_background", [("easy", False), ("spmot", False), ("crowded", False),
+                                                     ("few", True), ("dynamic_bg", True), ("stream", True)])
+def test_background_estimate(preset, has_background):
+    data = make_sprites(preset, seq_len=5, num_sequences=20, seed=2)
+    estimate = estimate_background(data, num_sequences=6)
+    assert estimate["has_background"] is has_background
+    assert estimate["sequences"] == 6
+    if has_background:
+        assert estimate["black_fraction"] < 0.05
+    else:
+        assert estimate["black_fraction"] > 0.6
+
+
+def test_recipe_flag_config_and_background_from_the_data(tmp_path, capsys):
+    def setup(*flags):
+        args = train.build_parser().parse_args(
+            ["--recipe", "sprites", "--seq-len", "3", "--batch-size", "2", "--num-sprite-sequences", "8",
+             "--workers", "0", "--device", "cpu", "--ckpt-dir", str(tmp_path / "ck"),
+             "--summary-dir", str(tmp_path / "sum"), *flags])
+        return train.setup(args).cfg
+
+    black = setup("--preset", "easy")
+    assert black.phase_no_background is True
+    assert (black.lr, black.tau_ep, black.z_pres_anneal_end_value, black.batch_size) == (3e-4, 4000.0, 1e-9, 2)
+    assert "phase_no_background=True (estimated from the frames" in capsys.readouterr().out
+    assert setup("--preset", "few").phase_no_background is False
+    assert "phase_no_background=False (estimated" in capsys.readouterr().out
+    assert setup("--preset", "easy", "--no-phase-no-background").phase_no_background is False   # the user's choice
+    assert "estimated" not in capsys.readouterr().out
+    args = train.build_parser().parse_args(["--recipe", "sprites", "--lr", "1e-3"])
+    assert train.make_config(args, None) == sprites_config(lr=1e-3)                          # flags given win

@@ -1,0 +1,362 @@
+"""track.py: whole videos through the model in windows with the state handed across; tracks and masks in
+the video's pixels, read back and scored; bad input refused before anything is written."""
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+import track
+from common import small_config
+from data import load_frame, make_sprites, write_to_disk
+from scalor import SCALOR
+from scripts.sprite_videos import write_sprite_videos
+from checkpoints import save_checkpoint
+from utils import unique_names
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [line.strip().split(",") for line in f if line.strip()]
+
+
+def leftovers(folder):
+    return [p for p in os.listdir(folder) if ".partial-" in p]
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline with an oracle model
+# ------------------------------------------------------------------------------------------------
+
+class OracleSCALOR:
+    """Stands in for SCALOR with its forward(seq, step, tau, keep_records, state) interface: frame t of
+    the video (counted from the handed state's frames_seen) gives the ground truth objects of that
+    frame as records (z_where of the tight box, alpha 1 over the glimpse, z_pres 1). It numbers the
+    objects as the model does, by first appearance from the state's next id, so ids survive a window
+    border only when the state is handed across. It checks that it is shown the video's frames, in
+    order, resized as the training data is."""
+
+    def __init__(self, cfg, truth, expected_frames, width, height):
+        self.cfg, self.truth, self.expected = cfg, truth, expected_frames
+        self.width, self.height = width, height
+        self.windows = []
+
+    def to(self, device):
+        return self
+
+    def __call__(self, seq, step, tau, keep_records=False, state=None):
+        assert keep_records and seq.shape[0] == 1 and seq.shape[-2:] == (self.cfg.img_h, self.cfg.img_w)
+        start = 0 if state is None else state.frames_seen
+        numbering = {} if state is None else dict(state.numbering)
+        next_id = 1 if state is None else state.next_id
+        self.windows.append(seq.shape[1])
+        records = []
+        W, H = self.width, self.height
+        for t in range(seq.shape[1]):
+            assert torch.equal(seq[0, t], self.expected[start + t])
+            gt = self.truth[start + t]
+            R = max(1, gt.count)
+            z_where, z_pres, ids = torch.zeros(1, R, 4), torch.zeros(1, R), torch.zeros(1, R, dtype=torch.long)
+            for r, (gt_id, (x, y, w, h)) in enumerate(zip(gt.ids.tolist(), gt.xywh.tolist())):
+                if gt_id not in numbering:
+                    numbering[gt_id], next_id = next_id, next_id + 1
+                z_where[0, r] = torch.tensor([w / W, h / H, (x + w / 2) / W * 2 - 1, (y + h / 2) / H * 2 - 1])
+                z_pres[0, r], ids[0, r] = 1.0, numbering[gt_id]
+            records.append(SimpleNamespace(z_where=z_where, z_pres=z_pres, ids=ids,
+                                           alpha_glimpse=torch.ones(1, R, 1, 8, 8)))
+        new_state = SimpleNamespace(frames_seen=start + seq.shape[1], numbering=numbering, next_id=next_id)
+        return SimpleNamespace(records=records, state=new_state)
+
+
+@pytest.fixture(scope="module")
+def sprite_video(tmp_path_factory):
+    """One 60-frame 96x96 'easy' sprite video on disk and its ground truth (a MOTChallenge file)."""
+    root = tmp_path_factory.mktemp("sprites")
+    written = write_sprite_videos(root, "easy", num=1, length=60, size=(96, 96), seed=3)
+    data = make_sprites("easy", img_h=96, img_w=96, seq_len=60, num_sequences=1, seed=3)
+    return SimpleNamespace(frames=written["videos"] / "000000", gt=written["gt"],
+                           truth=ev.ground_truth_frames(data.ground_truth(0)))
+
+
+def oracle_run(monkeypatch, video, out, *flags):
+    cfg = small_config()                                                    # the model sees 64x64 frames
+    paths = sorted(video.frames.iterdir())
+    expected = torch.stack([load_frame(p, None, cfg.img_h, cfg.img_w) for p in paths])
+    oracle = OracleSCALOR(cfg, video.truth, expected, 96, 96)
+    monkeypatch.setattr(track, "load_model_checked", lambda args: (oracle, {"step": 0}))
+    code = track.main([str(video.frames), "--checkpoint", "oracle", "--out", str(out), "--window", "5",
+                       "--device", "cpu", *flags])
+    assert code == 0
+    return oracle
+
+
+@pytest.mark.parametrize("box", ["tight", "glimpse"])
+def test_oracle_video_tracks_exactly_across_windows(tmp_path, monkeypatch, sprite_video, box, capsys):
+    out = tmp_path / "tracks"
+    oracle = oracle_run(monkeypatch, sprite_video, out, "--box", box, "--score", str(sprite_video.gt))
+    assert oracle.windows == [5] * 12                                       # 60 frames in windows of 5
+    assert sorted(os.listdir(out)) == ["000000.txt", "000000_masks.json", "score.json", "track.json"]
+
+    lines = read_lines(out / "000000.txt")
+    assert all(len(line) == 10 and line[7:] == ["-1", "-1", "-1"] for line in lines)
+    frames = sorted({int(line[0]) for line in lines})
+    assert frames == list(range(1, 61))                                      # one numbering over the video
+    # an object visible in all 60 frames keeps one id across the 11 window borders
+    always = [i for i in sprite_video.truth[0].ids.tolist() if all(i in f.ids.tolist() for f in sprite_video.truth)]
+    assert always
+    for gt_id in always:
+        ids = set()
+        for t, f in enumerate(sprite_video.truth):
+            box_gt = f.xywh[f.ids.tolist().index(gt_id)]
+            ids |= {int(line[1]) for line in lines if int(line[0]) == t + 1
+                    and np.allclose([float(v) for v in line[2:6]], box_gt, atol=0.01)}
+        assert len(ids) == 1
+    # boxes in the video's 96x96 pixels: exactly the ground truth's
+    for t, f in enumerate(sprite_video.truth):
+        got = sorted(tuple(float(v) for v in line[2:6]) for line in lines if int(line[0]) == t + 1)
+        assert np.allclose(got, sorted(map(tuple, f.xywh.tolist())), atol=0.01)
+
+    score = track.score_folder(str(out), str(sprite_video.gt))["overall"]
+    assert score["mota"] == 1.0 and score["id_switches"] == 0 and score["motp_iou"] == pytest.approx(1.0, abs=1e-4)
+    assert score["num_objects"] == sum(f.count for f in sprite_video.truth)
+    with open(out / "score.json") as f:
+        assert json.load(f)["overall"]["mota"] == 1.0
+    assert "MOTA 1.0000" in capsys.readouterr().out
+
+    with open(out / "000000_masks.json") as f:
+        masks = json.load(f)
+    assert (masks["width"], masks["height"], masks["num_frames"]) == (96, 96, 60)
+    assert [e["frame"] for e in masks["frames"]] == list(range(60))
+    entry, gt = masks["frames"][7], sprite_video.truth[7]
+    for obj_id, rle in zip(entry["ids"], entry["masks"]):
+        line = next(line for line in lines if int(line[0]) == 8 and int(line[1]) == obj_id)
+        assert ev.mask_boxes(ev.rle_decode(rle, 96, 96)[None])[0].tolist() == [float(v) for v in line[2:6]]
+
+
+def test_chunked_exports_of_before_would_fail(sprite_video):
+    """The scorer sees what issue 23 was about: ids restarting every 5 frames cost MOTA."""
+    gt = track.read_mot(sprite_video.gt / "000000.txt", ground_truth=True)
+    pred = {t: (ids + 100 * ((t - 1) // 5), xywh) for t, (ids, xywh) in gt.items()}   # new ids each chunk
+    acc = ev.accumulate(track.mot_frames(gt, 60), track.mot_frames(pred, 60))
+    assert ev.summarize([acc])["id_switches"] > 0 and ev.summarize([acc])["mota"] < 1
+
+
+def test_video_objects_map_boxes_and_masks_to_the_video_and_crop():
+    """A glimpse box covering the model's left half, on a 64x64 model frame of a 200x100 video
+    (x scaled by 200/64, y by 100/64), and the same inside a crop at (40, 10)."""
+    record = SimpleNamespace(z_where=torch.tensor([[[0.5, 0.5, -0.5, 0.0], [0.5, 0.5, 0.5, 0.0]]]),
+                             z_pres=torch.tensor([[0.9, 0.3]]), ids=torch.tensor([[4, 5]]),
+                             alpha_glimpse=torch.ones(1, 2, 1, 8, 8))
+    whole = track.video_objects(record, track.Region(0, 0, 200, 100), 200, 100, 0.5)
+    assert whole.ids.tolist() == [4]                                        # z_pres 0.3 is not reported
+    np.testing.assert_allclose(whole.xywh, [[0, 25, 100, 50]])
+    assert whole.masks.shape == (1, 100, 200) and whole.tight.tolist() == [[0, 25, 100, 50]]
+    low = track.video_objects(record, track.Region(0, 0, 200, 100), 200, 100, 0.2)
+    assert low.ids.tolist() == [4, 5]
+    crop = track.video_objects(record, track.Region(40, 10, 100, 80), 200, 100, 0.5)
+    np.testing.assert_allclose(crop.xywh, [[40, 30, 50, 40]])
+    assert crop.masks.shape == (1, 100, 200) and crop.tight.tolist() == [[40, 30, 50, 40]]
+    old = track.PLACED_PIXELS
+    try:                                                                   # one object placed at a time
+        track.PLACED_PIXELS = 1
+        chunked = track.video_objects(record, track.Region(0, 0, 200, 100), 200, 100, 0.2)
+    finally:
+        track.PLACED_PIXELS = old
+    assert chunked.ids.tolist() == [4, 5] and np.array_equal(chunked.masks, low.masks)
+
+
+# ------------------------------------------------------------------------------------------------
+# A real model
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_cfg):
+    torch.manual_seed(0)
+    path = str(tmp_path / "tiny.pt")
+    save_checkpoint(path, SCALOR(tiny_cfg), step=1234, cfg=tiny_cfg)
+    return path
+
+
+def test_windows_of_two_write_the_files_of_one_window(tmp_path, checkpoint):
+    frames = write_to_disk(make_sprites("easy", img_h=48, img_w=80, seq_len=7, num_sequences=1, seed=1),
+                           tmp_path / "frames", 1) / "000000"
+    outs = {}
+    for window in ("2", "7"):
+        outs[window] = tmp_path / f"w{window}"
+        assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(outs[window]), "--window", window,
+                           "--device", "cpu", "--seed", "3"]) == 0
+    for name in ("000000.txt", "000000_masks.json"):
+        assert (outs["2"] / name).read_bytes() == (outs["7"] / name).read_bytes()
+    lines = read_lines(outs["2"] / "000000.txt")
+    assert lines and {int(line[0]) for line in lines} <= set(range(1, 8))
+    with open(outs["2"] / "000000_masks.json") as f:
+        masks = json.load(f)
+    assert (masks["width"], masks["height"], masks["num_frames"]) == (80, 48, 7)
+    with open(outs["2"] / "track.json") as f:
+        summary = json.load(f)
+    assert summary["window"] == 2 and summary["first_frame_rejection"] is True and summary["box"] == "tight"
+    assert summary["videos"]["000000"]["frames"] == 7
+
+
+def write_video(path, frames, codec, **extra):
+    import imageio_ffmpeg
+    T, H, W, _ = frames.shape
+    writer = imageio_ffmpeg.write_frames(str(path), (W, H), fps=10, codec=codec, macro_block_size=1, **extra)
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame).tobytes())
+    writer.close()
+
+
+def test_video_files_are_tracked(tmp_path, checkpoint):
+    pytest.importorskip("imageio_ffmpeg")
+    import imageio_ffmpeg
+    pixels = (make_sprites("easy", seq_len=6, num_sequences=1, seed=2)[0].permute(0, 2, 3, 1).numpy() * 255)
+    pixels = pixels.round().astype(np.uint8)                                # (6, 64, 64, 3)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "clip.mp4", pixels, "libx264", pix_fmt_out="yuv420p")
+    write_video(videos / "clip.avi", pixels, "mjpeg", pix_fmt_out="yuvj420p")
+    out = tmp_path / "tracks"
+    assert track.main([str(videos), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu",
+                       "--video-out", "mp4"]) == 0
+    # both files are named 'clip': the names are made unique (utils.unique_names)
+    names = unique_names(["clip", "clip"])
+    assert len(set(names)) == 2
+    assert sorted(os.listdir(out)) == sorted([f"{n}{ext}" for n in names for ext in (".mp4", ".txt", "_masks.json")]
+                                             + ["track.json"])
+    for name in names:
+        with open(out / f"{name}_masks.json") as f:
+            assert json.load(f)["num_frames"] == 6
+        reader = imageio_ffmpeg.read_frames(str(out / f"{name}.mp4"))
+        assert next(reader)["size"] == (256, 256) and sum(1 for _ in reader) == 6     # 64x64 upscaled 4x
+
+
+def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
+    frames = write_to_disk(make_sprites("easy", seq_len=4, num_sequences=1), tmp_path / "frames", 1)
+    out = tmp_path / "tracks"
+    assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--out", str(out),
+                    "--device", "cpu", "--gif", "1"]) == 0
+    assert sorted(os.listdir(out)) == ["000000.gif", "000000.txt", "000000_masks.json", "track.json"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("problem", ["garbage_video", "empty_folder", "not_a_checkpoint", "other_architecture",
+                                     "missing_video", "text_file", "no_ground_truth", "crop_outside"])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cfg, capsys, problem):
+    frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "frames", 1)
+    video, ckpt = str(frames), checkpoint
+    if problem == "garbage_video":
+        video = str(tmp_path / "clip.mp4")
+        (tmp_path / "clip.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif problem == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        video = str(tmp_path / "empty")
+    elif problem == "not_a_checkpoint":
+        ckpt = str(tmp_path / "junk.pt")
+        (tmp_path / "junk.pt").write_text("not a checkpoint")
+    elif problem == "other_architecture":
+        ckpt = str(tmp_path / "other.pt")
+        save_checkpoint(ckpt, SCALOR(tiny_cfg.replace(z_what_dim=16)), step=1, cfg=tiny_cfg)
+    elif problem == "missing_video":
+        video = str(tmp_path / "nope")
+    elif problem == "text_file":
+        video = str(tmp_path / "notes.txt")
+        (tmp_path / "notes.txt").write_text("hello")
+    flags = []
+    if problem == "no_ground_truth":                                      # none named as the tracks will be
+        (tmp_path / "gt").mkdir()
+        (tmp_path / "gt" / "other.txt").write_text("1,1,0,0,4,4,1,-1,-1,-1\n")
+        flags = ["--score", str(tmp_path / "gt")]
+    if problem == "crop_outside":
+        flags = ["--crop", "10,10,60,20"]                                  # the frames are 64x64
+    out = tmp_path / "out"
+    assert track.main([video, "--checkpoint", ckpt, "--out", str(out), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("track.py: error: ") and err.count("\n") == 1, err
+    expected = {"garbage_video": "cannot be read by ffmpeg", "empty_folder": "is empty",
+                "not_a_checkpoint": "not a readable SCALOR checkpoint", "other_architecture": "another architecture",
+                "missing_video": "does not exist", "text_file": "is not a video file",
+                "no_ground_truth": "holds no ground truth for these videos", "crop_outside": "does not fit"}[problem]
+    assert expected in err
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_a_frame_corrupt_inside_leaves_no_out(tmp_path, checkpoint, capsys):
+    """Found while tracking (after the header checks): exit 2, the partial folder removed; an --out
+    that exists keeps only what it had."""
+    from PIL import Image
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for t in range(5):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(frames / f"{t:04d}.png")
+    data = bytearray((frames / "0003.png").read_bytes())
+    data[200:len(data) - 100] = bytes(len(data) - 300)
+    (frames / "0003.png").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"]) == 2
+    assert "0003.png' is truncated or corrupt" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists() and not leftovers(tmp_path)
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"]) == 2
+    assert os.listdir(out) == ["mine.txt"] and not leftovers(tmp_path)
+
+
+def test_read_mot_and_score_known_answers(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    (gt / "a.txt").write_text("1,1,0,0,10,10,1,-1,-1,-1\n2,1,2,0,10,10,1,-1,-1,-1\n2,2,50,50,5,5,0,-1,-1,-1\n"
+                              "3,1,4,0,10,10,1,-1,-1,-1\n")
+    (pred / "a.txt").write_text("1,7,0,0,10,10,0.9,-1,-1,-1\n2,7,2,0,10,10,0.9,-1,-1,-1\n3,8,4,0,10,10,0.9,-1,-1,-1\n"
+                                "3,9,40,40,10,10,0.8,-1,-1,-1\n")
+    rows = track.read_mot(gt / "a.txt", ground_truth=True)
+    assert sorted(rows) == [1, 2, 3] and rows[2][0].tolist() == [1]            # conf 0: ignored
+    score = track.score_folder(str(pred), str(gt))["overall"]
+    assert (score["matches"], score["id_switches"], score["false_positives"], score["misses"]) == (2, 1, 1, 0)   # the switch is not a MATCH
+    assert score["mota"] == pytest.approx(1 - 2 / 3)
+    (pred / "a.txt").write_text("1,7,0,0,10\n")
+    with pytest.raises(track.DataError, match="line 1"):
+        track.score_folder(str(pred), str(gt))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scripts
+# ------------------------------------------------------------------------------------------------
+
+def test_compare_script_export_equals_internal_scoring(tmp_path, checkpoint, capsys):
+    """The exported files score as the model's own predictions scored in memory (same draws)."""
+    from scripts.compare_track_export import main as compare
+    out = tmp_path / "cmp"
+    assert compare(["--checkpoint", checkpoint, "--num", "1", "--length", "5", "--out", str(out), "--device", "cpu",
+                    "--window", "2", "--no-evaluate"]) == 0
+    with open(out / "compare.json") as f:
+        result = json.load(f)
+    assert result["export_mota"]["tight"] == pytest.approx(result["internal_whole_video_mota"]["box_tight"])
+    assert result["export_mota"]["glimpse"] == pytest.approx(result["internal_whole_video_mota"]["box"])
+    assert set(result["internal_seq_len_chunks_mota"]) == {"box", "box_tight", "mask"}
+
+
+def test_demo_folder(tmp_path):
+    from scripts.sprite_videos import write_demo
+    folder = write_demo(tmp_path / "demo")
+    frames = sorted(p.name for p in folder.glob("*.png"))
+    assert frames == [f"{t:04d}.png" for t in range(40)]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 300_000
+    assert max(int(line[0]) for line in read_lines(folder / "ground_truth" / "demo.txt")) == 40

@@ -1,0 +1,663 @@
+"""Track the objects of whole videos with a trained SCALOR: one id per object for its whole life.
+
+Usage:
+
+    python track.py VIDEO [VIDEO ...] --checkpoint CKPT --out DIR [--window N] [--box tight|glimpse]
+                    [--z-pres-threshold P] [--[no-]first-frame-rejection] [--video-out mp4|gif]
+                    [--crop X,Y,W,H] [--score GT_DIR] [--device auto|cpu|cuda] [--seed S]
+                    [--skip-bad-frames]
+    python track.py --score GT_DIR --out DIR          # score tracks written before
+
+VIDEO is a folder of frames (.png/.jpg/.jpeg, in natural order of their names, as data.py reads
+them), a folder of such folders or of video files (one video each), or a video file (.mp4, .avi,
+.mov, .mkv, .webm, .m4v, .mpg, .mpeg, .gif; decoded by the ffmpeg that imageio-ffmpeg bundles).
+Frames are read one at a time; a video of any length runs through the model in windows of
+`--window` frames, each window starting from the recurrent state the last one ended with
+(`SCALOR.forward(state=)`), which gives the same numbers as one forward over the whole video.
+
+Each frame is resized to the model's img_h x img_w exactly as the training data is
+(`data.resize_frame`: PIL bilinear), the whole frame unless `--crop X,Y,W,H` cuts a region first
+(a Grand Central model was trained on 240x240 crops of 720x480 frames: pass a square crop there,
+e.g. --crop 240,240,240,240, or the whole frame is squeezed into the model's square input).
+Predictions follow `evaluate.frame_predictions`: the objects with z_pres > --z-pres-threshold whose
+mask has at least evaluate.MIN_GT_AREA (5) pixels, masks placed at the video's own resolution
+(the decoded glimpse alpha sampled bilinearly there, thresholded at 0.5), so the area rule counts
+the video's pixels, as the ground truth of a video does.
+
+Written per video <name> (names from the folder or file, made unique) into --out:
+
+- `<name>.txt`: MOTChallenge lines `frame,id,x,y,w,h,conf,-1,-1,-1`, frame 1..N over the whole
+  video, (x, y, w, h) in the video's pixels, conf = z_pres. The box is the tight box of the
+  object's mask (whole pixels, `--box tight`, the default) or its glimpse box z_where (`--box glimpse`).
+- `<name>_masks.json`: {"video", "width", "height", "num_frames", "frames": [{"frame": t, "masks":
+  [RLE], "ids": [id]}]}, frame t 0-based (= MOT frame - 1), each mask a (height, width) mask of the
+  video frame run-length encoded as `evaluate.rle_encode` (the entries of evaluate.py's predictions.json).
+- `<name>.mp4` or `<name>.gif` with --video-out: the video with each object's box and id drawn in
+  the id's colour (a video smaller than 256 pixels a side upscaled by a whole factor).
+- `track.json`: the settings and per video frames, objects and ids; `score.json` with --score.
+
+--score GT_DIR reads MOTChallenge ground-truth files `<name>.txt` from GT_DIR (lines whose 7th value
+is 0 are ignored, as MOTChallenge marks them) and the written tracks back, and computes MOTA, MOTP,
+IDF1, id switches, ... with motmetrics, matching boxes at IoU >= 0.5 (evaluate.iou_matrix_distance).
+
+Bad input (a missing or foreign checkpoint, an unreadable video, an empty folder) prints one line
+naming the problem and the fix and exits with status 2 before anything is written; an error met
+while tracking (a frame corrupt inside) exits 2 too and leaves no --out behind: everything is
+written into a temporary sibling folder that is renamed to --out at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from common import ConfigError
+from data import (DataError, check_frames, check_same_size, frame_files, load_rgb, natural_key, one_line,
+                  resize_frame)
+from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
+                      iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
+from checkpoints import CheckpointError
+from utils import pick_device, seed_everything, tau_at, unique_names
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
+PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
+DEFAULT_OUT_FPS = 10.0      # --video-out frame rate for folders of frames
+VIDEO_MIN_SIDE = 256        # --video-out upscales (nearest) small videos to at least this many pixels a side
+
+
+class TrackError(Exception):
+    """Bad command-line input; the one-line message says what to fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Videos
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """One video: a folder of frames (`frames`) or a video file (`frames` None)."""
+    path: Path
+    name: str
+    width: int
+    height: int
+    frames: list | None = None      # frame files, in order
+    num_frames: int | None = None   # exact for folders; an estimate (or None) for video files
+    fps: float | None = None
+
+    def read(self):
+        """The frames in order as RGB PIL images, one at a time; DataError if one is corrupt."""
+        if self.frames is not None:
+            for path in self.frames:
+                yield load_rgb(path)
+        else:
+            yield from read_video_file(self.path)
+
+
+def ffmpeg_reader():
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise DataError("reading video files needs imageio-ffmpeg: pip install imageio-ffmpeg "
+                        "(or pass a folder of the video's frames)") from None
+    return imageio_ffmpeg
+
+
+def read_video_file(path: Path):
+    """Frames of a video file as RGB PIL images, decoded one at a time by ffmpeg."""
+    reader = ffmpeg_reader().read_frames(str(path), pix_fmt="rgb24")
+    try:
+        try:
+            meta = next(reader)
+        except (OSError, RuntimeError, StopIteration) as e:
+            raise unreadable_video(path, e) from None
+        width, height = meta["size"]
+        while True:
+            try:
+                raw = next(reader)
+            except StopIteration:
+                return
+            except (OSError, RuntimeError) as e:
+                raise DataError(f"video '{path}' failed while decoding ({short(e)}): check or re-encode the file") from None
+            yield Image.fromarray(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
+    finally:
+        reader.close()
+
+
+def short(err: Exception) -> str:
+    text = one_line(err)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def unreadable_video(path: Path, err: Exception) -> DataError:
+    why = "it holds no frames" if isinstance(err, StopIteration) else short(err)
+    return DataError(f"video '{path}' cannot be read by ffmpeg ({why}): check the file, re-encode it "
+                     f"(e.g. to H.264 .mp4) or pass a folder of its frames")
+
+
+def probe_video_file(path: Path, name: str) -> Source:
+    """A Source of a video file, after decoding its first frame; DataError if that fails."""
+    reader = ffmpeg_reader().read_frames(str(path), pix_fmt="rgb24")
+    try:
+        meta = next(reader)
+        next(reader)                                   # the first frame decodes
+    except (OSError, RuntimeError, StopIteration) as e:
+        raise unreadable_video(path, e) from None
+    finally:
+        reader.close()
+    width, height = meta["size"]
+    fps = meta.get("fps") or None
+    duration = meta.get("duration") or None
+    estimate = int(round(fps * duration)) if fps and duration and math.isfinite(fps * duration) else None
+    return Source(path=path, name=name, width=int(width), height=int(height), num_frames=estimate, fps=fps)
+
+
+def frames_source(folder: Path, paths: list, name: str, skip_bad_frames: bool) -> Source:
+    """A Source of a folder of frames, after the header checks data.py makes (size, completeness)."""
+    paths, sizes, skipped = check_frames(paths, skip_bad_frames)
+    if skipped:
+        print(f"notice: skipped {skipped} unreadable frames in '{folder}'")
+    if not paths:
+        raise DataError(f"every frame in '{folder}' is unreadable: check the files")
+    check_same_size(folder, paths, sizes)
+    return Source(path=folder, name=name, width=sizes[0][0], height=sizes[0][1], frames=paths,
+                  num_frames=len(paths))
+
+
+def is_video_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def find_sources(arg: str, skip_bad_frames: bool) -> list[Source]:
+    """The videos named by one VIDEO argument, checked; DataError naming the problem and the fix."""
+    path = Path(os.path.expanduser(arg))
+    what = "pass a video file, a folder of frames (.png/.jpg/.jpeg) or a folder of such folders"
+    if not path.exists():
+        raise DataError(f"'{path}' does not exist: {what}")
+    name = path.resolve().name or "video"
+    if path.is_file():
+        if not is_video_file(path):
+            raise DataError(f"'{path}' is not a video file ({', '.join(VIDEO_EXTENSIONS)}): {what}")
+        return [probe_video_file(path, path.stem)]
+    frames = frame_files(path)
+    if frames:
+        return [frames_source(path, frames, name, skip_bad_frames)]
+    sources = []
+    for entry in sorted(path.iterdir(), key=lambda p: natural_key(p.name)):
+        if entry.is_dir() and frame_files(entry):
+            sources.append(frames_source(entry, frame_files(entry), entry.name, skip_bad_frames))
+        elif is_video_file(entry):
+            sources.append(probe_video_file(entry, entry.stem))
+    if not sources:
+        empty = not any(path.iterdir())
+        raise DataError(f"folder '{path}' {'is empty' if empty else 'holds no frames, frame folders or video files'}: {what}")
+    return sources
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions in the video's pixels
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Region:
+    """The part of the video frame the model sees: (x, y) top-left, (w, h) size, in video pixels."""
+    x: int
+    y: int
+    w: int
+    h: int
+
+    @property
+    def box(self):
+        """PIL crop box (left, upper, right, lower)."""
+        return (self.x, self.y, self.x + self.w, self.y + self.h)
+
+
+def video_objects(record, region: Region, width: int, height: int, pres_threshold: float,
+                  min_area: int = MIN_GT_AREA) -> Objects:
+    """The predictions of one frame (a FrameRecord of batch 1) by `evaluate.frame_predictions`, made
+    at the region's resolution, moved into the (height, width) video frame: boxes (x, y, w, h) are the
+    glimpse boxes in video pixels, masks (n, height, width) bool.
+
+    Masks are placed for at most PLACED_PIXELS pixels at a time (objects in chunks); the rule is per
+    object, so the result is that of one call."""
+    keep = torch.nonzero(record.z_pres[0] > pres_threshold).flatten()
+    per = max(1, PLACED_PIXELS // (region.w * region.h))
+    parts = []
+    for start in range(0, max(len(keep), 1), per):
+        index = keep[start:start + per]
+        chunk = SimpleNamespace(z_pres=record.z_pres[:, index], z_where=record.z_where[:, index],
+                                alpha_glimpse=record.alpha_glimpse[:, index], ids=record.ids[:, index])
+        parts.append(frame_predictions(chunk, region.h, region.w, min_area, pres_threshold)[0])
+    masks = np.concatenate([p.masks for p in parts])
+    if region.box != (0, 0, width, height):
+        full = np.zeros((len(masks), height, width), dtype=bool)
+        full[:, region.y:region.y + region.h, region.x:region.x + region.w] = masks
+        masks = full
+    xywh = np.concatenate([p.xywh for p in parts]).reshape(-1, 4) + np.array([region.x, region.y, 0, 0], dtype=np.float64)
+    return Objects(ids=np.concatenate([p.ids for p in parts]), xywh=xywh, masks=masks,
+                   conf=np.concatenate([p.conf for p in parts]), invisible=sum(p.invisible for p in parts))
+
+
+def boxed(objects: Objects, box: str) -> Objects:
+    """The objects without masks, their xywh the chosen box: 'tight' (of the mask) or 'glimpse'."""
+    xywh = objects.tight if box == "tight" else objects.xywh
+    return Objects(ids=objects.ids, xywh=np.asarray(xywh, dtype=np.float64).reshape(-1, 4),
+                   masks=np.zeros((len(objects.ids), 0, 0), dtype=bool), conf=objects.conf)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writers
+# ------------------------------------------------------------------------------------------------
+
+class MasksWriter:
+    """Streams `<name>_masks.json`: one frame's entry at a time."""
+
+    def __init__(self, path: str, source: Source):
+        self.file = open(path, "w")
+        head = {"video": str(source.path), "width": source.width, "height": source.height}
+        self.file.write(json.dumps(head)[:-1] + ', "frames": [')
+        self.count = 0
+
+    def add(self, t: int, objects: Objects) -> None:
+        entry = prediction_entries([objects])[0]
+        entry["frame"] = t
+        self.file.write((", " if self.count else "") + json.dumps(entry))
+        self.count += 1
+
+    def close(self) -> None:
+        self.file.write(f'], "num_frames": {self.count}}}\n')
+        self.file.close()
+
+
+class VideoWriter:
+    """`--video-out`: frames with the boxes drawn, encoded by ffmpeg (H.264 .mp4 or .gif); a small video
+    is upscaled by a whole factor (nearest) so the ids stay legible."""
+
+    def __init__(self, path: str, kind: str, width: int, height: int, fps: float):
+        self.scale = max(1, math.ceil(VIDEO_MIN_SIDE / min(width, height)))
+        width, height = width * self.scale, height * self.scale
+        self.width, self.height = width + width % 2, height + height % 2     # H.264 4:2:0 needs even sides
+        params = dict(codec="libx264", pix_fmt_out="yuv420p") if kind == "mp4" else dict(codec="gif", pix_fmt_out="rgb8")
+        self.writer = ffmpeg_reader().write_frames(path, (self.width, self.height), fps=fps, macro_block_size=1,
+                                                   quality=None, **params)
+        self.writer.send(None)
+
+    def add(self, image: Image.Image, objects: Objects) -> None:
+        canvas = Image.new("RGB", (self.width, self.height))
+        if self.scale > 1:
+            image = image.resize((image.width * self.scale, image.height * self.scale), Image.NEAREST)
+        canvas.paste(draw_objects(image, objects, self.scale), (0, 0))
+        self.writer.send(np.ascontiguousarray(np.asarray(canvas, dtype=np.uint8)).tobytes())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracking
+# ------------------------------------------------------------------------------------------------
+
+def track_video(model, source: Source, name: str, out_dir: str, opts, step: int, tau: float, device, bar) -> dict:
+    """Run the model over one whole video in windows, handing the state across; write its files.
+    Returns its summary for track.json."""
+    cfg = model.cfg
+    region = opts.region or Region(0, 0, source.width, source.height)
+    seed_everything(opts.seed)      # each video the same draws whatever came before it
+    frames = []                     # boxes per frame, no masks
+    masks = MasksWriter(os.path.join(out_dir, f"{name}_masks.json"), source)
+    video = None
+    if opts.video_out:
+        video = VideoWriter(os.path.join(out_dir, f"{name}.{opts.video_out}"), opts.video_out, source.width,
+                            source.height, source.fps or DEFAULT_OUT_FPS)
+    state, window, originals = None, [], []
+
+    def run_window():
+        nonlocal state
+        out = model(torch.stack(window)[None].to(device), step, tau, keep_records=True, state=state)
+        state = out.state
+        for k, record in enumerate(out.records):
+            objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
+            masks.add(len(frames), objects)
+            frames.append(boxed(objects, opts.box))
+            if video is not None:
+                video.add(originals[k], frames[-1])
+        bar.update(len(window))
+        window.clear()
+        originals.clear()
+
+    try:
+        with torch.no_grad():
+            for image in source.read():
+                window.append(resize_frame(image, region.box, cfg.img_h, cfg.img_w))
+                if video is not None:
+                    originals.append(image)
+                if len(window) == opts.window:
+                    run_window()
+            if window:
+                run_window()
+    finally:
+        masks.close()
+        if video is not None:
+            video.close()
+    write_tracks(os.path.join(out_dir, f"{name}.txt"), frames)
+    ids = sorted({int(i) for f in frames for i in f.ids})
+    return {"source": str(source.path), "width": source.width, "height": source.height, "frames": len(frames),
+            "detections": sum(len(f.ids) for f in frames), "objects": len(ids)}
+
+
+def parse_crop(text: str | None) -> Region | None:
+    if text is None:
+        return None
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise TrackError(f"--crop '{text}' must be four whole numbers X,Y,W,H (pixels)") from None
+    if x < 0 or y < 0 or w < 1 or h < 1:
+        raise TrackError(f"--crop '{text}': need X, Y >= 0 and W, H >= 1")
+    return Region(x, y, w, h)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="track.py", description="Track the objects of whole videos with a trained SCALOR: MOTChallenge tracks "
+        "and RLE masks in the video's pixels, one id per object for the whole video.",
+        epilog="Options marked 'not in the reference' are inference rules the reference implementation lacks. "
+               "Defaults: first-frame rejection on (measured on the easy sprites: mask MOTA 82-84% -> 92-93%, "
+               "README); z_pres threshold 0.5, evaluate.py's rule (scripts/compare_track_export.py --thresholds "
+               "measures others).")
+    p.add_argument("videos", nargs="*", metavar="VIDEO",
+                   help="a folder of frames, a folder of such folders or of video files, or a video file "
+                        f"({' '.join(VIDEO_EXTENSIONS)})")
+    p.add_argument("--checkpoint", help="a .pt file written by train.py")
+    p.add_argument("--out", default="tracks", help="output folder (default: tracks)")
+    p.add_argument("--window", type=int, default=None,
+                   help="frames per forward; the state is handed from window to window, so this changes "
+                        "speed and memory, never the tracks (default: the checkpoint's seq_len)")
+    p.add_argument("--box", choices=("tight", "glimpse"), default="tight",
+                   help="box written: 'tight' box of the object's mask (default) or its 'glimpse' box z_where")
+    p.add_argument("--z-pres-threshold", type=float, default=PRES_THRESHOLD,
+                   help=f"not in the reference (it exports no tracks): an object is written where z_pres > this "
+                        f"(default {PRES_THRESHOLD}, as evaluate.py counts predictions); it changes which objects are "
+                        "written, not what the model tracks")
+    p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None,
+                   help="not in the reference: also reject first-frame proposals explained by kept proposals of "
+                        "larger z_pres, so no object is born twice in the first frame (default: on for tracking, "
+                        "unless the checkpoint has rejection off)")
+    p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
+                   help="also write each video with id-coloured boxes (H.264 .mp4 or .gif)")
+    p.add_argument("--crop", default=None, metavar="X,Y,W,H",
+                   help="track only this region of every frame (pixels; default: the whole frame, resized to "
+                        "the model's size); boxes and masks stay in the whole frame's pixels")
+    p.add_argument("--score", default=None, metavar="GT_DIR",
+                   help="score the tracks against MOTChallenge ground truth GT_DIR/<name>.txt (writes score.json); "
+                        "without VIDEO: score the tracks already in --out")
+    p.add_argument("--skip-bad-frames", action="store_true",
+                   help="drop unreadable frames of frame folders (found by the header check) instead of stopping")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's sampling (set again for every video)")
+    args = p.parse_args(argv)
+    if not args.videos and args.score is None:
+        raise TrackError("pass at least one VIDEO (and --checkpoint), or --score GT_DIR to score tracks in --out")
+    if args.videos and args.checkpoint is None:
+        raise TrackError("--checkpoint is required to track: pass a .pt file written by train.py")
+    if args.window is not None and args.window < 1:
+        raise TrackError(f"--window must be positive, got {args.window}")
+    if not 0 < args.z_pres_threshold < 1:
+        raise TrackError(f"--z-pres-threshold must lie strictly between 0 and 1, got {args.z_pres_threshold}")
+    args.region = parse_crop(args.crop)
+    return args
+
+
+def check_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrackError(f"--out '{out}' is a file, not a folder: pass another --out")
+
+
+def prepare(argv):
+    """Parse and check everything before anything is written: (args, model, payload, sources, names, device)."""
+    args = parse_args(argv)
+    check_out(args.out)
+    if args.score is not None and not os.path.isdir(args.score):
+        raise TrackError(f"--score '{args.score}' is not a folder: pass the folder of ground-truth <name>.txt files")
+    if not args.videos:
+        if not os.path.isdir(args.out):
+            raise TrackError(f"--out '{args.out}' is not a folder of tracks to score: pass the --out of a track.py run")
+        return args, None, None, [], [], None
+    device = pick_device(args.device)
+    model, payload = load_model_checked(args)
+    if args.window is None:
+        args.window = model.cfg.seq_len
+    sources = [s for arg in args.videos for s in find_sources(arg, args.skip_bad_frames)]
+    names = unique_names([s.name for s in sources])
+    region = args.region
+    for source in sources:
+        if region is not None and (region.x + region.w > source.width or region.y + region.h > source.height):
+            raise TrackError(f"--crop {region.w}x{region.h} at ({region.x},{region.y}) does not fit the "
+                             f"{source.width}x{source.height} frames of '{source.path}': pass a crop inside them")
+    if args.score is not None and not any(os.path.isfile(os.path.join(args.score, f"{n}.txt")) for n in names):
+        raise TrackError(f"--score '{args.score}' holds no ground truth for these videos: it needs <name>.txt files "
+                         f"named as the tracks ({', '.join(n + '.txt' for n in names[:3])}{', ...' if len(names) > 3 else ''})")
+    return args, model.to(device), payload, sources, names, device
+
+
+def load_model_checked(args):
+    rejection = args.first_frame_rejection
+    try:
+        if rejection is None:
+            try:
+                return load_model(args.checkpoint, "cpu", first_frame_rejection=True)
+            except ConfigError:       # the checkpoint has rejection off: first-frame rejection needs it
+                return load_model(args.checkpoint, "cpu")
+        return load_model(args.checkpoint, "cpu", first_frame_rejection=rejection)
+    except CheckpointError as e:
+        message = str(e)
+        if "does not fit" in message:
+            message += " (a checkpoint of another architecture or version: pass one written by this train.py)"
+        raise CheckpointError(message) from None
+
+
+def data_notice(payload, args) -> str | None:
+    trained = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+    if trained.get("dataset") == "grandcentral" and args.region is None:
+        return ("notice: this model was trained on square crops of Grand Central frames; the whole frame is "
+                "resized to the model's input: pass --crop X,Y,W,H (e.g. --crop 240,240,240,240) to track a square region")
+    if trained.get("frame_skip") not in (None, 1):
+        return (f"notice: this model was trained on every {trained['frame_skip']}th frame; track.py feeds every "
+                f"frame (pass a video subsampled the same way for motion like training's)")
+    return None
+
+
+def finish_out(tmp: str, out: str) -> None:
+    """Move the finished files from the temporary folder to --out (made if missing)."""
+    if not os.path.exists(out):
+        os.replace(tmp, out)
+        return
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.rmdir(tmp)
+
+
+def main(argv=None, prog: str = "track.py") -> int:
+    try:
+        args, model, payload, sources, names, device = prepare(argv)
+    except SystemExit as e:   # argparse: usage error (already printed) or --help
+        return int(e.code or 0)
+    except (TrackError, CheckpointError, DataError, ConfigError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    if not sources:           # --score only
+        try:
+            return print_score(score_folder(args.out, args.score), args.out)
+        except (TrackError, DataError) as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+    cfg = model.cfg
+    step = int(payload.get("step", 0))
+    tau = tau_at(cfg, step)
+    notice = data_notice(payload, args)
+    if notice:
+        print(notice)
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    summary = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "tau": tau,
+               "image_size": [cfg.img_h, cfg.img_w], "window": args.window, "box": args.box,
+               "z_pres_threshold": args.z_pres_threshold, "first_frame_rejection": cfg.first_frame_rejection,
+               "min_area": MIN_GT_AREA, "crop": None if args.region is None else list(args.region.box),
+               "seed": args.seed, "videos": {}}
+    known = [s.num_frames for s in sources]
+    total = sum(known) if all(n is not None for n in known) else None
+    start = time.perf_counter()
+    try:
+        with tqdm(total=total, unit="frame", desc="track", file=sys.stderr) as bar:
+            for source, name in zip(sources, names):
+                bar.set_postfix_str(name)
+                summary["videos"][name] = track_video(model, source, name, tmp, args, step, tau, device, bar)
+        seconds = time.perf_counter() - start
+        num_frames = sum(v["frames"] for v in summary["videos"].values())
+        summary["seconds"], summary["frames_per_second"] = seconds, num_frames / max(seconds, 1e-9)
+        with open(os.path.join(tmp, "track.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        finish_out(tmp, out)
+    except DataError as e:    # a frame found corrupt while reading it (setup checks headers only)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, video in summary["videos"].items():
+        print(f"{name}: {video['frames']} frames, {video['objects']} objects, {video['detections']} detections")
+    print(f"tracked {num_frames} frames of {len(sources)} videos in {seconds:.1f} s "
+          f"({summary['frames_per_second']:.1f} frames/s); wrote {args.out}")
+    if args.score is not None:
+        try:
+            return print_score(score_folder(args.out, args.score, names), args.out)
+        except (TrackError, DataError) as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring MOTChallenge files
+# ------------------------------------------------------------------------------------------------
+
+def read_mot(path, ground_truth: bool = False) -> dict:
+    """{frame (1-based): (ids (n,) int64, xywh (n, 4) float64)} of a MOTChallenge file
+    `frame,id,x,y,w,h,conf,...`; ground truth: lines with conf 0 (MOTChallenge's 'ignore') are left out."""
+    rows = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            values = line.strip().split(",")
+            try:
+                frame, obj_id = int(float(values[0])), int(float(values[1]))
+                box = [float(v) for v in values[2:6]]
+                conf = float(values[6]) if len(values) > 6 else 1.0
+            except (ValueError, IndexError):
+                raise DataError(f"'{path}' line {number} is not a MOTChallenge line frame,id,x,y,w,h,conf,...: "
+                                f"'{line.strip()[:60]}'") from None
+            if len(box) < 4 or frame < 1:
+                raise DataError(f"'{path}' line {number}: need frame >= 1 and four box values")
+            if ground_truth and conf == 0:
+                continue
+            rows.setdefault(frame, []).append((obj_id, box))
+    return {t: (np.array([i for i, _ in r], dtype=np.int64), np.array([b for _, b in r], dtype=np.float64))
+            for t, r in rows.items()}
+
+
+def mot_frames(rows: dict, num_frames: int) -> list:
+    """Per frame 1..num_frames (ids, xywh), empty frames included."""
+    empty = (np.zeros(0, dtype=np.int64), np.zeros((0, 4)))
+    return [rows.get(t, empty) for t in range(1, num_frames + 1)]
+
+
+def score_files(gt_paths: list, pred_paths: list, names: list | None = None) -> dict:
+    """Tracking metrics (evaluate.summarize) of prediction files against ground-truth files, pairwise;
+    box IoU >= 0.5 matching; a missing prediction file counts as no predictions."""
+    accs = []
+    for gt_path, pred_path in zip(gt_paths, pred_paths):
+        gt = read_mot(gt_path, ground_truth=True)
+        pred = read_mot(pred_path) if os.path.isfile(pred_path) else {}
+        num_frames = max([0, *gt, *pred])
+        accs.append(accumulate(mot_frames(gt, num_frames), mot_frames(pred, num_frames), iou_matrix_distance))
+    return summarize(accs, names)
+
+
+def score_folder(pred_dir: str, gt_dir: str, names: list | None = None) -> dict:
+    """{"overall": metrics, "videos": {name: metrics}} of pred_dir/<name>.txt against gt_dir/<name>.txt,
+    for the given names (default: every .txt in gt_dir)."""
+    if names is None:
+        names = sorted((p[:-4] for p in os.listdir(gt_dir) if p.endswith(".txt")), key=natural_key)
+    names = [n for n in names if os.path.isfile(os.path.join(gt_dir, f"{n}.txt"))]
+    if not names:
+        raise TrackError(f"no ground-truth <name>.txt files in '{gt_dir}' for the tracked videos: name them as the "
+                         f"tracks in --out are named")
+    gt = [os.path.join(gt_dir, f"{n}.txt") for n in names]
+    pred = [os.path.join(pred_dir, f"{n}.txt") for n in names]
+    return {"gt_dir": os.path.abspath(gt_dir), "overall": score_files(gt, pred, names),
+            "videos": {n: score_files([g], [p], [n]) for n, g, p in zip(names, gt, pred)}}
+
+
+def print_score(score: dict, out: str) -> int:
+    from evaluate import json_ready
+    m = score["overall"]
+    print(f"MOTA {m['mota']:.4f}  MOTP IoU {m['motp_iou']:.4f}  IDF1 {m['idf1']:.4f}  id switches {m['id_switches']}  "
+          f"false positives {m['false_positives']}  misses {m['misses']}  ({len(score['videos'])} videos)")
+    if os.path.isdir(out):
+        with open(os.path.join(out, "score.json"), "w") as f:
+            json.dump(json_ready(score), f, indent=2)
+    return 0
+
+
+def ground_truth_file(path, frames: list) -> None:
+    """Write per-frame ground truth Objects (evaluate.ground_truth_frames) as a MOTChallenge file (conf 1)."""
+    write_tracks(path, [Objects(ids=f.ids, xywh=f.xywh, masks=f.masks, conf=np.ones(len(f.ids))) for f in frames])
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate.py --track
+# ------------------------------------------------------------------------------------------------
+
+def evaluate_alias(argv: list) -> int:
+    """`evaluate.py --track --data-dir FRAMES --checkpoint CKPT --out DIR [--gif N] ...`: track.py on
+    FRAMES (kept for old command lines; --gif N > 0 becomes --video-out gif for every video)."""
+    p = argparse.ArgumentParser(prog="evaluate.py --track", description="alias of track.py (see python track.py --help)")
+    p.add_argument("--track", action="store_true")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="tracks")
+    p.add_argument("--gif", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--skip-bad-frames", action="store_true")
+    p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None)
+    try:
+        a, rest = p.parse_known_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if rest:
+        print(f"evaluate.py: error: {' '.join(rest)} not used with --track: run python track.py "
+              f"(see python track.py --help)", file=sys.stderr)
+        return 2
+    flags = [a.data_dir, "--checkpoint", a.checkpoint, "--out", a.out, "--device", a.device, "--seed", a.seed]
+    flags += ["--skip-bad-frames"] * a.skip_bad_frames + ["--video-out", "gif"] * (a.gif > 0)
+    if a.first_frame_rejection is not None:
+        flags.append("--first-frame-rejection" if a.first_frame_rejection else "--no-first-frame-rejection")
+    return main(flags, prog="evaluate.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
