@@ -9,7 +9,6 @@ the z_pres prior); the two step-dependent switches (detaching object state befor
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +75,7 @@ class TrainStep:
             self.optimizer.step()
         terms = {k: v.detach() for k, v in out.terms().items()}
         # nothing returned may keep this step's autograd graph alive (it would break a later capture)
-        detached = dataclasses.replace(out, **{f.name: getattr(out, f.name).detach() for f in dataclasses.fields(out)
-                                               if isinstance(getattr(out, f.name), torch.Tensor)})
+        detached = out.detach()
         return StepResult(loss.detach(), out.counts.detach(), grad_norm.detach(), finite, terms,
                           None if capturing else detached)
 

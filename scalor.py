@@ -28,9 +28,8 @@ replaces are `GlimpseEncoder.encode_at`, `SCALOR.decode_and_place`, `SCALOR.step
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +191,12 @@ class SCALOROutput:
         """Batch means of each frame-averaged term (for logging)."""
         return {name: getattr(self, name).mean(1).mean(0) for name in
                 ("log_like", "kl_what", "kl_where", "kl_depth", "kl_pres", "kl_bg")}
+
+    def detach(self) -> "SCALOROutput":
+        """The same output holding no autograd graph (the records are detached already)."""
+        tensors = {f.name: getattr(self, f.name).detach() for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **tensors, state=None if self.state is None else self.state.detach())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,7 +556,7 @@ class SCALOR(nn.Module):
                                detach=detach, curriculum=curriculum)
             state, frame = self.step_frame(seq[:, t], img_enc_seq[:, t], state, ctx, keep_records)
             frames.append(frame)
-        return self.collect(frames, dataclasses.replace(state, lstm=lstm))
+        return self.collect(frames, replace(state, lstm=lstm))
 
     def initial_state(self, seq, capacity: int | None) -> VideoState:
         """A video's start: no objects (capacity slots, else 1), ids from 1, zero background prior state."""

@@ -729,3 +729,36 @@ def test_windows_with_handed_state_equal_one_forward(tiny_cfg, training, generat
     assert torch.equal(second.state.slots.ids, whole.state.slots.ids)
     assert all(torch.equal(x, y) for (h1, c1), (h2, c2) in zip(second.state.lstm, whole.state.lstm)
                for x, y in ((h1, h2), (c1, c2)))
+
+
+def _tensors(value):
+    """Every tensor inside value: dataclasses, lists, tuples and dicts walked through."""
+    import dataclasses
+    if torch.is_tensor(value):
+        yield value
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("speed", [False, True])
+def test_a_training_step_returns_nothing_that_keeps_its_autograd_graph(tiny_cfg, speed):
+    """A CUDA-graph capture fails while an earlier step's autograd graph is alive (its AccumulateGrad
+    nodes): the step's result, output records and the handed-on video state included, must hold no
+    tensor with a grad_fn or requiring gradients."""
+    from engine import TrainStep, make_optimizer
+    torch.manual_seed(0)
+    model = SCALOR(tiny_cfg).train()
+    if speed:
+        model = fast.apply(model, fast.SpeedOptions())
+    step_fn = TrainStep(model, make_optimizer(model))
+    result = step_fn(_seq(tiny_cfg), 1, keep_records=True)
+    found = list(_tensors(result))
+    assert result.output.state is not None and len(found) > 20
+    assert not [t.shape for t in found if t.grad_fn is not None or t.requires_grad]
