@@ -5,12 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import scalor as scalor_mod
 from common import small_config
+
+# torchrun jobs use the default rendezvous port: under pytest-xdist they run one after another on one worker
+pytestmark = pytest.mark.xdist_group("torchrun")
 
 ROOT = Path(__file__).resolve().parent.parent
 
