@@ -23,7 +23,7 @@ from evaluate import TEST_SEED_OFFSET, ground_truth_frames  # noqa: E402
 from track import ground_truth_file  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
-DEMO = dict(preset="easy", num=1, length=40, size=(64, 64), seed=TEST_SEED_OFFSET + 666, index=3)
+DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED_OFFSET + 666, index=3)
 
 
 def write_sprite_videos(out_dir, preset: str = "easy", num: int = 4, length: int = 60, size=None,
@@ -43,7 +43,7 @@ def write_sprite_videos(out_dir, preset: str = "easy", num: int = 4, length: int
 
 
 def write_demo(folder=DEMO_DIR) -> Path:
-    """demo/: 40 frames (64x64 PNGs) of one 'easy' sprite video, and demo/ground_truth/demo.txt."""
+    """demo/: 40 frames (64x64 PNGs) of one 'spmot' sprite video (the bundled checkpoint's training scenes), and demo/ground_truth/demo.txt."""
     folder = Path(folder)
     data = make_sprites(DEMO["preset"], img_h=DEMO["size"][0], img_w=DEMO["size"][1], seq_len=DEMO["length"],
                         num_sequences=DEMO["index"] + 1, seed=DEMO["seed"])
