@@ -1,0 +1,32 @@
+"""scripts/ship_checkpoint.py: a training checkpoint stripped to config, weights and step."""
+import torch
+
+from checkpoints import read_checkpoint, save_checkpoint
+from common import small_config
+from engine import make_optimizer
+from scalor import SCALOR
+from scripts.ship_checkpoint import main
+
+
+def test_shipped_checkpoint_keeps_the_weights_and_drops_the_training_state(tmp_path):
+    cfg = small_config(seq_len=2, observe_frames=1)
+    model = SCALOR(cfg)
+    source, target = tmp_path / "ckpt.pt", tmp_path / "small.pt"
+    save_checkpoint(str(source), model, make_optimizer(model), 7, cfg, rng={"torch": torch.get_rng_state()},
+                    data={"dataset": "sprites"})
+    assert main([str(source), str(target)]) == 0
+    raw = torch.load(target, weights_only=True)
+    assert sorted(raw) == ["config", "data", "format", "model", "step"]
+    shipped = read_checkpoint(str(target))
+    assert shipped["step"] == 7 and shipped["config"] == cfg and shipped["data"] == {"dataset": "sprites"}
+    for name, value in model.state_dict().items():
+        assert torch.equal(shipped["model"][name], value)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    assert main([str(bad), str(tmp_path / "out.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ship_checkpoint.py: error:") and "\n" not in err
+    assert not (tmp_path / "out.pt").exists()
