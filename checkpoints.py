@@ -45,7 +45,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what rng_state returned (or the tuples of checkpoints written before it held tensors)."""
+    """Restore what rng_state returned, or the plain tuples of random.getstate / np.random.get_state
+    that some checkpoints hold."""
     py, nps = state["python"], state["numpy"]
     if isinstance(py, dict):
         py = (py["version"], tuple(py["state"].tolist()), py["gauss_next"])
@@ -107,8 +108,8 @@ def save_checkpoint(path: str, model=None, optimizer=None, step: int = 0, cfg: C
 
 
 _np_core = getattr(np, "_core", None) or np.core
-# What unpickling a plain NumPy array needs (checkpoints written before the RNG states became
-# tensors hold NumPy's as an array): these build arrays and dtypes only, never run other code.
+# What unpickling a plain NumPy array needs (a checkpoint holding NumPy's RNG state as its plain
+# tuple holds an array): these build arrays and dtypes only, never run other code.
 NUMPY_ARRAY_GLOBALS = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 

@@ -35,7 +35,7 @@ def flag_help() -> dict:
     return {f.name: f.metadata.get("help", f.name) for f in dataclasses.fields(Config)}
 
 
-# Speed switches older versions kept in the Config (and so in checkpoints); now fast.SpeedOptions.
+# Speed switches a checkpoint's config may hold; they belong to fast.SpeedOptions, not the model.
 SPEED_FIELDS = frozenset({"checkpoint_glimpses", "triton_convs", "nhwc_weight_grad", "dot_convs", "fused_param_grads"})
 
 
@@ -153,8 +153,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        """The config of a dict (a checkpoint's); speed switches that older versions kept here
-        (SPEED_FIELDS, now fast.SpeedOptions, not part of the model) are dropped."""
+        """The config of a dict (a checkpoint's); speed switches it may hold (SPEED_FIELDS: they
+        belong to fast.SpeedOptions, not part of the model) are dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in values.items() if k not in SPEED_FIELDS}
         unknown = sorted(set(values) - known)
@@ -274,10 +274,9 @@ def small_config(**changes) -> Config:
 
 
 def sprites_config(**changes) -> Config:
-    """The measured training recipe for sprite videos (README, "Measured": 92.6% mask MOTA on the easy
-    preset after 7.7 minutes on one H200): the --small sizes with batch 64, lr 3e-4, the temperature
-    annealed over 4,000 steps instead of 20,000, and the discovery z_pres prior annealed to 1e-9
-    instead of 1e-3.
+    """The training recipe for sprite videos (its results are in the README's "Measured" table):
+    the --small sizes with batch 64, lr 3e-4, the temperature annealed over 4,000 steps instead of
+    20,000, and the discovery z_pres prior annealed to 1e-9 instead of 1e-3.
 
     phase_no_background is left at the default here on purpose: whether a background module is
     needed is a property of the data, so train.py decides it from the frames

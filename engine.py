@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fast import PRECISIONS, compile_blocks, compile_frames, set_precision  # noqa: F401 (older imports)
+from fast import PRECISIONS, compile_blocks, compile_frames, set_precision  # noqa: F401 (also importable from engine)
 from utils import step_switches, tau_at, z_pres_prior_at
 
 
@@ -69,7 +69,7 @@ class TrainStep:
         if capturing:                 # no host sync possible: zero the gradients of a bad step
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad.masked_fill_(~finite, 0.0)     # one kernel a parameter (where + copy took three)
+                    p.grad.masked_fill_(~finite, 0.0)     # one kernel a parameter (where + copy: three)
             self.optimizer.step()
         elif bool(finite):
             self.optimizer.step()

@@ -63,18 +63,18 @@ class SpeedOptions:
                                           # encoders' first layers, background decoder's last) by Triton
                                           # kernels on CUDA in fp32; off: cuDNN. Same numbers
     nhwc_weight_grad: bool = True         # the weight gradient of 3x3 and 4x4/2 convs of 17-32 channels by a
-                                          # Triton kernel on CUDA in fp32 (decoder trunk 1.5x cuDNN's; step
-                                          # 364 -> 358 ms uncompiled on an H200); off: cuDNN. Same numbers
+                                          # Triton kernel on CUDA in fp32 (faster than cuDNN's on the decoder
+                                          # trunk; docs/PERF_NOTES.md has the measurements); off: cuDNN. Same numbers
     dot_convs: bool = True                # the Triton convs' forward (and 3x3 input gradient) as tensor-core
                                           # products where they pay (kernels.dot_pays; TF32 only) instead of
-                                          # fp32 FMAs; step 359.0 -> 351.6 ms uncompiled on an H200
+                                          # fp32 FMAs (a faster step; docs/PERF_NOTES.md has the measurements)
     fused_param_grads: bool = True        # each parameter's gradients from the frames summed in one multi-tensor
                                           # pass at the end of backward (one alias a frame) instead of one
                                           # addition kernel a frame (~2,700 a step at the default config)
     cuda_graph: bool | None = None        # replay each training step from a captured CUDA graph; None: on where
                                           # the step runs on one CUDA GPU in one process (`resolved`)
     compile: bool = False                 # torch.compile the conv stacks and the per-frame code (GPU; the first
-                                          # steps compile for minutes on a cold cache, kept in ~/.cache/scalor-inductor)
+                                          # steps compile slowly on a cold cache, kept in ~/.cache/scalor-inductor)
     precision: str = "fp32"               # fp32 (PyTorch defaults), fp32-strict (no TF32), tf32, bf16 autocast
     cudnn_benchmark: bool = True          # let cuDNN time its algorithms once per shape (training shapes are fixed)
 
@@ -95,9 +95,9 @@ class SpeedOptions:
                              "--no-fused-param-grads: autograd's one addition a frame",
         "cuda_graph": "replay each training step from a captured CUDA graph (default on one CUDA GPU in one "
                       "process; --no-cuda-graph: eager steps)",
-        "compile": "torch.compile the convolution stacks and the per-frame code around them (GPU; the first steps "
-                   "take ~10 minutes longer on a cold cache, kept in ~/.cache/scalor-inductor for later runs; "
-                   "with the CUDA graph 367 -> 259 ms at the default config on an H200)",
+        "compile": "torch.compile the convolution stacks and the per-frame code around them (GPU; faster steps, "
+                   "most with the CUDA graph; the first steps take much longer on a cold cache, kept in "
+                   "~/.cache/scalor-inductor for later runs)",
         "precision": "GPU numerics: fp32 (PyTorch defaults), fp32-strict (no TF32), tf32, bf16 autocast [fp32]",
         "cudnn_benchmark": "let cuDNN time its algorithms for each convolution shape once (default); "
                            "--no-cudnn-benchmark: its heuristic choice",
@@ -145,9 +145,9 @@ def set_precision(precision: str, cudnn_benchmark: bool = False) -> None:
     (`engine.TrainStep`).
 
     cudnn_benchmark: let cuDNN time its algorithms for each convolution shape once and keep the
-    fastest. Training steps have fixed shapes (fixed object slots), so this costs a few seconds in
-    the first steps and nothing after; same precision class, so the same numbers up to the order
-    of summation inside a convolution."""
+    fastest. Training steps have fixed shapes (fixed object slots), so this costs time in the first
+    steps only; same precision class, so the same numbers up to the order of summation inside a
+    convolution."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
     torch.backends.cudnn.allow_tf32 = precision != "fp32-strict"
@@ -246,8 +246,9 @@ class Conv3x3(nn.Conv2d):
 class Conv4x4Stride2(nn.Conv2d):
     """nn.Conv2d(cin, cout, 4, stride=2, padding=1) -- same parameters, same state_dict -- that runs
     the Triton kernels of `kernels.conv4x4s2` on fp32 CUDA inputs outside autocast (put in place by
-    `use_triton_convs` for the encoders' first layers, <= 4 -> 16 channels: cuDNN takes ~1 ms over the
-    glimpse encoder's backward per 1,280 glimpses, the Triton kernels 0.5); cuDNN everywhere else.
+    `use_triton_convs` for the encoders' first layers, <= 4 -> 16 channels, where the Triton kernels
+    run the glimpse encoder's backward faster than cuDNN; docs/PERF_NOTES.md has the measurements);
+    cuDNN everywhere else.
     `dot` (set by `use_dot_convs`): the forward by tensor-core products where `kernels.dot_pays`."""
 
     dot = False
@@ -290,11 +291,10 @@ class ConvNHWCWeightGrad(nn.Conv2d):
 def use_nhwc_weight_grad(model: nn.Module) -> int:
     """Turn every plain nn.Conv2d of `model` that is 3x3 of stride 1 or 4x4 of stride 2 (padding 1)
     with 17-32 channels on its wider side into a ConvNHWCWeightGrad (the same module, parameters
-    untouched). On an H200 the kernel beats cuDNN's weight gradient over the glimpses (32 -> 32 3x3
-    at 32x32, 900 glimpses: 427 against 780 us) and is slower at 64 channels; over the 20 frames of
-    a batch it is slower in isolation (102-120 against 60-64 us), yet the uncompiled step measured
-    fastest with these layers swapped too (358.0 / 358.5 ms against 359.0 / 359.3 with only the
-    layers over 2^16 output pixels or more, and 364.2 with none). Returns how many."""
+    untouched). The kernel beats cuDNN's weight gradient over the glimpses (e.g. the 32 -> 32 3x3
+    at 32x32) and is slower at 64 channels, hence the 32-channel bound; over the 20 frames of a
+    batch it is slower in isolation, yet the whole step is fastest with those layers swapped too,
+    so they are (docs/PERF_NOTES.md has the measurements). Returns how many."""
     count = 0
     for m in model.modules():
         if type(m) is not nn.Conv2d:
@@ -327,8 +327,8 @@ class Conv1x1BeforeShuffle(nn.Conv2d):
     """nn.Conv2d(cin, cout, 1) feeding a PixelShuffle -- same parameters, same state_dict, same
     numbers. Inside torch.compile on CUDA, inductor runs the convolutions in channels-last, and
     cuDNN's backward then wants its output gradient in channels-last too; the pixel shuffle's
-    backward produces it in NCHW, so cuDNN copied it (the glimpse decoder's last two 1x1 convs: 900
-    glimpses x (128, 16, 16) and (64, 32, 32), 4.3 ms a step in a profile). Marking the gradient
+    backward produces it in NCHW, so cuDNN would copy it (the glimpse decoder's last two 1x1 convs:
+    900 glimpses x (128, 16, 16) and (64, 32, 32), large copies every step). Marking the gradient
     channels-last in the traced graph lets inductor write it so in the kernel that computes it."""
 
     def forward(self, x):

@@ -12,8 +12,8 @@ F.conv2d(x, weight, bias, stride=2, padding=1) for 4x4 weights:
   side, or 16 input channels over the few pixels of the frames; only where products may round to
   TF32, i.e. cuDNN may use TF32: PyTorch's default and our `fp32` precision, not `fp32-strict`):
   per image and block of 256 output pixels, all output channels, one tensor-core product
-  (C_out x C_in) @ (C_in x pixels) per tap, channels zero-padded to 16. The stacked heads' 16 -> 16
-  at 64x64 over 1,280 glimpses: FMA 1.10 ms, dot 0.72 ms; the step 359.0 -> 351.6 ms uncompiled;
+  (C_out x C_in) @ (C_in x pixels) per tap, channels zero-padded to 16 (faster than the FMA kernel
+  on such shapes, e.g. the stacked heads' 16 -> 16 at 64x64; docs/PERF_NOTES.md has the measurements);
 - input gradient: for 3x3 the forward kernel on the output gradient with the weight transposed and
   flipped; for 4x4 of stride 2 a kernel per parity class of input pixels (each receives from 2x2
   outputs through 2x2 of the taps);
@@ -25,22 +25,20 @@ F.conv2d(x, weight, bias, stride=2, padding=1) for 4x4 weights:
   For 3x3 its loads run along the pixels, contiguous in memory (the shifted index hh * W + ww is
   p + shift).
 
-Measured on an H200 (900 glimpses of 64x64, docs/PERF_NOTES.md) the 3x3 kernels beat cuDNN on the
-glimpse decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1, the first convolutions also stacked as
-16 -> 16); the 4x4 stride-2 kernels beat it on the glimpse encoder's first layer (3 -> 16: forward +
-backward 1.30 -> 0.70 ms for 1,280 glimpses). `fast.use_triton_convs` puts them in every such layer of
-at most 16 channels a side. The kernels are custom operators (torch.ops.scalor.conv3x3, conv4x4s2,
+The 3x3 kernels are faster than cuDNN on the glimpse decoder's heads (16 -> 8 -> 3 and 16 -> 8 -> 1,
+the first convolutions also stacked as 16 -> 16); the 4x4 stride-2 kernels on the glimpse encoder's
+first layer (3 -> 16, forward and backward); docs/PERF_NOTES.md has the measurements.
+`fast.use_triton_convs` puts them in every such layer of at most 16 channels a side. The kernels are custom operators (torch.ops.scalor.conv3x3, conv4x4s2,
 their gradients), so torch.compile traces through them. `tests/test_kernels.py` checks every result against F.conv2d's
 (Triton's interpreter on CPU) and the operators' registration (torch.library.opcheck).
 
 `_weight_grad_nhwc` is the weight gradient of a 3x3 (stride 1) or 4x4 (stride 2) convolution,
 made for channels-last tensors (it reads any strides in place) with 16-64 channels a side (the glimpse decoder's 32 -> 32 trunk layer at
 32x32, which inductor already runs channels-last): chunks of output pixels x row offsets, one
-(C_out x pixels) @ (pixels x C_in) product per tap. Measured on an H200 (TF32, as cuDNN in fp32
-mode; `python bench.py --weight-grads`), 32 -> 32 at 32x32 over 900 glimpses: 427 us on NCHW
-and 499 on channels-last inputs, against cuDNN's 780 and 747; 4x4/2 16 -> 32 over 1,280
-glimpses: 177 / 239 against 278 / 241; slower than cuDNN over 20 frames (102-120 against 60-64
-us) and at 64 channels of 16x16 (270 / 549 against 271 / 222). `conv_nhwc_weight_grad` is
+(C_out x pixels) @ (pixels x C_in) product per tap (TF32 where cuDNN may use it). It is faster
+than cuDNN over the glimpses at up to 32 channels (32 -> 32 at 32x32, 4x4/2 16 -> 32), on NCHW and
+channels-last inputs, and slower over the few large frames and at 64 channels of 16x16
+(`python bench.py --weight-grads` compares them; docs/PERF_NOTES.md has the measurements). `conv_nhwc_weight_grad` is
 F.conv2d with it as the weight gradient (forward and input gradient stay cuDNN's, or inductor's
 choice when compiled); `fast.use_nhwc_weight_grad` (SpeedOptions.nhwc_weight_grad, on by default) puts
 it in the layers of 17-32 channels.
@@ -106,8 +104,7 @@ if triton is not None:
         # concatenation [x (N1 images); x2] (a gather fused into the loads). Program (image, block of output pixels, group of COUT_G output
         # channels). The accumulator is (COUT_G, BLOCK) with the pixels along threads, so each thread
         # holds every output channel of its pixels: one load of x feeds COUT_G FMAs (a (BLOCK, COUT)
-        # accumulator spreads the channels over threads and loads each x COUT_G times: 1.85x slower
-        # on the H200).
+        # accumulator spreads the channels over threads and loads each x COUT_G times: slower).
         if STRIDE == 1:   # 3x3, padding 1: the output is the input's size (the same code as for 3x3 alone)
             HO = H
             WO = W
@@ -128,7 +125,7 @@ if triton is not None:
             ok = (p < PO) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             src = x_img + hh * W + ww
             w_tap = w_group + k * CIN * COUT_G
-            if CIN <= 16:   # unrolled: 1.6x faster than the loop; compiling takes ~10 s at 16, ~60 s at 32
+            if CIN <= 16:   # unrolled: faster than the loop, but its compile time grows fast with CIN
                 for c in tl.static_range(CIN):
                     acc = _fma_channel(acc, src, ok, w_tap, c, P, COUT_G)
             else:
@@ -318,16 +315,14 @@ def _use_tf32() -> bool:
 
 def dot_pays(cin: int, cout: int, out_pixels: int) -> bool:
     """Whether `_forward(dot=True)` runs the tensor-core kernel for a convolution of `cin` -> `cout`
-    channels with `out_pixels` output pixels over all images, rather than the FMA one. Measured on
-    an H200 (TF32, 4 warps, blocks of 256 pixels; docs/PERF_NOTES.md, 2026-11-28): it pays with
-    16 or more channels a side (stacked heads 16 -> 16 over 1,280 glimpses of 64x64: FMA 1,099 us,
-    dot 715 us; over 900: 820 -> 553 us; the background decoder's 16 -> 16 over 20 frames of
-    128x128: 157 -> 88 us), and from 16 input channels over few output pixels, where the FMA
-    kernel's grid is too small to fill the GPU (background decoder's 16 -> 3 over 20 frames: 162 ->
-    74 us). Elsewhere the FMA kernel is faster (900 glimpses: 16 -> 8 442 vs 549 us, 8 -> 3 219 vs
-    352, 3 -> 16 of stride 2 over 1,280: 184 vs 404), as it is wherever products may not round to
-    TF32 (fp32-strict): there the dot kernel's products compile to plain FMAs, and slowly (Triton
-    3.9 for sm_90 on a CPU: 16 -> 16 3.0 s in TF32, 4.6 s in fp32; 32 -> 64 4.5 s and 73 s)."""
+    channels with `out_pixels` output pixels over all images, rather than the FMA one (TF32, 4 warps,
+    blocks of 256 pixels; docs/PERF_NOTES.md has the measurements): it pays with 16 or more
+    channels a side (the stacked heads' 16 -> 16 over the glimpses, the background decoder's 16 -> 16
+    over the frames), and from 16 input channels over few output pixels, where the FMA kernel's grid
+    is too small to fill the GPU (the background decoder's 16 -> 3 over the frames). Elsewhere the
+    FMA kernel is faster (16 -> 8 and 8 -> 3 over the glimpses, 3 -> 16 of stride 2), as it is
+    wherever products may not round to TF32 (fp32-strict): there the dot kernel's products compile
+    to plain FMAs, and slowly (most of all at wide channels)."""
     return _use_tf32() and cin >= 16 and (cout >= 16 or out_pixels <= 2 ** 20)
 
 
@@ -337,7 +332,7 @@ def _out_size(n: int, ksize: int, stride: int) -> int:
 
 def _pad_dim(w, dim: int, size: int):
     """w zero-padded at the end of dimension `dim` (of 3) to `size` (w itself when it has that size):
-    weight packing in one copy kernel, two when padded (was zeros, copy, then the permuted copy)."""
+    weight packing in one copy kernel, two when padded."""
     extra = size - w.shape[dim]
     return w if extra == 0 else torch.nn.functional.pad(w, (0, 0) * (2 - dim) + (0, extra))
 
@@ -404,9 +399,10 @@ def _weight_grad(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 32):
     `_planes` gives it, grad_y contiguous."""
     N, CIN, H, W = x.shape
     COUT, HO, WO = grad_y.shape[1:]
-    # columns (tap, c): 16 x CIN_P >= 16 as tl.dot needs; padding 8 input channels to 16 cost 1.7x
+    # columns (tap, c): 16 x CIN_P >= 16 as tl.dot needs; CIN_P a power of 2, not 16: padding 8 input
+    # channels to 16 is slower
     CIN_P, COUT_P = triton.next_power_of_2(CIN), _pad16(COUT)
-    # programs (image, part of its pixels): 2 parts per glimpse (900 of them, measured); for a few
+    # programs (image, part of its pixels): 2 parts per glimpse (the fastest split over ~900 glimpses); for a few
     # large frames (the background's 20 of 128^2) more parts, so that ~1,000 programs fill the GPU
     splits = min(max(2, triton.cdiv(1024, max(N, 1))), triton.cdiv(HO * WO, block))
     chunk = triton.cdiv(triton.cdiv(HO * WO, splits), block) * block
@@ -427,8 +423,8 @@ def _weight_grad_nhwc(x, grad_y, ksize: int = 3, stride: int = 1, block: int = 6
     """dL/dweight (COUT, CIN, K, K) of y = F.conv2d(x, weight, stride=stride, padding=1) for a 3x3
     weight of stride 1 or a 4x4 one of stride 2, from x (N, CIN, H, W) and grad_y (N, COUT, HO, WO)
     read where they lie, any strides (fastest channels-last, as measured): ~`programs` chunks of
-    output pixels x K row offsets, summed in a fixed order (deterministic). The defaults were the
-    fastest on an H200 (channels-last)."""
+    output pixels x K row offsets, summed in a fixed order (deterministic). The defaults are the
+    fastest settings for channels-last inputs (docs/PERF_NOTES.md has the measurements)."""
     _check_3x3_or_4x4s2("_weight_grad_nhwc", ksize, stride)
     N, CIN, H, W = x.shape
     COUT, HO, WO = grad_y.shape[1:]
