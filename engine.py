@@ -9,6 +9,7 @@ the z_pres prior); the two step-dependent switches (detaching object state befor
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +95,14 @@ class TrainStep:
                     result = self._forward_backward(batch, step, tau, prior)
                 torch.cuda.current_stream().wait_stream(side)
                 return result
-            self.graphs[key] = self._capture(batch, step)
+            try:
+                self.graphs[key] = self._capture(batch, step)
+            except RuntimeError as e:   # an operation that cannot be captured: eager steps from here on
+                self.cuda_graph = False
+                reason = " ".join(str(e).split())[:200]
+                print(f"notice: the CUDA graph capture failed ({type(e).__name__}: {reason}); training goes on with "
+                      f"eager steps (--no-cuda-graph skips the capture)", file=sys.stderr, flush=True)
+                return self._forward_backward(batch, step, tau, prior)
         graph, static = self.graphs[key]
         static["batch"].copy_(batch, non_blocking=True)
         static["tau"].fill_(tau)

@@ -762,3 +762,25 @@ def test_a_training_step_returns_nothing_that_keeps_its_autograd_graph(tiny_cfg,
     found = list(_tensors(result))
     assert result.output.state is not None and len(found) > 20
     assert not [t.shape for t in found if t.grad_fn is not None or t.requires_grad]
+
+
+def test_a_failed_cuda_graph_capture_goes_on_with_eager_steps(tiny_cfg, monkeypatch, capsys):
+    """When the capture of the training step fails (an operation that cannot be captured), the step
+    runs eagerly instead, the run goes on without CUDA graphs, and one notice says so."""
+    from engine import TrainStep, make_optimizer
+    from utils import step_switches
+    torch.manual_seed(0)
+    model = SCALOR(tiny_cfg).train()
+    step_fn = TrainStep(model, make_optimizer(model), cuda_graph=True)
+    step_fn.seen[step_switches(tiny_cfg, 1)] = step_fn.warmup          # warm-up done: the next step captures
+
+    def fail(batch, step):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    monkeypatch.setattr(step_fn, "_capture", fail)
+    before = [p.detach().clone() for p in model.parameters()]
+    result = step_fn(_seq(tiny_cfg), 1)
+    assert bool(result.finite) and not step_fn.cuda_graph and not step_fn.graphs
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))   # the step was taken
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("notice: the CUDA graph capture failed (RuntimeError: CUDA error")
+    assert step_fn(_seq(tiny_cfg), 2).output is not None                           # eager from then on
