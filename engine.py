@@ -76,9 +76,8 @@ class TrainStep:
             self.optimizer.step()
         terms = {k: v.detach() for k, v in out.terms().items()}
         # nothing returned may keep this step's autograd graph alive (it would break a later capture)
-        detached = out.detach()
         return StepResult(loss.detach(), out.counts.detach(), grad_norm.detach(), finite, terms,
-                          None if capturing else detached)
+                          None if capturing else out.detach())
 
     def __call__(self, batch, step: int, keep_records: bool = False, inject_nan: bool = False) -> StepResult:
         cfg = self.cfg

@@ -65,7 +65,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import ConfigError
-from data import (DataError, check_frames, check_same_size, frame_files, load_rgb, natural_key, one_line,
+from data import (DataError, check_frames, check_same_size, frame_files, list_folder, load_rgb, natural_key, one_line,
                   resize_frame)
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
                       iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
@@ -195,13 +195,15 @@ def find_sources(arg: str, skip_bad_frames: bool) -> list[Source]:
     if frames:
         return [frames_source(path, frames, name, skip_bad_frames)]
     sources = []
-    for entry in sorted(path.iterdir(), key=lambda p: natural_key(p.name)):
-        if entry.is_dir() and frame_files(entry):
-            sources.append(frames_source(entry, frame_files(entry), entry.name, skip_bad_frames))
+    entries = sorted(list_folder(path), key=lambda p: natural_key(p.name))
+    for entry in entries:
+        inner = frame_files(entry) if entry.is_dir() else []
+        if inner:
+            sources.append(frames_source(entry, inner, entry.name, skip_bad_frames))
         elif is_video_file(entry):
             sources.append(probe_video_file(entry, entry.stem))
     if not sources:
-        empty = not any(path.iterdir())
+        empty = not entries
         raise DataError(f"folder '{path}' {'is empty' if empty else 'holds no frames, frame folders or video files'}: {what}")
     return sources
 
@@ -394,7 +396,7 @@ def parse_args(argv):
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None,
                    help="not in the reference: also reject first-frame proposals explained by kept proposals of "
                         "larger z_pres, so no object is born twice in the first frame (default: on for tracking, "
-                        "unless the checkpoint has rejection off)")
+                        "unless the checkpoint has phase_rejection off)")
     p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
                    help="also write each video with id-coloured boxes (H.264 .mp4 or .gif)")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H",
@@ -510,8 +512,13 @@ def main(argv=None, prog: str = "track.py") -> int:
     if notice:
         print(notice)
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    except OSError as e:
+        print(f"{prog}: error: cannot write into '{os.path.dirname(out)}' ({e.strerror or type(e).__name__}): "
+              f"pass an --out in a writable folder", file=sys.stderr)
+        return 2
     summary = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "tau": tau,
                "image_size": [cfg.img_h, cfg.img_w], "window": args.window, "box": args.box,
                "z_pres_threshold": args.z_pres_threshold, "first_frame_rejection": cfg.first_frame_rejection,
@@ -533,6 +540,10 @@ def main(argv=None, prog: str = "track.py") -> int:
         finish_out(tmp, out)
     except DataError as e:    # a frame found corrupt while reading it (setup checks headers only)
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:      # a full disk or a folder that became unwritable: nothing moved into --out
+        print(f"{prog}: error: cannot write the tracks into '{os.path.dirname(out)}' ({e.strerror or type(e).__name__}): "
+              f"disk full / not writable; free space or pass another --out", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

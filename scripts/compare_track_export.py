@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import evaluate as ev  # noqa: E402
+from checkpoints import CheckpointError  # noqa: E402
+from common import ConfigError  # noqa: E402
 import track  # noqa: E402
 from data import load_frame, make_sprites  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=20, help="videos")
     p.add_argument("--length", type=int, default=50, help="frames per video")
     p.add_argument("--out", default="compare_track")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--window", type=int, default=None, help="track.py --window (default: the checkpoint's seq_len)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (track.py --seed)")
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=True,
@@ -91,7 +93,11 @@ def main(argv=None) -> int:
                    help="skip running evaluate.py on its own test set")
     args = p.parse_args(argv)
     device = pick_device(args.device)
-    model, payload = ev.load_model(args.checkpoint, device, first_frame_rejection=args.first_frame_rejection)
+    try:
+        model, payload = ev.load_model(args.checkpoint, device, first_frame_rejection=args.first_frame_rejection)
+    except (CheckpointError, ConfigError) as e:
+        print(f"compare_track_export.py: error: {e}", file=sys.stderr)
+        return 2
     cfg = model.cfg
     window = args.window or cfg.seq_len
     out = Path(args.out)

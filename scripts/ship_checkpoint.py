@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoints import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
+from checkpoints import CheckpointError, SaveError, read_checkpoint, save_checkpoint  # noqa: E402
 
 
 def ship(source: str, target: str) -> dict:
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         kept = ship(args.source, args.target)
-    except CheckpointError as e:
+    except (CheckpointError, SaveError) as e:
         print(f"ship_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.target} (step {kept['step']})")

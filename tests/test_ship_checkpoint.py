@@ -30,3 +30,13 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_and_exit_2(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("ship_checkpoint.py: error:") and "\n" not in err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_an_unwritable_target_is_one_line_and_exit_2(tmp_path, capsys):
+    cfg = small_config(seq_len=2, observe_frames=1)
+    source = tmp_path / "ckpt.pt"
+    save_checkpoint(str(source), SCALOR(cfg), step=3, cfg=cfg)
+    (tmp_path / "file").write_text("x")
+    assert main([str(source), str(tmp_path / "file" / "small.pt")]) == 2      # its folder is a file
+    err = capsys.readouterr().err.strip()
+    assert "disk full / not writable" in err and "\n" not in err

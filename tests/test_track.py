@@ -256,7 +256,8 @@ def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("problem", ["garbage_video", "empty_folder", "not_a_checkpoint", "other_architecture",
-                                     "missing_video", "text_file", "no_ground_truth", "crop_outside"])
+                                     "missing_video", "text_file", "no_ground_truth", "crop_outside",
+                                     "unwritable_out"])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cfg, capsys, problem):
     frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "frames", 1)
     video, ckpt = str(frames), checkpoint
@@ -285,13 +286,17 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
     if problem == "crop_outside":
         flags = ["--crop", "10,10,60,20"]                                  # the frames are 64x64
     out = tmp_path / "out"
+    if problem == "unwritable_out":                                       # its parent is a file, not a folder
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
     assert track.main([video, "--checkpoint", ckpt, "--out", str(out), "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("track.py: error: ") and err.count("\n") == 1, err
     expected = {"garbage_video": "cannot be read by ffmpeg", "empty_folder": "is empty",
                 "not_a_checkpoint": "not a readable SCALOR checkpoint", "other_architecture": "another architecture",
                 "missing_video": "does not exist", "text_file": "is not a video file",
-                "no_ground_truth": "holds no ground truth for these videos", "crop_outside": "does not fit"}[problem]
+                "no_ground_truth": "holds no ground truth for these videos", "crop_outside": "does not fit",
+                "unwritable_out": "cannot write into"}[problem]
     assert expected in err
     assert not out.exists() and not leftovers(tmp_path)
 
