@@ -34,7 +34,7 @@ import evaluate as ev  # noqa: E402
 from checkpoints import CheckpointError  # noqa: E402
 from common import ConfigError  # noqa: E402
 import track  # noqa: E402
-from data import load_frame, make_sprites  # noqa: E402
+from data import load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
 from utils import pick_device, seed_everything, tau_at  # noqa: E402
 
@@ -103,8 +103,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     scene_seed = SCENE_SEED_OFFSET + cfg.seed
     written = write_sprite_videos(out / "data", args.preset, args.num, args.length, (cfg.img_h, cfg.img_w), scene_seed)
-    data = make_sprites(args.preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=args.length,
-                        num_sequences=args.num, seed=scene_seed)
+    data = written["data"]
     truths = [ev.ground_truth_frames(data.ground_truth(i)) for i in range(args.num)]
 
     ffr = "--first-frame-rejection" if args.first_frame_rejection else "--no-first-frame-rejection"

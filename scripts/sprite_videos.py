@@ -29,7 +29,7 @@ DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED_OFFS
 def write_sprite_videos(out_dir, preset: str = "easy", num: int = 4, length: int = 60, size=None,
                         seed: int = TEST_SEED_OFFSET + 666) -> dict:
     """Write `num` sprite videos of `length` frames (size (H, W); None: the preset's) and their
-    ground truth. Returns {"videos": folder, "gt": folder, "names": [name]}."""
+    ground truth. Returns {"videos": folder, "gt": folder, "names": [name], "data": the MovingSprites}."""
     out_dir = Path(out_dir)
     img_h, img_w = size if size is not None else (None, None)
     data = make_sprites(preset, img_h=img_h, img_w=img_w, seq_len=length, num_sequences=num, seed=seed)
@@ -39,7 +39,7 @@ def write_sprite_videos(out_dir, preset: str = "easy", num: int = 4, length: int
     names = [f"{i:06d}" for i in range(num)]
     for i, name in enumerate(names):
         ground_truth_file(gt_dir / f"{name}.txt", ground_truth_frames(data.ground_truth(i)))
-    return {"videos": videos, "gt": gt_dir, "names": names}
+    return {"videos": videos, "gt": gt_dir, "names": names, "data": data}
 
 
 def write_demo(folder=DEMO_DIR) -> Path:
