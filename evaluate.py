@@ -287,15 +287,13 @@ def sequence_names(dataset) -> list[str]:
 def resolve_data(args, trained: dict) -> None:
     """Fill in the data flags left unset, from the checkpoint's record of its training data.
 
-    --dataset: 'frames' with --track; else 'grandcentral' for a model trained on it; else 'frames'
+    --dataset: 'grandcentral' for a model trained on it; else 'frames'
     when --data-dir is given; else 'sprites' (a model trained on a folder of frames needs --data-dir
     or --dataset). For the same kind as in training, --preset, --frame-skip and (grandcentral: its
     last 10% is the test split) --data-dir default to the training run's."""
     same = lambda kind: trained.get("dataset") == kind  # noqa: E731
     if args.dataset is None:
-        if args.track:
-            args.dataset = "frames"
-        elif same("grandcentral"):
+        if same("grandcentral"):
             args.dataset = "grandcentral"
         elif args.data_dir is not None:
             args.dataset = "frames"
@@ -312,8 +310,6 @@ def resolve_data(args, trained: dict) -> None:
         args.frame_skip = 8 if args.dataset == "grandcentral" else 1
     if args.data_dir is None and args.dataset == "grandcentral" and same("grandcentral"):
         args.data_dir = trained.get("data_dir")
-    if args.track and args.dataset == "sprites":
-        raise EvalError("--track runs on a folder of frames: pass --data-dir (and --dataset frames or grandcentral)")
     if args.dataset == "sprites" and args.preset not in SPRITE_PRESETS:
         raise EvalError(f"unknown sprite preset '{args.preset}': choose one of {sorted(SPRITE_PRESETS)}")
     if args.dataset != "sprites" and args.data_dir is None:
@@ -414,7 +410,7 @@ def add_ocrb(tally: Tally, records: list, truths: list, H: int, W: int) -> None:
 
 
 def evaluate_batch(model, batch, step, tau, args, tally: Tally, names, truths, gif_names) -> None:
-    """Run the model on one batch (inference, then generation and the NLL samples unless --track),
+    """Run the model on one batch (inference, then generation and the NLL samples),
     add everything to the tally and write the batch's exports."""
     cfg = model.cfg
     H, W = cfg.img_h, cfg.img_w
@@ -426,11 +422,10 @@ def evaluate_batch(model, batch, step, tau, args, tally: Tally, names, truths, g
     if tally.ocrb is not None and truths is not None:
         add_ocrb(tally, out.records, truths, H, W)
     gifs = [b for b, name in enumerate(names) if name in gif_names]
-    gen = model(batch, step, tau, generate=True, keep_records=True) if not args.track or gifs else None
-    if not args.track:
-        add_generation(tally, batch, gen, truths, cfg.observe_frames, H, W)
-        if args.nll_samples > 0:
-            tally.nll.extend(nll_per_sequence(model, batch, step, tau, args.nll_samples).tolist())
+    gen = model(batch, step, tau, generate=True, keep_records=True)
+    add_generation(tally, batch, gen, truths, cfg.observe_frames, H, W)
+    if args.nll_samples > 0:
+        tally.nll.extend(nll_per_sequence(model, batch, step, tau, args.nll_samples).tolist())
     for b in gifs:
         columns = [batch[b], out.recon[b], batch[b], torch.stack([r.background[b] for r in out.records]), gen.recon[b]]
         write_gif(os.path.join(args.out, f"gif_{names[b]}.gif"), [c.cpu() for c in columns], preds[b], box_column=2)
@@ -443,7 +438,7 @@ def run(model, dataset, num: int, args, step: int, tau: float, device) -> Tally:
     gif_names = set(names[:args.gif])
     loader = make_loader(Subset(dataset, indices), args.batch_size, shuffle=False, workers=args.workers,
                          drop_last=False)
-    has_truth = isinstance(dataset, MovingSprites) and not args.track
+    has_truth = isinstance(dataset, MovingSprites)
     protocol = getattr(args, "protocol", "default")
     tally = Tally(ocrb=OcrbAccumulator(getattr(args, "ocrb_start_frame", OCRB_START_FRAME)) if protocol == "ocrb" else None)
     position = 0
@@ -566,13 +561,12 @@ def summary_table(report: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate a trained SCALOR checkpoint (metrics and exports).")
+    p = argparse.ArgumentParser(description="Evaluate a trained SCALOR checkpoint (metrics and exports).",
+                                allow_abbrev=False)   # `--trac` must not stand for the --track alias main() dispatches
     p.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
-    p.add_argument("--track", action="store_true",
-                   help="alias of track.py: track the videos in --data-dir (see python track.py --help)")
     p.add_argument("--dataset", choices=DATASET_KINDS, default=None,
-                   help="test data (default: frames with --track, else grandcentral for a model trained "
-                        "on it, else frames with --data-dir, else sprites)")
+                   help="test data (default: grandcentral for a model trained on it, else frames with "
+                        "--data-dir, else sprites)")
     p.add_argument("--data-dir", default=None,
                    help="frames folder (grandcentral: default the training run's; its last 10%% is the test split)")
     p.add_argument("--preset", default=None,
@@ -677,11 +671,9 @@ def move_into_place(work: str, out: str) -> None:
 
 
 def write_outputs(tally: Tally, args, cfg, step: int, tau: float) -> dict | None:
-    """predictions.json and (unless --track) report.json into args.out; returns the report."""
+    """predictions.json and report.json into args.out; returns the report."""
     with open(os.path.join(args.out, "predictions.json"), "w") as f:
         json.dump(tally.predictions, f)
-    if args.track:
-        return None
     report = build_report(tally, args, cfg, step, tau, args.dataset)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(json_ready(report), f, indent=2)
@@ -746,9 +738,6 @@ def main(argv=None) -> int:
         raise
     finally:
         args.out = out
-    if args.track:
-        print(f"wrote tracks, predictions.json and {min(args.gif, num)} GIFs of {num} sequences to {out}")
-        return 0
     print(summary_table(report))
     print(f"wrote report.json, tracks, predictions.json and {min(args.gif, num)} GIFs to {out}")
     return 0

@@ -294,7 +294,7 @@ class OracleModel:
 def test_evaluation_of_perfect_predictions(tmp_path):
     cfg = small_config(seq_len=4, batch_size=2, observe_frames=2)
     data = make_sprites("easy", img_h=64, img_w=64, seq_len=4, num_sequences=3, seed=5)
-    args = SimpleNamespace(out=str(tmp_path), gif=1, batch_size=2, workers=0, track=False, nll_samples=2,
+    args = SimpleNamespace(out=str(tmp_path), gif=1, batch_size=2, workers=0, nll_samples=2,
                            checkpoint="oracle", preset="easy", data_dir=None, frame_skip=None)
     tally = ev.run(OracleModel(cfg, data), data, 3, args, 0, 1.0, torch.device("cpu"))   # batches of 2 and 1
     report = ev.build_report(tally, args, cfg, 0, 1.0, "sprites")
@@ -473,7 +473,7 @@ def test_first_frame_rejection_needs_rejection(tmp_path, tiny_cfg, capsys):
 
 
 def data_flags(**given):
-    flags = dict(dataset=None, data_dir=None, preset=None, frame_skip=None, track=False)
+    flags = dict(dataset=None, data_dir=None, preset=None, frame_skip=None)
     flags.update(given)
     return SimpleNamespace(**flags)
 
@@ -490,13 +490,13 @@ def test_data_defaults_come_from_the_training_run():
         (gc, {"data_dir": "/other", "frame_skip": 2}, ("grandcentral", "easy", "/other", 2)),
         (gc, {"dataset": "frames", "data_dir": "/test"}, ("frames", "easy", "/test", 1)),
         (frames, {"data_dir": "/test"}, ("frames", "easy", "/test", 2)),     # never the training frames
-        (sprites, {"track": True, "data_dir": "/f"}, ("frames", "easy", "/f", 1)),
+        (sprites, {"data_dir": "/f"}, ("frames", "easy", "/f", 1)),      # test frames, not sprites
     ]
     for trained, given, expected in cases:
         args = data_flags(**given)
         ev.resolve_data(args, trained)
         assert (args.dataset, args.preset, args.data_dir, args.frame_skip) == expected, (trained, given)
-    for trained, given in [(frames, {}), ({}, {"track": True}), ({}, {"dataset": "grandcentral"}),
+    for trained, given in [(frames, {}), ({}, {"dataset": "grandcentral"}),
                            ({}, {"preset": "nope"})]:
         with pytest.raises(ev.EvalError):
             ev.resolve_data(data_flags(**given), trained)
