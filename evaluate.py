@@ -81,14 +81,13 @@ from common import ConfigError
 from checkpoints import CheckpointError, load_model_state, read_checkpoint
 from data import (DATASET_KINDS, DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, build_dataset,
                   iterate, make_loader)
-from metrics import (IOU_THRESHOLD, MOT_METRICS, OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_table,  # noqa: F401
-                     argmax_masks, box_centres, count_duplicates, count_metrics, greedy_match, iou_matrix_distance,
-                     iou_to_distance, iou_xywh, lifespan_counts, mask_boxes, mask_iou, mask_iou_distance,
-                     match_centres, overall_motp, rle_decode, rle_encode, summarize, tracking_metrics, xyxy_to_xywh)
+from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_table, argmax_masks,  # noqa: F401
+                     box_centres, count_duplicates, count_metrics, iou_matrix_distance, mask_boxes, mask_iou_distance,
+                     match_centres, rle_decode, rle_encode, summarize, xyxy_to_xywh)   # (iou_matrix_distance, rle_decode: for importers)
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import pick_device, safe_name, seed_everything, tau_at, unique_names  # noqa: F401 (safe_name: for importers)
+from utils import pick_device, seed_everything, tau_at, unique_names
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this

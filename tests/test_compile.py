@@ -1,4 +1,4 @@
-"""engine.compile_frames: the per-frame code compiled gives eager execution's numbers, and random
+"""fast.compile_frames: the per-frame code compiled gives eager execution's numbers, and random
 numbers are drawn in the latents' shape whatever layout a compiled graph gives them."""
 import shutil
 from copy import deepcopy
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fast
 from data import bench_batches
-from engine import compile_frames
+from fast import compile_frames
 from modules import normal_rsample, relaxed_bernoulli_rsample
 from scalor import SCALOR
 from utils import tau_at, z_pres_prior_at
