@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from common import Config, ConfigError
+from data import one_line
 from distributed import Dist, gather_objects
 from utils import seed_everything
 
@@ -101,7 +102,7 @@ def save_checkpoint(path: str, model=None, optimizer=None, step: int = 0, cfg: C
     except (OSError, RuntimeError) as e:   # torch's zip writer reports a failed write as a RuntimeError
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        detail = " ".join(str(e).split())[:200]
+        detail = one_line(e, 200)
         raise SaveError(f"cannot write checkpoint '{os.path.basename(path)}' in '{folder}': disk full / not "
                         f"writable ({type(e).__name__}: {detail}); the previous checkpoint is intact: free space "
                         f"or fix the folder, then resume") from e
@@ -312,7 +313,7 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
     try:
         load_model_state(model, payload, str(path), allow_partial=allow_partial)
     except RuntimeError as err:   # shapes that do not fit even a partial load
-        detail = " ".join(str(err).split())[:300]
+        detail = one_line(err, 300)
         raise CheckpointError(f"{path} does not fit this model: {detail}") from None
     architecture_same = not set(model.cfg.diff(payload["config"])) & ARCHITECTURE_FIELDS
     if "optimizer" in payload and architecture_same:
@@ -320,7 +321,7 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
             optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
             raise CheckpointError(f"{path} holds an unusable optimizer state ({type(err).__name__}: "
-                                  f"{' '.join(str(err).split())[:200]}); pass another checkpoint of the run") from None
+                                  f"{one_line(err, 200)}); pass another checkpoint of the run") from None
         capturable = optimizer.defaults.get("capturable", False)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr    # a given --lr wins over the checkpoint's
@@ -338,7 +339,7 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
             set_rng_state(ranks[ddp.rank])
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
             raise CheckpointError(f"{path} holds unusable random-number states ({type(err).__name__}: "
-                                  f"{' '.join(str(err).split())[:200]}); pass another checkpoint of the run") from None
+                                  f"{one_line(err, 200)}); pass another checkpoint of the run") from None
         rng = rng_state()             # the same states, as this version writes them
     else:                              # another number of processes: fresh per-process streams
         seed_everything(cfg.seed + 1000 * ddp.rank + payload["step"])

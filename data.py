@@ -163,8 +163,11 @@ def bomb_error(path: Path, err: Exception) -> DataError:
                      f"or pass --skip-bad-frames")
 
 
-def one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
+def one_line(err, limit: int | None = None) -> str:
+    """The error's text on one line (runs of whitespace, newlines included, as single spaces), cut to
+    `limit` characters when given."""
+    text = " ".join(str(err).split())
+    return text if limit is None else text[:limit]
 
 
 def check_frames(paths: list[Path], skip_bad_frames: bool):

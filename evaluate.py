@@ -80,7 +80,7 @@ import fast
 from common import ConfigError
 from checkpoints import CheckpointError, load_model_state, read_checkpoint
 from data import (DATASET_KINDS, DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, build_dataset,
-                  iterate, make_loader)
+                  iterate, make_loader, one_line)
 from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_table, argmax_masks,  # noqa: F401
                      box_centres, count_duplicates, count_metrics, iou_matrix_distance, mask_boxes, mask_iou_distance,
                      match_centres, rle_decode, rle_encode, summarize, xyxy_to_xywh)   # (iou_matrix_distance, rle_decode: for importers)
@@ -615,7 +615,7 @@ def load_model(path: str, device, **changes) -> tuple:
     try:
         load_model_state(model, payload, path)
     except RuntimeError as e:   # strict load_state_dict: missing or unexpected keys, wrong shapes
-        raise CheckpointError(f"'{path}' does not fit the model: {' '.join(str(e).split())[:300]}") from None
+        raise CheckpointError(f"'{path}' does not fit the model: {one_line(e, 300)}") from None
     return fast.apply(model.to(device).eval(), fast.SpeedOptions()), payload   # Triton convs, decoder reuse
 
 
@@ -729,7 +729,7 @@ def main(argv=None) -> int:
     except (DataError, OSError) as e:   # a frame found corrupt while reading it (setup checks headers only), a full disk
         shutil.rmtree(work, ignore_errors=True)
         text = str(e) if isinstance(e, DataError) else \
-            f"cannot write the outputs to --out '{out}' (disk full / not writable: {' '.join(str(e).split())})"
+            f"cannot write the outputs to --out '{out}' (disk full / not writable: {one_line(e)})"
         print(f"evaluate.py: error: {text}; nothing written", file=sys.stderr)
         return 2
     except BaseException:

@@ -485,7 +485,7 @@ def train(run: Run, args) -> int:
     return code
 
 
-def one_line(err: Exception) -> str:
+def last_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[-1] if lines else type(err).__name__
 
@@ -497,7 +497,7 @@ def main(argv=None) -> int:
         run = setup(args, ddp)
     except (DataError, ConfigError, CheckpointError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {one_line(err)}", file=sys.stderr)
+            print(f"error: {last_line(err)}", file=sys.stderr)
         return 2
     try:
         if run.start.step >= run.total_steps:
@@ -505,7 +505,7 @@ def main(argv=None) -> int:
             return 0
         return train(run, args)
     except (DataError, SaveError) as err:   # e.g. a corrupt frame met during training, a full disk
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {last_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
