@@ -163,7 +163,8 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def load_model_state(model, payload: dict, path: str = "checkpoint", allow_partial: bool = False) -> None:
-    """Load weights strictly: a config or key mismatch names what differs; never a silent partial load."""
+    """Load weights strictly: a config or key mismatch names what differs; never a silent partial load.
+    CheckpointError (one line) when the weights do not fit the model."""
     diff = model.cfg.diff(payload["config"])
     arch = {k: v for k, v in diff.items() if k in ARCHITECTURE_FIELDS}
     if arch and not allow_partial:
@@ -176,7 +177,10 @@ def load_model_state(model, payload: dict, path: str = "checkpoint", allow_parti
         own = model.state_dict()
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         state = {k: v for k, v in state.items() if k not in mismatched}
-    result = model.load_state_dict(state, strict=not allow_partial)
+    try:
+        result = model.load_state_dict(state, strict=not allow_partial)
+    except RuntimeError as err:   # missing or unexpected keys, wrong shapes (even a partial load)
+        raise CheckpointError(f"{path} does not fit this model: {one_line(err, 300)}") from None
     if allow_partial and (result.missing_keys or result.unexpected_keys or mismatched):
         print(f"partial load from {path}: {len(mismatched)} tensors of another shape and "
               f"{len(result.missing_keys) - len(mismatched)} missing keys left as initialised, "
@@ -310,11 +314,7 @@ def write_checkpoint(run, progress: Progress, snapshot: Snapshot | None = None) 
 def load_training_state(model, optimizer, payload: dict, path: Path, allow_partial: bool, cfg: Config,
                         data_desc: dict, ddp: Dist = Dist()) -> Progress:
     """Weights, optimizer, RNG states and data position from a checkpoint; CheckpointError if unusable."""
-    try:
-        load_model_state(model, payload, str(path), allow_partial=allow_partial)
-    except RuntimeError as err:   # shapes that do not fit even a partial load
-        detail = one_line(err, 300)
-        raise CheckpointError(f"{path} does not fit this model: {detail}") from None
+    load_model_state(model, payload, str(path), allow_partial=allow_partial)
     architecture_same = not set(model.cfg.diff(payload["config"])) & ARCHITECTURE_FIELDS
     if "optimizer" in payload and architecture_same:
         try:

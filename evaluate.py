@@ -612,10 +612,7 @@ def load_model(path: str, device, **changes) -> tuple:
     that have no parameters (e.g. first_frame_rejection) to set differently from the checkpoint's."""
     payload = read_checkpoint(path, map_location="cpu")
     model = SCALOR(payload["config"].replace(**changes))
-    try:
-        load_model_state(model, payload, path)
-    except RuntimeError as e:   # strict load_state_dict: missing or unexpected keys, wrong shapes
-        raise CheckpointError(f"'{path}' does not fit the model: {one_line(e, 300)}") from None
+    load_model_state(model, payload, path)   # CheckpointError if the weights do not fit
     return fast.apply(model.to(device).eval(), fast.SpeedOptions()), payload   # Triton convs, decoder reuse
 
 
