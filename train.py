@@ -202,7 +202,7 @@ class TrainOrder(torch.utils.data.Sampler):
 def batches(dataset, cfg: Config, epoch: int, start_batch: int, workers: int, pin_memory: bool, ddp: Dist = Dist()):
     """Yield (epoch, global batch index, batch) forever, from batch `start_batch` of epoch `epoch`
     (the next epoch's first batch when `start_batch` is past the end of that epoch)."""
-    order = TrainOrder(len(dataset), cfg, epoch, start_batch, ddp)
+    order = TrainOrder(len(dataset), cfg, epoch, start_batch, ddp)   # its batches_per_epoch: the Run's
     loader = make_loader(dataset, cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin_memory,
                          drop_last=True, seed=cfg.seed, sampler=order)
     epoch, index, per_epoch = order.epoch, order.start_batch, order.batches_per_epoch()
@@ -233,6 +233,8 @@ class Run:
     resumed: bool
     ddp: Dist = Dist()
     locks: list = dataclasses.field(default_factory=list)   # FolderLocks held until the run ends
+    speed: SpeedOptions = dataclasses.field(default_factory=SpeedOptions)   # resolved for the device
+    batches_per_epoch: int = 1   # global batches of batch_size * processes sequences in one epoch
 
     def release(self) -> None:
         for lock in self.locks:
@@ -267,7 +269,7 @@ def setup(args, ddp: Dist = Dist()) -> Run:
               f"pass --phase-no-background or --no-phase-no-background to choose)")
     data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=args.preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
-    batches_per_epoch = len(dataset) // (cfg.batch_size * ddp.world)
+    batches_per_epoch = TrainOrder(len(dataset), cfg, 0, 0, ddp).batches_per_epoch()
     if batches_per_epoch < 1:   # now, before anything is written
         raise DataError(f"the dataset gives {len(dataset)} sequences, fewer than one batch of "
                         f"{cfg.batch_size * ddp.world}: add data or lower the batch size")
@@ -279,6 +281,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     speed = SpeedOptions.from_args(args).resolved(device, distributed=ddp.world > 1)   # notices for CPU runs
     if device.type == "cuda":   # training shapes are fixed: let cuDNN time its algorithms once
         fast.set_precision(speed.precision, cudnn_benchmark=speed.cudnn_benchmark)
+    else:                       # --precision acts on CUDA only
+        speed = dataclasses.replace(speed, precision="fp32")
     fast.apply(model, speed)      # in place: parameter names and checkpoints unchanged
     optimizer = make_optimizer(model, cuda_graph=speed.cuda_graph)
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
@@ -291,7 +295,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     locks = claim_folders(ckpt_dir, summary_dir, ddp)   # made, locked, writable: the last check
     return Run(cfg=cfg, device=device, model=model, optimizer=optimizer, dataset=dataset, data_desc=data_desc,
                start=start, total_steps=total_steps, ckpt_dir=ckpt_dir, summary_dir=summary_dir,
-               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp, locks=locks)
+               keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp, locks=locks,
+               speed=speed, batches_per_epoch=batches_per_epoch)
 
 
 def default_run_name(args, kind: str) -> str:
@@ -365,9 +370,8 @@ def train(run: Run, args) -> int:
     if ddp.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         forward = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    speed = SpeedOptions.from_args(args).resolved(run.device, distributed=ddp.world > 1, notice=lambda _: None)
-    step_fn = TrainStep(model, run.optimizer, precision=speed.precision if run.device.type == "cuda" else "fp32",
-                        cuda_graph=speed.cuda_graph, forward=forward)
+    speed = run.speed
+    step_fn = TrainStep(model, run.optimizer, precision=speed.precision, cuda_graph=speed.cuda_graph, forward=forward)
     writer = losses = None
     if ddp.main:   # the folders were made, checked and locked by setup
         # events and losses of steps after the start (a killed run's, or a fresh start's predecessor
@@ -378,7 +382,6 @@ def train(run: Run, args) -> int:
         losses = open_loss_log(run.summary_dir, run.start.step, run.resumed)
     stop, previous = install_stop_handlers()
     pin = run.device.type == "cuda"
-    per_epoch = len(run.dataset) // (cfg.batch_size * ddp.world)
     data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin, ddp)
     good = run.start if run.start.rng else dataclasses.replace(run.start, rng=rng_state())
     step, bad_steps, bad_in_row, saved_at = good.step, good.bad_steps, 0, good.step
@@ -415,7 +418,7 @@ def train(run: Run, args) -> int:
                                             torch.tensor(float(stop_now), device=result.loss.device))), ddp)
             loss, objects, stop_any = summary.tolist()
             ok = bool(result.finite)
-            position = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)
+            position = (epoch, index + 1) if index + 1 < run.batches_per_epoch else (epoch + 1, 0)
             if ok:
                 bad_in_row = 0
                 good = Progress(step, *position, bad_steps, rng_state())
@@ -434,8 +437,8 @@ def train(run: Run, args) -> int:
                 terms = all_mean(torch.stack(list(result.terms.values())), ddp)
                 if writer:
                     now = time.time()
-                    speed = (step - last_log[1]) / (now - last_log[0])
-                    log_scalars(writer, cfg, step, dict(zip(result.terms, terms.tolist())), loss, objects, speed,
+                    steps_per_s = (step - last_log[1]) / (now - last_log[0])
+                    log_scalars(writer, cfg, step, dict(zip(result.terms, terms.tolist())), loss, objects, steps_per_s,
                                 bad_steps)
                     log_images(writer, cfg, step, batch, result.output)
                     last_log = (now, step)
