@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fast import PRECISIONS, compile_blocks, compile_frames, set_precision  # noqa: F401 (also importable from engine)
 from utils import step_switches, tau_at, z_pres_prior_at
 
 

@@ -17,3 +17,17 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 def tiny_cfg():
     from common import small_config
     return small_config(seq_len=3, batch_size=2, observe_frames=1)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_dirs(folder, *extra) -> list:
+    """train.py flags that keep a run's checkpoints and summary inside `folder` (a Path)."""
+    return ["--ckpt-dir", str(folder / "checkpoints"), "--summary-dir", str(folder / "summary"), *extra]

@@ -17,13 +17,7 @@ from scalor import SCALOR
 from checkpoints import save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The model runs here are tiny: one thread is fastest, and robust when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run fastest on one thread
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,22 +18,14 @@ import train
 from scalor import SCALOR
 from checkpoints import read_checkpoint, save_checkpoint
 from utils import unique_names
+from conftest import run_dirs
 
 TINY = ["--small", "--img-h", "64", "--img-w", "64", "--seq-len", "2", "--batch-size", "2", "--steps", "2",
         "--print-freq", "1000", "--generate-freq", "1000", "--save-freq", "1000", "--num-sprite-sequences", "4",
         "--num-img-summary", "1", "--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_dirs(folder: Path, *extra) -> list:
-    return ["--ckpt-dir", str(folder / "checkpoints"), "--summary-dir", str(folder / "summary"), *extra]
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run fastest on one thread
 
 
 def one_error_line(capsys) -> str:

@@ -8,12 +8,7 @@ from common import RECIPES, small_config, sprites_config
 from data import estimate_background, make_sprites
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run fastest on one thread
 
 
 def test_sprites_recipe_values():

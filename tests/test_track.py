@@ -18,12 +18,7 @@ from checkpoints import save_checkpoint
 from utils import unique_names
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run fastest on one thread
 
 
 def read_lines(path):

@@ -17,6 +17,7 @@ import viz
 from checkpoints import read_checkpoint
 from common import Config, flag_help
 from data import build_dataset, dataset_kind
+from conftest import run_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--small", "--img-h", "64", "--img-w", "64", "--seq-len", "3", "--batch-size", "2", "--steps", "4",
@@ -29,17 +30,7 @@ IMAGES = ["images/input", "images/reconstruction", "images/background", "images/
           "generation/rollout"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest, and steadiest on a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_dirs(folder: Path, *extra) -> list:
-    return ["--ckpt-dir", str(folder / "checkpoints"), "--summary-dir", str(folder / "summary"), *extra]
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run fastest on one thread
 
 
 def losses(folder: Path) -> list:
