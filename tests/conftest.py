@@ -31,3 +31,14 @@ def one_thread():
 def run_dirs(folder, *extra) -> list:
     """train.py flags that keep a run's checkpoints and summary inside `folder` (a Path)."""
     return ["--ckpt-dir", str(folder / "checkpoints"), "--summary-dir", str(folder / "summary"), *extra]
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_cfg):
+    """A checkpoint file of an untrained tiny model (seeded), step 1234."""
+    from checkpoints import save_checkpoint
+    from scalor import SCALOR
+    torch.manual_seed(0)
+    path = str(tmp_path / "tiny.pt")
+    save_checkpoint(path, SCALOR(tiny_cfg), step=1234, cfg=tiny_cfg)
+    return path

@@ -250,6 +250,18 @@ def test_too_few_frames(tmp_path):
 
 # ---- MovingSprites --------------------------------------------------------------------------------------
 
+def check_tight_boxes(truth, k):
+    """Object k's id and box in every frame: the tight box of its mask and id k + 1, or -1 and a zero
+    box where it does not show."""
+    for t in range(truth["masks"].shape[0]):
+        rows, cols = np.nonzero(truth["masks"][t, k])
+        if len(rows) == 0:
+            assert truth["ids"][t, k] == -1 and not truth["boxes"][t, k].any()
+            continue
+        box = [cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
+        assert truth["ids"][t, k] == k + 1 and truth["boxes"][t, k].tolist() == box
+
+
 def check_ground_truth(dataset, index):
     """Masks are exactly where each colour shows; boxes are tight; counts and ids agree."""
     frames = dataset[index].permute(0, 2, 3, 1).numpy()  # (T, H, W, 3)
@@ -264,13 +276,7 @@ def check_ground_truth(dataset, index):
         shows_k = (frames == truth["colors"][k]).all(axis=-1)  # (T, H, W)
         assert np.array_equal(shows_k, truth["masks"][:, k])
         assert set(np.unique(truth["ids"][:, k])) <= {-1, k + 1}
-        for t in range(spec.seq_len):
-            rows, cols = np.nonzero(truth["masks"][t, k])
-            if len(rows) == 0:
-                assert truth["ids"][t, k] == -1 and not truth["boxes"][t, k].any()
-                continue
-            box = [cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
-            assert truth["ids"][t, k] == k + 1 and truth["boxes"][t, k].tolist() == box
+        check_tight_boxes(truth, k)
     assert np.array_equal(truth["counts"], (truth["ids"] > 0).sum(axis=1))
     assert not (truth["masks"].sum(axis=1) > 1).any()  # a pixel shows at most one object
     return truth
@@ -513,13 +519,7 @@ def test_spmot_ground_truth_is_consistent_with_repeated_colours():
         assert np.array_equal(masks.any(axis=1), frames.any(axis=-1))        # objects: exactly the lit pixels
         for k, color in enumerate(truth["colors"]):
             assert (frames[masks[:, k]] == color).all()
-            for t in range(10):
-                rows, cols = np.nonzero(masks[t, k])
-                if len(rows) == 0:
-                    assert truth["ids"][t, k] == -1 and not truth["boxes"][t, k].any()
-                    continue
-                box = [cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
-                assert truth["ids"][t, k] == k + 1 and truth["boxes"][t, k].tolist() == box
+            check_tight_boxes(truth, k)
         assert np.array_equal(truth["counts"], (truth["ids"] > 0).sum(axis=1))
         amodal = data.amodal_masks(index)
         assert (amodal | ~masks).all()                                        # visible part of the full shape

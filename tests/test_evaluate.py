@@ -322,14 +322,6 @@ def test_evaluation_of_perfect_predictions(tmp_path):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def checkpoint(tmp_path, tiny_cfg):
-    torch.manual_seed(0)
-    path = str(tmp_path / "tiny.pt")
-    save_checkpoint(path, SCALOR(tiny_cfg), step=1234, cfg=tiny_cfg)
-    return path
-
-
 def read_tracks(out):
     """{sequence: [[10 values] per line]} of the tracks_*.txt files."""
     tracks = {}

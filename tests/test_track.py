@@ -175,14 +175,6 @@ def test_video_objects_map_boxes_and_masks_to_the_video_and_crop():
 # A real model
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def checkpoint(tmp_path, tiny_cfg):
-    torch.manual_seed(0)
-    path = str(tmp_path / "tiny.pt")
-    save_checkpoint(path, SCALOR(tiny_cfg), step=1234, cfg=tiny_cfg)
-    return path
-
-
 def test_windows_of_two_write_the_files_of_one_window(tmp_path, checkpoint):
     frames = write_to_disk(make_sprites("easy", img_h=48, img_w=80, seq_len=7, num_sequences=1, seed=1),
                            tmp_path / "frames", 1) / "000000"
