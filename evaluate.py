@@ -62,6 +62,7 @@ Conventions:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -319,6 +320,8 @@ def eval_dataset(args, cfg):
     """The test data (the training run's protocol, test split: `data.build_dataset`) and the number
     of sequences to use."""
     sprites = args.num_sequences if args.num_sequences is not None else 100
+    if args.seq_len is not None:
+        cfg = dataclasses.replace(cfg, seq_len=args.seq_len)
     dataset = build_dataset(args.dataset, cfg, train=False, data_dir=args.data_dir, preset=args.preset,
                             num_sequences=sprites, frame_skip=args.frame_skip, skip_bad_frames=args.skip_bad_frames,
                             seed=TEST_SEED_OFFSET + cfg.seed)
@@ -468,14 +471,14 @@ def generation_report(tally: Tally, observe_frames: int, has_truth: bool) -> dic
     return report
 
 
-def nll_report(tally: Tally, samples: int, cfg) -> dict | None:
+def nll_report(tally: Tally, samples: int, cfg, seq_len: int) -> dict | None:
     """Mean importance-sampled NLL per sequence, per frame and in bits per dimension (of a Gaussian
     density over continuous pixel values, so it may be negative)."""
     if not tally.nll:
         return None
     nll = float(np.mean(tally.nll))
-    return {"samples": samples, "nats_per_sequence": nll, "nats_per_frame": nll / cfg.seq_len,
-            "bits_per_dim": nll / (cfg.seq_len * 3 * cfg.img_h * cfg.img_w * math.log(2))}
+    return {"samples": samples, "nats_per_sequence": nll, "nats_per_frame": nll / seq_len,
+            "bits_per_dim": nll / (seq_len * 3 * cfg.img_h * cfg.img_w * math.log(2))}
 
 
 def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: str) -> dict:
@@ -491,7 +494,7 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
         "data_dir": None if sprites else os.path.abspath(args.data_dir),
         "frame_skip": None if sprites else args.frame_skip,
         "num_sequences": len(tally.names),
-        "seq_len": cfg.seq_len,
+        "seq_len": args.seq_len or cfg.seq_len,
         "image_size": [cfg.img_h, cfg.img_w],
         "min_gt_area": MIN_GT_AREA,
         "first_frame_rejection": cfg.first_frame_rejection,
@@ -503,7 +506,7 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
         "tracking_ocrb": tally.ocrb.summary() if has_truth and tally.ocrb is not None else None,
         "counting": count_metrics(tally.gt_counts, tally.pred_counts) if has_truth else None,
         "reconstruction": {"mse": tally.sq_err / max(tally.num_values, 1)},
-        "nll": nll_report(tally, args.nll_samples, cfg),
+        "nll": nll_report(tally, args.nll_samples, cfg, args.seq_len or cfg.seq_len),
         "generation": generation_report(tally, cfg.observe_frames, has_truth),
     }
 
@@ -576,6 +579,9 @@ def parse_args(argv):
                    help="frame skip (default: the training run's, else grandcentral 8, frames 1)")
     p.add_argument("--num-sequences", type=int, default=None,
                    help="sequences to evaluate (sprites: default 100; folders: default all)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="frames per test sequence, each run through the model in one forward (default: the "
+                        "checkpoint's seq_len; OCRB scores 10-frame videos)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's batch size")
     p.add_argument("--nll-samples", type=int, default=0, help="importance samples for the NLL (0: off)")
     p.add_argument("--out", default="eval",
@@ -598,7 +604,7 @@ def parse_args(argv):
     p.add_argument("--ocrb-start-frame", type=int, default=OCRB_START_FRAME,
                    help=f"first frame (0-based) OCRB scores [{OCRB_START_FRAME}, its eval_mot.py default]")
     args = p.parse_args(argv)
-    for name in ("num_sequences", "batch_size", "frame_skip"):
+    for name in ("num_sequences", "seq_len", "batch_size", "frame_skip"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be positive, got {value}")

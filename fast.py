@@ -103,6 +103,15 @@ class SpeedOptions:
                            "--no-cudnn-benchmark: its heuristic choice",
     }
 
+    def describe(self, device) -> str:
+        """One line naming the path a step takes on `device`, e.g. "CUDA graph, Triton convs, fp32"."""
+        if torch.device(device).type != "cuda":
+            return "eager (CPU)"
+        parts = ["compiled" if self.compile else None, "CUDA graph" if self.cuda_graph else "eager",
+                 "Triton convs" if self.triton_convs else None,
+                 "recomputed glimpses" if self.checkpoint_glimpses else None, self.precision]
+        return ", ".join(p for p in parts if p)
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser):
         """The options as flags (`--no-cuda-graph`, `--compile`, `--precision bf16`, ...) in a group of

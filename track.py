@@ -3,7 +3,8 @@
 Usage:
 
     python track.py VIDEO [VIDEO ...] --checkpoint CKPT --out DIR [--window N] [--box tight|glimpse]
-                    [--z-pres-threshold P] [--[no-]first-frame-rejection] [--video-out mp4|gif]
+                    [--z-pres-threshold P] [--[no-]first-frame-rejection] [--duplicate-iou T]
+                    [--video-out mp4|gif]
                     [--crop X,Y,W,H] [--score GT_DIR] [--device auto|cpu|cuda] [--seed S]
                     [--skip-bad-frames]
     python track.py --score GT_DIR --out DIR          # score tracks written before
@@ -22,7 +23,9 @@ e.g. --crop 240,240,240,240, or the whole frame is squeezed into the model's squ
 Predictions follow `evaluate.frame_predictions`: the objects with z_pres > --z-pres-threshold whose
 mask has at least evaluate.MIN_GT_AREA (5) pixels, masks placed at the video's own resolution
 (the decoded glimpse alpha sampled bilinearly there, thresholded at 0.5), so the area rule counts
-the video's pixels, as the ground truth of a video does.
+the video's pixels, as the ground truth of a video does. An object whose mask overlaps an older
+object's at mask IoU >= --duplicate-iou (0.5) is a second track of that object and is left out of
+the frame (`drop_duplicates`; not in the reference).
 
 Written per video <name> (names from the folder or file, made unique) into --out:
 
@@ -76,6 +79,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
 DEFAULT_OUT_FPS = 10.0      # --video-out frame rate for folders of frames
 VIDEO_MIN_SIDE = 256        # --video-out upscales (nearest) small videos to at least this many pixels a side
+DUPLICATE_IOU = 0.5         # --duplicate-iou: mask IoU from which a younger track is a duplicate of an older one
 
 
 class TrackError(Exception):
@@ -259,6 +263,35 @@ def boxed(objects: Objects, box: str) -> Objects:
                    masks=np.zeros((len(objects.ids), 0, 0), dtype=bool), conf=objects.conf)
 
 
+def drop_duplicates(objects: Objects, born: dict, max_iou: float) -> Objects:
+    """Not in the reference: one frame's objects without the second tracks of an object. The model
+    sometimes follows one object with two tracks (a proposal that the rejection let through, kept
+    since); an object whose mask overlaps the mask of an older one (first written in an earlier
+    frame, or in the same frame with a smaller id; `born`: id -> frame) at IoU >= `max_iou` is left
+    out of this frame, so the older track keeps the object and its id. max_iou 0: all are kept."""
+    if max_iou <= 0 or objects.count < 2:
+        return objects
+    masks, boxes = objects.masks, objects.tight.astype(int)              # (n, H, W), (n, 4) x, y, w, h
+    areas = masks.sum(axis=(1, 2))
+
+    def iou(i, k):      # on the boxes' overlap only: masks of a large video are not multiplied whole
+        x0, y0 = max(boxes[i, 0], boxes[k, 0]), max(boxes[i, 1], boxes[k, 1])
+        x1 = min(boxes[i, 0] + boxes[i, 2], boxes[k, 0] + boxes[k, 2])
+        y1 = min(boxes[i, 1] + boxes[i, 3], boxes[k, 1] + boxes[k, 3])
+        if x1 <= x0 or y1 <= y0:
+            return 0.0
+        inter = np.logical_and(masks[i, y0:y1, x0:x1], masks[k, y0:y1, x0:x1]).sum()
+        return inter / (areas[i] + areas[k] - inter)
+
+    kept = []
+    for i in sorted(range(objects.count), key=lambda i: (born[int(objects.ids[i])], int(objects.ids[i]))):
+        if all(iou(i, k) < max_iou for k in kept):
+            kept.append(i)
+    kept.sort()
+    return Objects(ids=objects.ids[kept], xywh=objects.xywh[kept], masks=objects.masks[kept],
+                   conf=objects.conf[kept], invisible=objects.invisible)
+
+
 # ------------------------------------------------------------------------------------------------
 # Writers
 # ------------------------------------------------------------------------------------------------
@@ -324,6 +357,7 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
         video = VideoWriter(os.path.join(out_dir, f"{name}.{opts.video_out}"), opts.video_out, source.width,
                             source.height, source.fps or DEFAULT_OUT_FPS)
     state, window, originals = None, [], []
+    born = {}                       # id -> the frame it was first predicted in
 
     def run_window():
         nonlocal state
@@ -331,6 +365,9 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
         state = out.state
         for k, record in enumerate(out.records):
             objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
+            for i in objects.ids.tolist():
+                born.setdefault(i, len(frames))
+            objects = drop_duplicates(objects, born, opts.duplicate_iou)
             masks.add(len(frames), objects)
             frames.append(boxed(objects, opts.box))
             if video is not None:
@@ -397,6 +434,10 @@ def parse_args(argv):
                    help="not in the reference: also reject first-frame proposals explained by kept proposals of "
                         "larger z_pres, so no object is born twice in the first frame (default: on for tracking, "
                         "unless the checkpoint has phase_rejection off)")
+    p.add_argument("--duplicate-iou", type=float, default=DUPLICATE_IOU,
+                   help="not in the reference: leave out of a frame an object whose mask overlaps the mask of an "
+                        "older object at IoU >= this, a second track of one object (the older keeps it and its id; "
+                        f"default {DUPLICATE_IOU}; 0 keeps all)")
     p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
                    help="also write each video with id-coloured boxes (H.264 .mp4 or .gif)")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H",
@@ -416,6 +457,8 @@ def parse_args(argv):
         raise TrackError("--checkpoint is required to track: pass a .pt file written by train.py")
     if args.window is not None and args.window < 1:
         raise TrackError(f"--window must be positive, got {args.window}")
+    if not 0 <= args.duplicate_iou <= 1:
+        raise TrackError(f"--duplicate-iou must lie in [0, 1] (0 keeps all objects), got {args.duplicate_iou}")
     if not 0 < args.z_pres_threshold < 1:
         raise TrackError(f"--z-pres-threshold must lie strictly between 0 and 1, got {args.z_pres_threshold}")
     args.region = parse_crop(args.crop)
@@ -522,6 +565,7 @@ def main(argv=None, prog: str = "track.py") -> int:
     summary = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "tau": tau,
                "image_size": [cfg.img_h, cfg.img_w], "window": args.window, "box": args.box,
                "z_pres_threshold": args.z_pres_threshold, "first_frame_rejection": cfg.first_frame_rejection,
+               "duplicate_iou": args.duplicate_iou,
                "min_area": MIN_GT_AREA, "crop": None if args.region is None else list(args.region.box),
                "seed": args.seed, "videos": {}}
     known = [s.num_frames for s in sources]

@@ -394,7 +394,8 @@ def train(run: Run, args) -> int:
     if ddp.main:
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {run.device}"
               f"{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {run.data_desc['dataset']} "
-              f"({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, checkpoints in {run.ckpt_dir}",
+              f"({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, checkpoints in {run.ckpt_dir}; "
+              f"speed: {run.speed.describe(run.device)}",
               flush=True)
         if speed.compile:
             print("notice: --compile: the first steps compile for up to ~10 minutes (cached for later runs), "
@@ -431,7 +432,8 @@ def train(run: Run, args) -> int:
                 bar.write(f"step {step}: non-finite loss or gradient norm (loss {loss}); step skipped "
                           f"({bad_in_row} in a row)")
             if losses:
-                losses.write(json.dumps({"step": step, "loss": loss, "skipped": not ok}) + "\n")
+                record = {"step": step, "loss": loss, "skipped": not ok, "time": round(time.time(), 3)}
+                losses.write(json.dumps(record) + "\n")
                 losses.flush()
             if log_now:
                 terms = all_mean(torch.stack(list(result.terms.values())), ddp)

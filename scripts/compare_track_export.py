@@ -6,8 +6,8 @@
 
 1. writes `num` held-out sprite videos of `length` frames at the model's image size, with ground truth
    (scripts/sprite_videos.py; scene seed 20000 + cfg.seed, apart from training's and evaluate.py's);
-2. runs track.py on them (`--box tight` and `--box glimpse`) and scores the written MOTChallenge
-   files read back (track.score_folder);
+2. runs track.py on them (`--box tight` and `--box glimpse`, and tight boxes with every track kept,
+   `--duplicate-iou 0`) and scores the written MOTChallenge files read back (track.score_folder);
 3. scores the model's own predictions on the same videos as evaluate.py does (its functions:
    sequence_predictions, accumulate with box / tight box / mask IoU, summarize), over the whole video
    (the state handed across windows, so the same draws as track.py: the tight-box MOTA must equal the
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--thresholds", default="0.5",
                    help="comma-separated track.py --z-pres-threshold values to export (tight boxes) and score; "
                         "the first is also used for the glimpse-box export (the internal scoring uses 0.5)")
+    p.add_argument("--duplicate-iou", type=float, default=track.DUPLICATE_IOU,
+                   help="track.py --duplicate-iou of the exports (one more export keeps every track)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip running evaluate.py on its own test set")
     args = p.parse_args(argv)
@@ -108,29 +110,35 @@ def main(argv=None) -> int:
 
     ffr = "--first-frame-rejection" if args.first_frame_rejection else "--no-first-frame-rejection"
     thresholds = [float(v) for v in args.thresholds.split(",")]
-    runs = [("tight", thresholds[0]), ("glimpse", thresholds[0])] + [("tight", t) for t in thresholds[1:]]
+    # (name, box, z_pres threshold, duplicate IoU): track.py's defaults, glimpse boxes, no duplicates left out
+    runs = [("tight", "tight", thresholds[0], args.duplicate_iou), ("glimpse", "glimpse", thresholds[0], args.duplicate_iou),
+            ("tight_all_tracks", "tight", thresholds[0], 0.0)] + \
+           [(f"tight_{t:g}", "tight", t, args.duplicate_iou) for t in thresholds[1:]]
     exported, by_threshold = {}, {}
-    for box, threshold in runs:
-        folder = out / f"tracks_{box}_{threshold:g}"
+    for name, box, threshold, duplicate_iou in runs:
+        folder = out / f"tracks_{name}"
         code = track.main([str(written["videos"]), "--checkpoint", args.checkpoint, "--out", str(folder), "--box", box,
                            "--window", str(window), "--device", args.device, "--seed", str(args.seed), ffr,
-                           "--z-pres-threshold", str(threshold), "--score", str(written["gt"])])
+                           "--z-pres-threshold", str(threshold), "--duplicate-iou", str(duplicate_iou),
+                           "--score", str(written["gt"])])
         if code != 0:
             return code
         with open(folder / "score.json") as f:
             overall = json.load(f)["overall"]
         if threshold == thresholds[0]:
-            exported[box] = overall
-        if box == "tight":
+            exported[name] = overall
+        if box == "tight" and duplicate_iou == args.duplicate_iou:
             by_threshold[f"{threshold:g}"] = overall["mota"]
 
     result = {
         "checkpoint": os.path.abspath(args.checkpoint), "step": int(payload.get("step", 0)), "preset": args.preset,
         "videos": args.num, "length": args.length, "image_size": [cfg.img_h, cfg.img_w], "window": window,
         "seq_len": cfg.seq_len, "first_frame_rejection": args.first_frame_rejection,
-        "export_mota": {box: m["mota"] for box, m in exported.items()},
-        "export_id_switches": {box: m["id_switches"] for box, m in exported.items()},
-        "export_z_pres_threshold": thresholds[0],
+        "export_mota": {name: m["mota"] for name, m in exported.items()},
+        "export_id_switches": {name: m["id_switches"] for name, m in exported.items()},
+        "export_false_positives": {name: m["false_positives"] for name, m in exported.items()},
+        "export_misses": {name: m["misses"] for name, m in exported.items()},
+        "export_z_pres_threshold": thresholds[0], "export_duplicate_iou": args.duplicate_iou,
         "export_tight_mota_by_z_pres_threshold": by_threshold,
         "internal_whole_video_mota": internal_scores(model, payload, written["videos"], truths, window, args.seed,
                                                      None, device),

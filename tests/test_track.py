@@ -40,11 +40,13 @@ class OracleSCALOR:
     frame as records (z_where of the tight box, alpha 1 over the glimpse, z_pres 1). It numbers the
     objects as the model does, by first appearance from the state's next id, so ids survive a window
     border only when the state is handed across. It checks that it is shown the video's frames, in
-    order, resized as the training data is."""
+    order, resized as the training data is. From frame `duplicates_from` on, it also follows every
+    object with a second track (a new id, the same box), as a model that let a duplicate through."""
 
-    def __init__(self, cfg, truth, expected_frames, width, height):
+    def __init__(self, cfg, truth, expected_frames, width, height, duplicates_from=None):
         self.cfg, self.truth, self.expected = cfg, truth, expected_frames
         self.width, self.height = width, height
+        self.duplicates_from = duplicates_from
         self.windows = []
 
     def to(self, device):
@@ -61,13 +63,16 @@ class OracleSCALOR:
         for t in range(seq.shape[1]):
             assert torch.equal(seq[0, t], self.expected[start + t])
             gt = self.truth[start + t]
-            R = max(1, gt.count)
+            tracks = [(gt_id, box) for gt_id, box in zip(gt.ids.tolist(), gt.xywh.tolist())]
+            if self.duplicates_from is not None and start + t >= self.duplicates_from:
+                tracks = [(("twin", gt_id), box) for gt_id, box in tracks] + tracks    # listed first
+            R = max(1, len(tracks))
             z_where, z_pres, ids = torch.zeros(1, R, 4), torch.zeros(1, R), torch.zeros(1, R, dtype=torch.long)
-            for r, (gt_id, (x, y, w, h)) in enumerate(zip(gt.ids.tolist(), gt.xywh.tolist())):
-                if gt_id not in numbering:
-                    numbering[gt_id], next_id = next_id, next_id + 1
+            for r, (key, (x, y, w, h)) in enumerate(tracks):
+                if key not in numbering:
+                    numbering[key], next_id = next_id, next_id + 1
                 z_where[0, r] = torch.tensor([w / W, h / H, (x + w / 2) / W * 2 - 1, (y + h / 2) / H * 2 - 1])
-                z_pres[0, r], ids[0, r] = 1.0, numbering[gt_id]
+                z_pres[0, r], ids[0, r] = 1.0, numbering[key]
             records.append(SimpleNamespace(z_where=z_where, z_pres=z_pres, ids=ids,
                                            alpha_glimpse=torch.ones(1, R, 1, 8, 8)))
         new_state = SimpleNamespace(frames_seen=start + seq.shape[1], numbering=numbering, next_id=next_id)
@@ -84,11 +89,11 @@ def sprite_video(tmp_path_factory):
                            truth=ev.ground_truth_frames(data.ground_truth(0)))
 
 
-def oracle_run(monkeypatch, video, out, *flags):
+def oracle_run(monkeypatch, video, out, *flags, duplicates_from=None):
     cfg = small_config()                                                    # the model sees 64x64 frames
     paths = sorted(video.frames.iterdir())
     expected = torch.stack([load_frame(p, None, cfg.img_h, cfg.img_w) for p in paths])
-    oracle = OracleSCALOR(cfg, video.truth, expected, 96, 96)
+    oracle = OracleSCALOR(cfg, video.truth, expected, 96, 96, duplicates_from)
     monkeypatch.setattr(track, "load_model_checked", lambda args: (oracle, {"step": 0}))
     code = track.main([str(video.frames), "--checkpoint", "oracle", "--out", str(out), "--window", "5",
                        "--device", "cpu", *flags])
@@ -99,7 +104,10 @@ def oracle_run(monkeypatch, video, out, *flags):
 @pytest.mark.parametrize("box", ["tight", "glimpse"])
 def test_oracle_video_tracks_exactly_across_windows(tmp_path, monkeypatch, sprite_video, box, capsys):
     out = tmp_path / "tracks"
-    oracle = oracle_run(monkeypatch, sprite_video, out, "--box", box, "--score", str(sprite_video.gt))
+    # the oracle's masks are whole boxes, so two crossing sprites overlap far more than real masks do:
+    # no object is left out as a second track here (test_second_tracks_of_an_object_are_left_out)
+    oracle = oracle_run(monkeypatch, sprite_video, out, "--box", box, "--score", str(sprite_video.gt),
+                        "--duplicate-iou", "0")
     assert oracle.windows == [5] * 12                                       # 60 frames in windows of 5
     assert sorted(os.listdir(out)) == ["000000.txt", "000000_masks.json", "score.json", "track.json"]
 
@@ -137,6 +145,45 @@ def test_oracle_video_tracks_exactly_across_windows(tmp_path, monkeypatch, sprit
     for obj_id, rle in zip(entry["ids"], entry["masks"]):
         line = next(line for line in lines if int(line[0]) == 8 and int(line[1]) == obj_id)
         assert ev.mask_boxes(ev.rle_decode(rle, 96, 96)[None])[0].tolist() == [float(v) for v in line[2:6]]
+
+
+def test_second_tracks_of_an_object_are_left_out(tmp_path, monkeypatch, sprite_video):
+    """From frame 10 the oracle follows every object twice; the younger track is left out where its
+    mask overlaps the older's (--duplicate-iou 0.5, the default): the files are those of the oracle
+    without second tracks. With --duplicate-iou 0 every second track is a false positive."""
+    gt_count = sum(f.count for f in sprite_video.truth)
+    twins = sum(f.count for f in sprite_video.truth[10:])
+    oracle_run(monkeypatch, sprite_video, tmp_path / "single")
+    out = tmp_path / "dedup"
+    oracle_run(monkeypatch, sprite_video, out, duplicates_from=10)
+    assert (out / "000000.txt").read_text() == (tmp_path / "single" / "000000.txt").read_text()
+    assert (out / "000000_masks.json").read_text() == (tmp_path / "single" / "000000_masks.json").read_text()
+    with open(out / "track.json") as f:
+        assert json.load(f)["duplicate_iou"] == 0.5
+
+    out = tmp_path / "kept"
+    oracle_run(monkeypatch, sprite_video, out, "--duplicate-iou", "0", duplicates_from=10)
+    score = track.score_folder(str(out), str(sprite_video.gt))["overall"]
+    assert score["false_positives"] == twins and score["mota"] == pytest.approx(1 - twins / gt_count)
+    assert len(read_lines(out / "000000.txt")) == gt_count + twins
+
+
+def test_drop_duplicates_keeps_the_older_track():
+    """Known answer: ids 7 and 4 overlap at mask IoU 0.6, id 5 touches neither."""
+    masks = np.zeros((3, 20, 20), dtype=bool)
+    masks[0, 0:10, 0:10] = True          # id 7, born at frame 3
+    masks[1, 12:16, 12:16] = True        # id 5, born at frame 0, touches nobody
+    masks[2, 0:10, 0:6] = True           # id 4, born at frame 5: IoU with id 7 = 60 / 100 = 0.6
+    objects = ev.Objects(ids=np.array([7, 5, 4]), xywh=np.zeros((3, 4)), masks=masks, conf=np.ones(3))
+    born = {7: 3, 5: 0, 4: 5}
+    assert track.drop_duplicates(objects, born, 0.5).ids.tolist() == [7, 5]
+    assert track.drop_duplicates(objects, born, 0.7).ids.tolist() == [7, 5, 4]     # 0.6 < 0.7
+    assert track.drop_duplicates(objects, born, 0.0).ids.tolist() == [7, 5, 4]     # off
+    born_same_frame = {7: 3, 5: 0, 4: 3}                                           # a tie: the smaller id is older
+    assert track.drop_duplicates(objects, born_same_frame, 0.5).ids.tolist() == [5, 4]
+    kept = track.drop_duplicates(objects, born, 0.5)
+    assert kept.masks.shape == (2, 20, 20) and kept.tight.tolist() == [[0, 0, 10, 10], [12, 12, 4, 4]]
+
 
 
 def test_chunked_exports_of_before_would_fail(sprite_video):

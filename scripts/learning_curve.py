@@ -1,0 +1,86 @@
+"""Tracking quality against minutes of training: evaluate.py on a run's checkpoints nearest below
+given minutes of wall-clock training.
+
+    python train.py --recipe sprites --preset spmot --max-minutes 8 --save-freq 200 --keep-checkpoints 1000 \
+        --run-name curve
+    python scripts/learning_curve.py runs/curve --minutes 1,2,4,8 --out curve/ -- --preset spmot --protocol ocrb
+
+The run's minutes are read from its `summary/losses.jsonl` (each step's wall-clock time, counted from
+the first logged step); for each minute the newest `ckpt_<step>.pt` saved by then is evaluated with the
+evaluate.py flags after `--`, its report written to OUT/min_<M>/, and one table printed (also
+OUT/curve.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import evaluate  # noqa: E402
+from checkpoints import list_checkpoints  # noqa: E402
+
+
+def step_minutes(losses_path: Path) -> dict[int, float]:
+    """step -> minutes since the first logged step, from a run's losses.jsonl."""
+    records = [json.loads(line) for line in losses_path.read_text().splitlines() if line.strip()]
+    timed = [r for r in records if "time" in r]
+    if not timed:
+        raise SystemExit(f"learning_curve.py: error: '{losses_path}' holds no times: train with this version "
+                         "of train.py")
+    start = timed[0]["time"]
+    return {r["step"]: (r["time"] - start) / 60 for r in timed}
+
+
+def checkpoint_at(checkpoints: list[Path], minutes_of: dict[int, float], minute: float) -> Path | None:
+    """The newest checkpoint whose step was trained by `minute`."""
+    by_then = [p for p in checkpoints if minutes_of.get(int(p.stem.split("_")[1]), float("inf")) <= minute + 1e-9]
+    return by_then[-1] if by_then else None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description="evaluate.py on a run's checkpoints at given minutes of training.")
+    p.add_argument("run", help="the run folder (holding checkpoints/ and summary/)")
+    p.add_argument("--minutes", default="1,2,4,8", help="comma-separated minutes of training")
+    p.add_argument("--out", required=True, help="folder for min_<M>/report.json and curve.json")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    minutes_of = step_minutes(run / "summary" / "losses.jsonl")
+    checkpoints = list_checkpoints(run / "checkpoints")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for minute in (float(m) for m in args.minutes.split(",")):
+        path = checkpoint_at(checkpoints, minutes_of, minute)
+        if path is None:
+            print(f"notice: no checkpoint saved by minute {minute:g}", file=sys.stderr)
+            continue
+        folder = out / f"min_{minute:g}"
+        code = evaluate.main(["--checkpoint", str(path), "--out", str(folder), "--overwrite", *extra])
+        if code:
+            return code
+        report = json.loads((folder / "report.json").read_text())
+        step = report["step"]
+        row = {"minutes": minute, "trained_minutes": round(minutes_of[step], 2), "step": step}
+        for kind in ("tracking_box_tight", "tracking_mask"):
+            if report.get(kind):
+                row[f"mota_{kind[9:]}"] = report[kind]["mota"]
+        if report.get("tracking_ocrb"):
+            row.update({f"ocrb_{k}": report["tracking_ocrb"][k] for k in ("mota", "motp", "mostly_tracked",
+                                                                         "id_switches")})
+        rows.append(row)
+    (out / "curve.json").write_text(json.dumps(rows, indent=1))
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    print(" | ".join(keys))
+    for row in rows:
+        print(" | ".join(f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
