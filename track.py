@@ -23,9 +23,9 @@ e.g. --crop 240,240,240,240, or the whole frame is squeezed into the model's squ
 Predictions follow `evaluate.frame_predictions`: the objects with z_pres > --z-pres-threshold whose
 mask has at least evaluate.MIN_GT_AREA (5) pixels, masks placed at the video's own resolution
 (the decoded glimpse alpha sampled bilinearly there, thresholded at 0.5), so the area rule counts
-the video's pixels, as the ground truth of a video does. An object whose mask overlaps an older
-object's at mask IoU >= --duplicate-iou (0.5) is a second track of that object and is left out of
-the frame (`drop_duplicates`; not in the reference).
+the video's pixels, as the ground truth of a video does. A second track of an object (its mask
+overlapping an older track's at IoU >= --duplicate-iou, 0.5, in most frames both were in) is left
+out (`DuplicateFilter`; not in the reference).
 
 Written per video <name> (names from the folder or file, made unique) into --out:
 
@@ -51,6 +51,7 @@ written into a temporary sibling folder that is renamed to --out at the end.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -263,33 +264,60 @@ def boxed(objects: Objects, box: str) -> Objects:
                    masks=np.zeros((len(objects.ids), 0, 0), dtype=bool), conf=objects.conf)
 
 
-def drop_duplicates(objects: Objects, born: dict, max_iou: float) -> Objects:
-    """Not in the reference: one frame's objects without the second tracks of an object. The model
-    sometimes follows one object with two tracks (a proposal that the rejection let through, kept
-    since); an object whose mask overlaps the mask of an older one (first written in an earlier
-    frame, or in the same frame with a smaller id; `born`: id -> frame) at IoU >= `max_iou` is left
-    out of this frame, so the older track keeps the object and its id. max_iou 0: all are kept."""
-    if max_iou <= 0 or objects.count < 2:
-        return objects
-    masks, boxes = objects.masks, objects.tight.astype(int)              # (n, H, W), (n, 4) x, y, w, h
-    areas = masks.sum(axis=(1, 2))
+def mask_overlap(objects: Objects, boxes: np.ndarray, areas: np.ndarray, i: int, k: int) -> float:
+    """Mask IoU of objects i and k, counted on their boxes' overlap only (the masks of a large video are
+    not multiplied whole). boxes (n, 4) x, y, w, h whole pixels; areas (n,) mask pixels (> 0)."""
+    x0, y0 = max(boxes[i, 0], boxes[k, 0]), max(boxes[i, 1], boxes[k, 1])
+    x1 = min(boxes[i, 0] + boxes[i, 2], boxes[k, 0] + boxes[k, 2])
+    y1 = min(boxes[i, 1] + boxes[i, 3], boxes[k, 1] + boxes[k, 3])
+    if x1 <= x0 or y1 <= y0:
+        return 0.0
+    inter = np.logical_and(objects.masks[i, y0:y1, x0:x1], objects.masks[k, y0:y1, x0:x1]).sum()
+    return float(inter / (areas[i] + areas[k] - inter))
 
-    def iou(i, k):      # on the boxes' overlap only: masks of a large video are not multiplied whole
-        x0, y0 = max(boxes[i, 0], boxes[k, 0]), max(boxes[i, 1], boxes[k, 1])
-        x1 = min(boxes[i, 0] + boxes[i, 2], boxes[k, 0] + boxes[k, 2])
-        y1 = min(boxes[i, 1] + boxes[i, 3], boxes[k, 1] + boxes[k, 3])
-        if x1 <= x0 or y1 <= y0:
-            return 0.0
-        inter = np.logical_and(masks[i, y0:y1, x0:x1], masks[k, y0:y1, x0:x1]).sum()
-        return inter / (areas[i] + areas[k] - inter)
 
-    kept = []
-    for i in sorted(range(objects.count), key=lambda i: (born[int(objects.ids[i])], int(objects.ids[i]))):
-        if all(iou(i, k) < max_iou for k in kept):
-            kept.append(i)
-    kept.sort()
-    return Objects(ids=objects.ids[kept], xywh=objects.xywh[kept], masks=objects.masks[kept],
-                   conf=objects.conf[kept], invisible=objects.invisible)
+class DuplicateFilter:
+    """Not in the reference: leaves the second tracks of an object out of a video's frames.
+
+    The model sometimes follows one object with two tracks (a proposal that the rejection let through,
+    propagated since). Two tracks are taken for one object in a frame where their masks overlap at
+    IoU >= max_iou and have overlapped so in most (over half) of the frames in which both were predicted:
+    second tracks overlap their object from birth or for good, objects that cross overlap briefly. The
+    younger track (first predicted later; in the same frame, the larger id) is left out of that frame,
+    so the older keeps the object and its id. Call it on a video's frames in order; max_iou 0 keeps all."""
+
+    def __init__(self, max_iou: float):
+        self.max_iou = max_iou
+        self.frame = 0
+        self.born = {}                                 # id -> the frame it was first predicted in
+        self.together = collections.Counter()          # (older id, younger id) -> frames both were predicted in
+        self.overlapping = collections.Counter()       # ... and their masks overlapped at IoU >= max_iou
+
+    def __call__(self, objects: Objects) -> Objects:
+        ids = objects.ids.tolist()
+        for i in ids:
+            self.born.setdefault(i, self.frame)
+        self.frame += 1
+        if self.max_iou <= 0 or len(ids) < 2:
+            return objects
+        boxes, areas = objects.tight.astype(int), objects.masks.sum(axis=(1, 2))
+        order = sorted(range(len(ids)), key=lambda i: (self.born[ids[i]], ids[i]))     # oldest first
+        same = set()                                   # (older index, younger index) taken for one object now
+        for a, i in enumerate(order):
+            for k in order[:a]:
+                pair = (ids[k], ids[i])
+                self.together[pair] += 1
+                if mask_overlap(objects, boxes, areas, i, k) >= self.max_iou:
+                    self.overlapping[pair] += 1
+                    if 2 * self.overlapping[pair] > self.together[pair]:
+                        same.add((k, i))
+        kept = []
+        for i in order:
+            if not any((k, i) in same for k in kept):
+                kept.append(i)
+        kept.sort()
+        return Objects(ids=objects.ids[kept], xywh=objects.xywh[kept], masks=objects.masks[kept],
+                       conf=objects.conf[kept], invisible=objects.invisible)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,6 +372,29 @@ class VideoWriter:
 # Tracking
 # ------------------------------------------------------------------------------------------------
 
+def run_windows(model, items, window: int, step: int, tau: float, device, frame=lambda item: item):
+    """Run the model over a video in windows of `window` frames, the recurrent state handed from each
+    window to the next (the same numbers as one forward over the whole video). `items` yields one item
+    a frame, `frame(item)` its (3, img_h, img_w) input; yields (item, FrameRecord of batch 1) per frame,
+    in order. Call it under torch.no_grad()."""
+    state, batch = None, []
+
+    def forward():
+        nonlocal state
+        out = model(torch.stack([frame(item) for item in batch])[None].to(device), step, tau, keep_records=True,
+                    state=state)
+        state = out.state
+        return list(zip(batch, out.records))
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == window:
+            yield from forward()
+            batch = []
+    if batch:
+        yield from forward()
+
+
 def track_video(model, source: Source, name: str, out_dir: str, opts, step: int, tau: float, device, bar) -> dict:
     """Run the model over one whole video in windows, handing the state across; write its files.
     Returns its summary for track.json."""
@@ -356,36 +407,18 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
     if opts.video_out:
         video = VideoWriter(os.path.join(out_dir, f"{name}.{opts.video_out}"), opts.video_out, source.width,
                             source.height, source.fps or DEFAULT_OUT_FPS)
-    state, window, originals = None, [], []
-    born = {}                       # id -> the frame it was first predicted in
-
-    def run_window():
-        nonlocal state
-        out = model(torch.stack(window)[None].to(device), step, tau, keep_records=True, state=state)
-        state = out.state
-        for k, record in enumerate(out.records):
-            objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
-            for i in objects.ids.tolist():
-                born.setdefault(i, len(frames))
-            objects = drop_duplicates(objects, born, opts.duplicate_iou)
-            masks.add(len(frames), objects)
-            frames.append(boxed(objects, opts.box))
-            if video is not None:
-                video.add(originals[k], frames[-1])
-        bar.update(len(window))
-        window.clear()
-        originals.clear()
-
+    duplicates = DuplicateFilter(opts.duplicate_iou)
+    images = ((image, resize_frame(image, region.box, cfg.img_h, cfg.img_w)) for image in source.read())
     try:
         with torch.no_grad():
-            for image in source.read():
-                window.append(resize_frame(image, region.box, cfg.img_h, cfg.img_w))
+            for (image, _), record in run_windows(model, images, opts.window, step, tau, device, lambda item: item[1]):
+                objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
+                objects = duplicates(objects)
+                masks.add(len(frames), objects)
+                frames.append(boxed(objects, opts.box))
                 if video is not None:
-                    originals.append(image)
-                if len(window) == opts.window:
-                    run_window()
-            if window:
-                run_window()
+                    video.add(image, frames[-1])
+                bar.update(1)
     finally:
         masks.close()
         if video is not None:
@@ -435,9 +468,9 @@ def parse_args(argv):
                         "larger z_pres, so no object is born twice in the first frame (default: on for tracking, "
                         "unless the checkpoint has phase_rejection off)")
     p.add_argument("--duplicate-iou", type=float, default=DUPLICATE_IOU,
-                   help="not in the reference: leave out of a frame an object whose mask overlaps the mask of an "
-                        "older object at IoU >= this, a second track of one object (the older keeps it and its id; "
-                        f"default {DUPLICATE_IOU}; 0 keeps all)")
+                   help="not in the reference: leave out a second track of one object: in a frame where its mask "
+                        "overlaps an older track's at IoU >= this, as it did in most of the frames both "
+                        f"were in (objects that cross overlap briefly; default {DUPLICATE_IOU}; 0 keeps all)")
     p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
                    help="also write each video with id-coloured boxes (H.264 .mp4 or .gif)")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H",

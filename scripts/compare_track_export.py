@@ -58,14 +58,10 @@ def internal_scores(model, payload, videos_dir: Path, truths: list, window: int,
         pieces = [(0, len(frames))] if chunk is None else \
             [(s, s + chunk) for s in range(0, len(frames) - chunk + 1, chunk)]
         for start, stop in pieces:
-            preds, state = [], None
             with torch.no_grad():
-                step_len = window if chunk is None else chunk
-                for s in range(start, stop, step_len):
-                    out = model(frames[s:min(s + step_len, stop)][None].to(device), step, tau, keep_records=True,
-                                state=state)
-                    state = out.state
-                    preds += ev.sequence_predictions(out.records, cfg.img_h, cfg.img_w)[0]
+                records = [record for _, record in track.run_windows(model, frames[start:stop], window if chunk is None
+                                                                    else chunk, step, tau, device)]
+            preds = ev.sequence_predictions(records, cfg.img_h, cfg.img_w)[0]
             gt = truth[start:stop]
             box.append(ev.accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.xywh) for p in preds]))
             tight.append(ev.accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.tight) for p in preds]))

@@ -104,10 +104,7 @@ def oracle_run(monkeypatch, video, out, *flags, duplicates_from=None):
 @pytest.mark.parametrize("box", ["tight", "glimpse"])
 def test_oracle_video_tracks_exactly_across_windows(tmp_path, monkeypatch, sprite_video, box, capsys):
     out = tmp_path / "tracks"
-    # the oracle's masks are whole boxes, so two crossing sprites overlap far more than real masks do:
-    # no object is left out as a second track here (test_second_tracks_of_an_object_are_left_out)
-    oracle = oracle_run(monkeypatch, sprite_video, out, "--box", box, "--score", str(sprite_video.gt),
-                        "--duplicate-iou", "0")
+    oracle = oracle_run(monkeypatch, sprite_video, out, "--box", box, "--score", str(sprite_video.gt))
     assert oracle.windows == [5] * 12                                       # 60 frames in windows of 5
     assert sorted(os.listdir(out)) == ["000000.txt", "000000_masks.json", "score.json", "track.json"]
 
@@ -168,21 +165,34 @@ def test_second_tracks_of_an_object_are_left_out(tmp_path, monkeypatch, sprite_v
     assert len(read_lines(out / "000000.txt")) == gt_count + twins
 
 
-def test_drop_duplicates_keeps_the_older_track():
-    """Known answer: ids 7 and 4 overlap at mask IoU 0.6, id 5 touches neither."""
-    masks = np.zeros((3, 20, 20), dtype=bool)
-    masks[0, 0:10, 0:10] = True          # id 7, born at frame 3
-    masks[1, 12:16, 12:16] = True        # id 5, born at frame 0, touches nobody
-    masks[2, 0:10, 0:6] = True           # id 4, born at frame 5: IoU with id 7 = 60 / 100 = 0.6
-    objects = ev.Objects(ids=np.array([7, 5, 4]), xywh=np.zeros((3, 4)), masks=masks, conf=np.ones(3))
-    born = {7: 3, 5: 0, 4: 5}
-    assert track.drop_duplicates(objects, born, 0.5).ids.tolist() == [7, 5]
-    assert track.drop_duplicates(objects, born, 0.7).ids.tolist() == [7, 5, 4]     # 0.6 < 0.7
-    assert track.drop_duplicates(objects, born, 0.0).ids.tolist() == [7, 5, 4]     # off
-    born_same_frame = {7: 3, 5: 0, 4: 3}                                           # a tie: the smaller id is older
-    assert track.drop_duplicates(objects, born_same_frame, 0.5).ids.tolist() == [5, 4]
-    kept = track.drop_duplicates(objects, born, 0.5)
-    assert kept.masks.shape == (2, 20, 20) and kept.tight.tolist() == [[0, 0, 10, 10], [12, 12, 4, 4]]
+def frame_of(boxes_by_id: dict, size: int = 30) -> ev.Objects:
+    """One frame's objects with square masks: {id: (x, y, side)}."""
+    masks = np.zeros((len(boxes_by_id), size, size), dtype=bool)
+    for n, (x, y, side) in enumerate(boxes_by_id.values()):
+        masks[n, y:y + side, x:x + side] = True
+    return ev.Objects(ids=np.array(list(boxes_by_id)), xywh=np.zeros((len(masks), 4)), masks=masks,
+                      conf=np.ones(len(masks)))
+
+
+def test_duplicate_filter_drops_second_tracks_not_crossing_objects():
+    """Known answers. Id 9 is born on top of id 4 (IoU 1, then 80 / 120) and is left out
+    while it overlaps; id 2 (older) and id 7 go their ways for 3 frames, then overlap in 2 (IoU 1):
+    they cross, both stay. Between 4 and 9 the younger goes; 9 alone is kept."""
+    filt = track.DuplicateFilter(0.5)
+    assert filt(frame_of({4: (0, 0, 10), 2: (20, 20, 5)})).ids.tolist() == [4, 2]
+    assert filt(frame_of({4: (0, 0, 10), 9: (0, 0, 10), 2: (20, 20, 5), 7: (0, 20, 5)})).ids.tolist() == [4, 2, 7]
+    kept = filt(frame_of({9: (0, 0, 10), 4: (0, 2, 10), 2: (20, 20, 5), 7: (10, 20, 5)}))
+    assert kept.ids.tolist() == [4, 2, 7] and kept.tight.tolist()[0] == [0, 2, 10, 10]   # 9 left out, masks follow
+    assert filt(frame_of({4: (0, 0, 10), 2: (20, 20, 5), 7: (20, 20, 5)})).ids.tolist() == [4, 2, 7]  # 1 of 3
+    assert filt(frame_of({4: (0, 0, 10), 2: (20, 20, 5), 7: (20, 20, 5)})).ids.tolist() == [4, 2, 7]  # 2 of 4
+    assert filt(frame_of({9: (0, 0, 10)})).ids.tolist() == [9]                  # its older one gone: 9 is kept
+    assert filt(frame_of({4: (0, 0, 10), 9: (0, 0, 10)})).ids.tolist() == [4]  # still a second track
+    # the same frames with max_iou 0 keep every object
+    off = track.DuplicateFilter(0.0)
+    assert off(frame_of({4: (0, 0, 10), 9: (0, 0, 10)})).ids.tolist() == [4, 9]
+    # born in the same frame: the smaller id is the older track
+    same = track.DuplicateFilter(0.5)
+    assert same(frame_of({8: (0, 0, 10), 3: (0, 0, 10)})).ids.tolist() == [3]
 
 
 
@@ -380,15 +390,17 @@ def test_read_mot_and_score_known_answers(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_compare_script_export_equals_internal_scoring(tmp_path, checkpoint, capsys):
-    """The exported files score as the model's own predictions scored in memory (same draws)."""
+    """The exported files, every track kept, score as the model's own predictions scored in memory (same
+    draws); leaving second tracks out (the default) only removes false positives."""
     from scripts.compare_track_export import main as compare
     out = tmp_path / "cmp"
     assert compare(["--checkpoint", checkpoint, "--num", "1", "--length", "5", "--out", str(out), "--device", "cpu",
                     "--window", "2", "--no-evaluate"]) == 0
     with open(out / "compare.json") as f:
         result = json.load(f)
-    assert result["export_mota"]["tight"] == pytest.approx(result["internal_whole_video_mota"]["box_tight"])
-    assert result["export_mota"]["glimpse"] == pytest.approx(result["internal_whole_video_mota"]["box"])
+    assert result["export_mota"]["tight_all_tracks"] == pytest.approx(result["internal_whole_video_mota"]["box_tight"])
+    assert result["export_false_positives"]["tight"] <= result["export_false_positives"]["tight_all_tracks"]
+    assert result["export_misses"]["tight"] >= result["export_misses"]["tight_all_tracks"]
     assert set(result["internal_seq_len_chunks_mota"]) == {"box", "box_tight", "mask"}
 
 
