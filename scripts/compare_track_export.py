@@ -13,7 +13,7 @@
    (the state handed across windows, so the same draws as track.py: the tight-box MOTA must equal the
    export's) and cut into evaluate.py's non-overlapping seq_len chunks with ids restarting (what
    `evaluate.py` measures);
-4. unless --no-evaluate, runs `evaluate.py` itself on its sprite test set (seq_len sequences) with
+4. unless --no-evaluate, runs `evaluate.py` itself on its sprite test set (sequences of `length` frames) with
    the same first-frame-rejection setting and takes its tracking_box_tight / tracking_mask MOTA;
 
 and prints one JSON object (also written to OUT/compare.json).
@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     if args.evaluate:
         eval_out = out / "evaluate"
         code = ev.main(["--checkpoint", args.checkpoint, "--dataset", "sprites", "--preset", args.preset,
-                        "--num-sequences", str(args.num), "--out", str(eval_out), "--device", args.device, ffr])
+                        "--num-sequences", str(args.num), "--seq-len", str(args.length), "--out", str(eval_out),
+                        "--device", args.device, ffr])
         if code != 0:
             return code
         with open(eval_out / "report.json") as f:

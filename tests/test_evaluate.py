@@ -534,3 +534,12 @@ def test_ocrb_protocol_end_to_end(tmp_path, checkpoint):
     assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "1", "--out", default, "--device", "cpu"]) == 0
     with open(os.path.join(default, "report.json")) as f:
         assert json.load(f)["tracking_ocrb"] is None
+    # --seq-len: longer test sequences, each one forward (OCRB scores 10-frame videos)
+    longer = str(tmp_path / "longer")
+    assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "2", "--out", longer, "--device", "cpu",
+                    "--protocol", "ocrb", "--seq-len", "6"]) == 0
+    with open(os.path.join(longer, "report.json")) as f:
+        report = json.load(f)
+    assert report["seq_len"] == 6 and report["tracking_ocrb"]["num_frames"] == 2 * (6 - 2)
+    with open(os.path.join(longer, "predictions.json")) as f:
+        assert all(len(frames) == 6 for frames in json.load(f).values())
