@@ -88,7 +88,7 @@ from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_ta
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import pick_device, seed_everything, tau_at, unique_names
+from utils import pick_device, seed_everything, tau_at, unique_names, work_folder
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
@@ -644,14 +644,6 @@ def check_out(args) -> None:
         raise EvalError(f"--out '{out}' is a file, not a folder: pass another --out")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise EvalError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or another --out")
-
-
-def work_folder(out: str) -> str:
-    """A new temporary folder beside `out` (same file system, so it can be renamed into place)."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
 
 
 def move_into_place(work: str, out: str) -> None:

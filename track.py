@@ -57,7 +57,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +73,7 @@ from data import (DataError, check_frames, check_same_size, frame_files, list_fo
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
                       iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
-from utils import pick_device, seed_everything, tau_at, unique_names
+from utils import pick_device, seed_everything, tau_at, unique_names, work_folder
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
@@ -411,7 +410,7 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
     images = ((image, resize_frame(image, region.box, cfg.img_h, cfg.img_w)) for image in source.read())
     try:
         with torch.no_grad():
-            for (image, _), record in run_windows(model, images, opts.window, step, tau, device, lambda item: item[1]):
+            for (image, _), record in run_windows(model, images, opts.window, step, tau, device, frame=lambda i: i[1]):
                 objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
                 objects = duplicates(objects)
                 masks.add(len(frames), objects)
@@ -589,8 +588,7 @@ def main(argv=None, prog: str = "track.py") -> int:
         print(notice)
     out = os.path.abspath(args.out)
     try:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+        tmp = work_folder(out, "partial")
     except OSError as e:
         print(f"{prog}: error: cannot write into '{os.path.dirname(out)}' ({e.strerror or type(e).__name__}): "
               f"pass an --out in a writable folder", file=sys.stderr)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import re
+import tempfile
 
 import numpy as np
 import torch
@@ -102,3 +104,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def work_folder(out: str, tag: str = "tmp") -> str:
+    """A new temporary folder `.<name>.<tag>-XXXX` beside `out` (made if missing; the same file system,
+    so the finished folder or its files can be renamed into place)."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{tag}-", dir=parent)

@@ -289,7 +289,7 @@ def test_evaluation_of_perfect_predictions(tmp_path):
     cfg = small_config(seq_len=4, batch_size=2, observe_frames=2)
     data = make_sprites("easy", img_h=64, img_w=64, seq_len=4, num_sequences=3, seed=5)
     args = SimpleNamespace(out=str(tmp_path), gif=1, batch_size=2, workers=0, nll_samples=2,
-                           checkpoint="oracle", preset="easy", data_dir=None, frame_skip=None)
+                           checkpoint="oracle", preset="easy", data_dir=None, frame_skip=None, seq_len=None)
     tally = ev.run(OracleModel(cfg, data), data, 3, args, 0, 1.0, torch.device("cpu"))   # batches of 2 and 1
     report = ev.build_report(tally, args, cfg, 0, 1.0, "sprites")
     box = report["tracking_box"]
