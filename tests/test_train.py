@@ -102,6 +102,8 @@ def test_short_run_logs_every_scalar_and_panel(short_run):
     for record in losses(short_run):
         if record["step"] in logged:
             assert logged[record["step"]] == pytest.approx(record["loss"], rel=1e-6)
+    times = [record["time"] for record in losses(short_run)]                   # wall clock of each step
+    assert times == sorted(times) and time.time() - 3600 < times[0]
     assert [e.value for e in events.Scalars("train/bad_steps")] == [0, 0, 0]
     input_panel = events.Images("images/input")[-1]
     assert (input_panel.height, input_panel.width) == (2 * 64 + 3, 3 * 64 + 4)   # 2 sequences x 3 frames
