@@ -112,4 +112,8 @@ def work_folder(out: str, tag: str = "tmp") -> str:
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{tag}-", dir=parent)
+    path = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{tag}-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)      # mkdtemp's 0700 would follow the folder into place
+    return path

@@ -107,6 +107,9 @@ def test_oracle_video_tracks_exactly_across_windows(tmp_path, monkeypatch, sprit
     oracle = oracle_run(monkeypatch, sprite_video, out, "--box", box, "--score", str(sprite_video.gt))
     assert oracle.windows == [5] * 12                                       # 60 frames in windows of 5
     assert sorted(os.listdir(out)) == ["000000.txt", "000000_masks.json", "score.json", "track.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask          # a folder as mkdir makes it
 
     lines = read_lines(out / "000000.txt")
     assert all(len(line) == 10 and line[7:] == ["-1", "-1", "-1"] for line in lines)
