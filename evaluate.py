@@ -628,6 +628,9 @@ def prepare(argv):
     device = pick_device(args.device)
     changes = {} if args.first_frame_rejection is None else {"first_frame_rejection": args.first_frame_rejection}
     model, payload = load_model(args.checkpoint, device, **changes)
+    if args.seq_len is not None and args.seq_len <= model.cfg.observe_frames:
+        raise EvalError(f"--seq-len {args.seq_len} must exceed the checkpoint's observe_frames "
+                        f"({model.cfg.observe_frames}: the frames that generation observes before it predicts)")
     trained = payload.get("data")
     resolve_data(args, trained if isinstance(trained, dict) else {})
     dataset, num = eval_dataset(args, model.cfg)

@@ -407,7 +407,8 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
         video = VideoWriter(os.path.join(out_dir, f"{name}.{opts.video_out}"), opts.video_out, source.width,
                             source.height, source.fps or DEFAULT_OUT_FPS)
     duplicates = DuplicateFilter(opts.duplicate_iou)
-    images = ((image, resize_frame(image, region.box, cfg.img_h, cfg.img_w)) for image in source.read())
+    images = ((image if video is not None else None, resize_frame(image, region.box, cfg.img_h, cfg.img_w))
+              for image in source.read())          # the full-size frame is kept for --video-out only
     try:
         with torch.no_grad():
             for (image, _), record in run_windows(model, images, opts.window, step, tau, device, frame=lambda i: i[1]):

@@ -10,7 +10,8 @@ Every field of `common.Config` is a flag (`num_cell_h` -> `--num-cell-h`, switch
 laptop preset of `common.small_config`) or, on resume, the checkpoint's config.
 
 A run lives in runs/<run name>/: checkpoints/ckpt_<step>.pt (the last --keep-checkpoints kept)
-and summary/ (TensorBoard events, and losses.jsonl: one {"step", "loss", "skipped"} line per step).
+and summary/ (TensorBoard events, and losses.jsonl: one {"step", "loss", "skipped", "time"} line per
+step, "time" its end in seconds since the epoch).
 "step" is the training iteration (1-based); a skipped (non-finite) iteration counts as a step.
 
 Resume continues exactly: a checkpoint holds the model, optimizer, RNG states and the data

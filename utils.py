@@ -1,4 +1,4 @@
-"""Schedules, seeding, device picking and file names (checkpoints: checkpoints.py).
+"""Schedules, seeding, device picking, file names and temporary output folders (checkpoints: checkpoints.py).
 
 The step convention follows the reference: training step s (1-based, the number of optimizer
 steps taken including this one) uses temperature `tau_at(cfg, s - 1)` and the z_pres prior,
@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 from common import Config, ConfigError
+
+UMASK = os.umask(0)              # the process's umask, read once at import (os.umask can only set it)
+os.umask(UMASK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,7 +116,8 @@ def work_folder(out: str, tag: str = "tmp") -> str:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     path = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{tag}-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)      # mkdtemp's 0700 would follow the folder into place
+    try:
+        os.chmod(path, 0o777 & ~UMASK)  # mkdtemp's 0700 would follow the folder into place
+    except OSError:
+        pass                            # a file system without modes: the folder works as it is
     return path

@@ -11,10 +11,11 @@
 3. scores the model's own predictions on the same videos as evaluate.py does (its functions:
    sequence_predictions, accumulate with box / tight box / mask IoU, summarize), over the whole video
    (the state handed across windows, so the same draws as track.py: the tight-box MOTA must equal the
-   export's) and cut into evaluate.py's non-overlapping seq_len chunks with ids restarting (what
-   `evaluate.py` measures);
-4. unless --no-evaluate, runs `evaluate.py` itself on its sprite test set (sequences of `length` frames) with
-   the same first-frame-rejection setting and takes its tracking_box_tight / tracking_mask MOTA;
+   export with every track kept, `tight_all_tracks`) and cut into non-overlapping seq_len chunks with
+   ids restarting (what evaluate.py measures on its own seq_len test sequences);
+4. unless --no-evaluate, runs `evaluate.py` itself on its sprite test set (sequences of `length` frames,
+   or seq_len when `length` is not longer than the frames generation observes) with the same
+   first-frame-rejection setting and takes its tracking_box_tight / tracking_mask MOTA;
 
 and prints one JSON object (also written to OUT/compare.json).
 """
@@ -107,9 +108,10 @@ def main(argv=None) -> int:
     ffr = "--first-frame-rejection" if args.first_frame_rejection else "--no-first-frame-rejection"
     thresholds = [float(v) for v in args.thresholds.split(",")]
     # (name, box, z_pres threshold, duplicate IoU): track.py's defaults, glimpse boxes, no duplicates left out
-    runs = [("tight", "tight", thresholds[0], args.duplicate_iou), ("glimpse", "glimpse", thresholds[0], args.duplicate_iou),
-            ("tight_all_tracks", "tight", thresholds[0], 0.0)] + \
-           [(f"tight_{t:g}", "tight", t, args.duplicate_iou) for t in thresholds[1:]]
+    dup = args.duplicate_iou
+    runs = [("tight", "tight", thresholds[0], dup), ("glimpse", "glimpse", thresholds[0], dup)]
+    runs += [("tight_all_tracks", "tight", thresholds[0], 0.0)] if dup > 0 else []
+    runs += [(f"tight_{t:g}", "tight", t, dup) for t in thresholds[1:]]
     exported, by_threshold = {}, {}
     for name, box, threshold, duplicate_iou in runs:
         folder = out / f"tracks_{name}"
@@ -123,8 +125,9 @@ def main(argv=None) -> int:
             overall = json.load(f)["overall"]
         if threshold == thresholds[0]:
             exported[name] = overall
-        if box == "tight" and duplicate_iou == args.duplicate_iou:
+        if box == "tight" and duplicate_iou == dup:
             by_threshold[f"{threshold:g}"] = overall["mota"]
+    exported.setdefault("tight_all_tracks", exported["tight"])       # --duplicate-iou 0: the same export
 
     result = {
         "checkpoint": os.path.abspath(args.checkpoint), "step": int(payload.get("step", 0)), "preset": args.preset,
@@ -144,8 +147,8 @@ def main(argv=None) -> int:
     if args.evaluate:
         eval_out = out / "evaluate"
         code = ev.main(["--checkpoint", args.checkpoint, "--dataset", "sprites", "--preset", args.preset,
-                        "--num-sequences", str(args.num), "--seq-len", str(args.length), "--out", str(eval_out),
-                        "--device", args.device, ffr])
+                        "--num-sequences", str(args.num), "--out", str(eval_out), "--device", args.device, ffr]
+                       + (["--seq-len", str(args.length)] if args.length > cfg.observe_frames else []))
         if code != 0:
             return code
         with open(eval_out / "report.json") as f:

@@ -24,8 +24,14 @@ from checkpoints import list_checkpoints  # noqa: E402
 
 
 def step_minutes(losses_path: Path) -> dict[int, float]:
-    """step -> minutes since the first logged step, from a run's losses.jsonl."""
-    records = [json.loads(line) for line in losses_path.read_text().splitlines() if line.strip()]
+    """step -> minutes since the first logged step, from a run's losses.jsonl (wall-clock: a resumed
+    run counts its pause too). A line cut short by a killed run is skipped."""
+    records = []
+    for line in losses_path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     timed = [r for r in records if "time" in r]
     if not timed:
         raise SystemExit(f"learning_curve.py: error: '{losses_path}' holds no times: train with this version "

@@ -488,17 +488,20 @@ def test_data_defaults_come_from_the_training_run():
             ev.resolve_data(data_flags(**given), trained)
 
 
-@pytest.mark.parametrize("problem", ["missing_checkpoint", "not_a_checkpoint", "missing_data"])
+@pytest.mark.parametrize("problem", ["missing_checkpoint", "not_a_checkpoint", "missing_data", "short_sequences"])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, checkpoint, capsys, problem):
     out = tmp_path / "out"
     args = {"missing_checkpoint": ["--checkpoint", str(tmp_path / "nope.pt")],
             "not_a_checkpoint": ["--checkpoint", str(tmp_path / "junk.pt")],
-            "missing_data": ["--checkpoint", checkpoint, "--dataset", "frames", "--data-dir", str(tmp_path / "none")]}
+            "missing_data": ["--checkpoint", checkpoint, "--dataset", "frames", "--data-dir", str(tmp_path / "none")],
+            "short_sequences": ["--checkpoint", checkpoint, "--seq-len", "1"]}     # observe_frames 1
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     assert ev.main(args[problem] + ["--out", str(out)]) == 2
     assert not out.exists()
     err = capsys.readouterr().err.strip()
     assert err.startswith("evaluate.py: error:") and "\n" not in err
+    if problem == "short_sequences":
+        assert "--seq-len 1 must exceed the checkpoint's observe_frames (1" in err
 
 
 def test_duplicates_count_each_extra_copy_of_an_object_once():

@@ -21,6 +21,13 @@ def test_minutes_come_from_the_loss_log_and_pick_the_newest_checkpoint_saved_by_
     assert checkpoint_at(found, minutes, 0.4) is None
 
 
+def test_a_line_cut_short_by_a_killed_run_is_skipped(tmp_path):
+    log = tmp_path / "losses.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0, "skipped": false, "time": 10.0}\n'
+                   '{"step": 2, "loss": 1.0, "skipped": false, "time": 70.0}\n{"step": 3, "lo')
+    assert step_minutes(log) == {1: 0.0, 2: 1.0}
+
+
 def test_a_log_without_times_is_refused(tmp_path):
     log = tmp_path / "losses.jsonl"
     log.write_text('{"step": 1, "loss": 1.0, "skipped": false}\n')
