@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -122,14 +123,14 @@ class Objects:
     """The objects of one frame: ids (n,), xywh (n, 4) pixels, masks (n, H, W) bool, conf (n,).
 
     Predictions: xywh is the glimpse box z_where; ground truth: the tight box of the visible mask.
-    `tight` is always the tight box of the mask."""
+    `tight` is always the tight box of the mask (computed once: the fields are not changed after)."""
     ids: np.ndarray
     xywh: np.ndarray
     masks: np.ndarray
     conf: np.ndarray = field(default_factory=lambda: np.zeros(0))
     invisible: int = 0          # predictions with z_pres > 0.5 left out for drawing < MIN_GT_AREA pixels
 
-    @property
+    @functools.cached_property
     def tight(self) -> np.ndarray:
         return mask_boxes(self.masks)
 

@@ -312,8 +312,10 @@ class DuplicateFilter:
                         same.add((k, i))
         kept = []
         for i in order:
-            if not any((k, i) in same for k in kept):
+            if not any((k, i) in same for k in kept):  # only a kept track hides a younger one
                 kept.append(i)
+        if len(kept) == len(ids):
+            return objects                             # the same frame, its tight boxes computed already
         kept.sort()
         return Objects(ids=objects.ids[kept], xywh=objects.xywh[kept], masks=objects.masks[kept],
                        conf=objects.conf[kept], invisible=objects.invisible)

@@ -58,10 +58,10 @@ def internal_scores(model, payload, videos_dir: Path, truths: list, window: int,
         seed_everything(seed)
         pieces = [(0, len(frames))] if chunk is None else \
             [(s, s + chunk) for s in range(0, len(frames) - chunk + 1, chunk)]
+        size = window if chunk is None else chunk
         for start, stop in pieces:
             with torch.no_grad():
-                records = [record for _, record in track.run_windows(model, frames[start:stop], window if chunk is None
-                                                                    else chunk, step, tau, device)]
+                records = [record for _, record in track.run_windows(model, frames[start:stop], size, step, tau, device)]
             preds = ev.sequence_predictions(records, cfg.img_h, cfg.img_w)[0]
             gt = truth[start:stop]
             box.append(ev.accumulate([(g.ids, g.xywh) for g in gt], [(p.ids, p.xywh) for p in preds]))
