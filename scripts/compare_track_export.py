@@ -2,7 +2,7 @@
 
     python scripts/compare_track_export.py --checkpoint CKPT [--preset easy] [--num 20] [--length 50]
                                            [--out DIR] [--device auto|cpu|cuda] [--window N] [--seed S]
-                                           [--[no-]first-frame-rejection] [--no-evaluate]
+                                           [--[no-]first-frame-rejection] [--no-evaluate] [--overwrite]
 
 1. writes `num` held-out sprite videos of `length` frames at the model's image size, with ground truth
    (scripts/sprite_videos.py; scene seed 20000 + cfg.seed, apart from training's and evaluate.py's);
@@ -17,13 +17,15 @@
    or seq_len when `length` is not longer than the frames generation observes) with the same
    first-frame-rejection setting and takes its tracking_box_tight / tracking_mask MOTA;
 
-and prints one JSON object (also written to OUT/compare.json).
+and prints one JSON object (also written to OUT/compare.json). The run is written into a folder beside
+OUT and moved into place when it has finished; an existing OUT is replaced only with --overwrite.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,9 +37,9 @@ import evaluate as ev  # noqa: E402
 from checkpoints import CheckpointError  # noqa: E402
 from common import ConfigError  # noqa: E402
 import track  # noqa: E402
-from data import load_frame  # noqa: E402
+from data import SPRITE_PRESETS, load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
-from utils import pick_device, seed_everything, tau_at  # noqa: E402
+from utils import pick_device, seed_everything, tau_at, work_folder  # noqa: E402
 
 SCENE_SEED_OFFSET = 20_000
 
@@ -77,7 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="easy")
     p.add_argument("--num", type=int, default=20, help="videos")
     p.add_argument("--length", type=int, default=50, help="frames per video")
-    p.add_argument("--out", default="compare_track")
+    p.add_argument("--out", default="compare_track",
+                   help="folder of the run (written whole at the end; an existing non-empty one needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--window", type=int, default=None, help="track.py --window (default: the checkpoint's seq_len)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (track.py --seed)")
@@ -91,22 +95,53 @@ def main(argv=None) -> int:
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip running evaluate.py on its own test set")
     args = p.parse_args(argv)
-    device = pick_device(args.device)
     try:
+        thresholds = check_args(args)
+        device = pick_device(args.device)
         model, payload = ev.load_model(args.checkpoint, device, first_frame_rejection=args.first_frame_rejection)
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, ev.EvalError) as e:
         print(f"compare_track_export.py: error: {e}", file=sys.stderr)
         return 2
+    work = Path(work_folder(args.out, "compare"))
+    try:
+        code = compare(args, model, payload, thresholds, device, work)
+        if code == 0:
+            ev.move_into_place(str(work), args.out)
+        return code
+    finally:
+        shutil.rmtree(work, ignore_errors=True)          # gone already once moved into place
+
+
+def check_args(args) -> list[float]:
+    """ConfigError (one line) for an argument that cannot work, before anything is written; returns
+    the z_pres thresholds."""
+    for name in ("num", "length"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)} must be at least 1")
+    if args.window is not None and args.window < 1:
+        raise ConfigError(f"--window {args.window} must be at least 1")
+    if args.preset not in SPRITE_PRESETS:
+        raise ConfigError(f"unknown sprite preset '{args.preset}': choose one of {sorted(SPRITE_PRESETS)}")
+    try:
+        thresholds = [float(v) for v in args.thresholds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--thresholds '{args.thresholds}' must be comma-separated numbers, e.g. 0.5,0.7") from None
+    if not all(0 < t < 1 for t in thresholds):
+        raise ConfigError(f"--thresholds '{args.thresholds}': each must lie strictly between 0 and 1")
+    ev.check_out(args)
+    return thresholds
+
+
+def compare(args, model, payload, thresholds: list[float], device, out: Path) -> int:
+    """Steps 1-4 of the module docstring, everything written into `out`; returns an exit code."""
     cfg = model.cfg
     window = args.window or cfg.seq_len
-    out = Path(args.out)
     scene_seed = SCENE_SEED_OFFSET + cfg.seed
     written = write_sprite_videos(out / "data", args.preset, args.num, args.length, (cfg.img_h, cfg.img_w), scene_seed)
     data = written["data"]
     truths = [ev.ground_truth_frames(data.ground_truth(i)) for i in range(args.num)]
 
     ffr = "--first-frame-rejection" if args.first_frame_rejection else "--no-first-frame-rejection"
-    thresholds = [float(v) for v in args.thresholds.split(",")]
     # (name, box, z_pres threshold, duplicate IoU): track.py's defaults, glimpse boxes, no duplicates left out
     dup = args.duplicate_iou
     runs = [("tight", "tight", thresholds[0], dup), ("glimpse", "glimpse", thresholds[0], dup)]

@@ -405,6 +405,26 @@ def test_compare_script_export_equals_internal_scoring(tmp_path, checkpoint, cap
     assert result["export_false_positives"]["tight"] <= result["export_false_positives"]["tight_all_tracks"]
     assert result["export_misses"]["tight"] >= result["export_misses"]["tight_all_tracks"]
     assert set(result["internal_seq_len_chunks_mota"]) == {"box", "box_tight", "mask"}
+    # a second run into the same folder: refused without --overwrite; with it, the old videos are gone
+    again = ["--checkpoint", checkpoint, "--num", "1", "--length", "3", "--out", str(out), "--device", "cpu",
+             "--window", "2", "--no-evaluate"]
+    assert compare(again) == 2 and "--overwrite" in capsys.readouterr().err
+    assert compare(again + ["--overwrite"]) == 0
+    with open(out / "compare.json") as f:
+        result = json.load(f)
+    assert result["length"] == 3 and len(list((out / "data" / "videos" / "000000").glob("*.png"))) == 3
+    assert result["export_mota"]["tight_all_tracks"] == pytest.approx(result["internal_whole_video_mota"]["box_tight"])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".cmp")]   # no work folder left beside it
+
+
+@pytest.mark.parametrize("flags, message", [(["--thresholds", "abc"], "--thresholds"), (["--num", "0"], "--num 0"),
+                                            (["--length", "0"], "--length 0"), (["--preset", "bogus"], "bogus")])
+def test_compare_script_bad_arguments(tmp_path, checkpoint, capsys, flags, message):
+    from scripts.compare_track_export import main as compare
+    assert compare(["--checkpoint", checkpoint, "--out", str(tmp_path / "cmp"), "--device", "cpu"] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not [p.name for p in tmp_path.iterdir() if "cmp" in p.name]         # nothing written
 
 
 def test_demo_folder(tmp_path):
