@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", choices=DATASET_KINDS,
                      help="default: sprites without --data-dir, else grandcentral if every frame is named "
                           "by a number, else frames")
-    run.add_argument("--preset", default="easy", choices=sorted(SPRITE_PRESETS), help="sprite scenes [easy]")
+    run.add_argument("--preset", choices=sorted(SPRITE_PRESETS),
+                     help="sprite scenes [easy; on resume, the checkpoint's]")
     run.add_argument("--num-sprite-sequences", type=int, metavar="N",
-                     help="sprite dataset size [the preset's]")
+                     help="sprite dataset size [the preset's; on resume, the checkpoint's]")
     run.add_argument("--frame-skip", type=int, metavar="N",
                      help="frames between sequence frames [grandcentral 8, frames 1]")
     run.add_argument("--skip-bad-frames", action="store_true", help="drop unreadable frames instead of failing")
@@ -261,14 +262,15 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     if payload is not None and args.small:
         print("notice: resuming, so the config comes from the checkpoint (flags given override it; --small is ignored)")
     cfg = make_config(args, payload["config"] if payload else None)
-    dataset = build_dataset(kind, cfg, train=True, data_dir=args.data_dir, preset=args.preset,
-                            num_sequences=args.num_sprite_sequences, frame_skip=args.frame_skip,
+    preset, num_sprites = sprite_flags(args, kind, payload)
+    dataset = build_dataset(kind, cfg, train=True, data_dir=args.data_dir, preset=preset,
+                            num_sequences=num_sprites, frame_skip=args.frame_skip,
                             skip_bad_frames=args.skip_bad_frames, seed=cfg.seed)
     if args.recipe and payload is None and "phase_no_background" not in given_config(args):   # decided by the data
         cfg = cfg.replace(phase_no_background=not estimate_background(dataset)["has_background"])
         print(f"notice: --recipe {args.recipe}: phase_no_background={cfg.phase_no_background} (estimated from the frames; "
               f"pass --phase-no-background or --no-phase-no-background to choose)")
-    data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=args.preset, frame_skip=args.frame_skip,
+    data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
     batches_per_epoch = TrainOrder(len(dataset), cfg, 0, 0, ddp).batches_per_epoch()
     if batches_per_epoch < 1:   # now, before anything is written
@@ -300,8 +302,20 @@ def setup(args, ddp: Dist = Dist()) -> Run:
                speed=speed, batches_per_epoch=batches_per_epoch)
 
 
+def sprite_flags(args, kind: str, payload) -> tuple[str, int | None]:
+    """--preset and --num-sprite-sequences: as given; else, resuming a run on sprites, the checkpoint's;
+    else the easy preset at its own size."""
+    trained = payload.get("data", {}) if payload else {}
+    same = kind == "sprites" and trained.get("dataset") == "sprites"
+    preset = args.preset or (trained.get("preset") if same else None) or "easy"
+    num = args.num_sprite_sequences
+    if num is None and same and preset == trained.get("preset"):
+        num = trained.get("num_sequences")
+    return preset, num
+
+
 def default_run_name(args, kind: str) -> str:
-    name = f"sprites-{args.preset}" if kind == "sprites" else \
+    name = f"sprites-{args.preset or 'easy'}" if kind == "sprites" else \
         "grandcentral" if kind == "grandcentral" else Path(args.data_dir).resolve().name
     return name + ("-small" if args.small else "")
 

@@ -160,6 +160,19 @@ def test_resume_continues_exactly(short_run, tmp_path, capsys):
     assert read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000004.pt"))["step"] == 4
 
 
+def test_resume_keeps_the_sprite_preset_and_size(tmp_path):
+    """A run on another preset resumed without --preset / --num-sprite-sequences trains on its own data."""
+    flags = [f for f in TINY if f not in ("--num-sprite-sequences", "8")]
+    assert train.main(flags + run_dirs(tmp_path, "--steps", "2", "--preset", "few", "--num-sprite-sequences", "6")) == 0
+    run = train.setup(train.build_parser().parse_args(flags + run_dirs(tmp_path, "--resume", "auto")))
+    run.release()
+    assert (run.data_desc["preset"], run.data_desc["num_sequences"], run.start.step) == ("few", 6, 2)
+    run = train.setup(train.build_parser().parse_args(flags + run_dirs(tmp_path, "--resume", "auto", "--preset", "easy")))
+    run.release()
+    assert run.data_desc["preset"] == "easy"                     # a preset given wins, at its own size
+    assert run.data_desc["num_sequences"] != 6
+
+
 def test_epoch_order_is_seeded_and_resumable():
     args = train.build_parser().parse_args(TINY)
     cfg = train.make_config(args, None)
