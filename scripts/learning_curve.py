@@ -23,6 +23,33 @@ import evaluate  # noqa: E402
 from checkpoints import list_checkpoints  # noqa: E402
 
 
+class CurveError(Exception):
+    """Bad input; the one-line message names the problem and the fix."""
+
+
+def parse_minutes(text: str) -> list[float]:
+    try:
+        minutes = [float(m) for m in text.split(",")]
+    except ValueError:
+        raise CurveError(f"--minutes '{text}' must be comma-separated numbers, e.g. 1,2,4,8") from None
+    if not all(m > 0 for m in minutes):
+        raise CurveError(f"--minutes '{text}': each must be positive")
+    return minutes
+
+
+def read_run(run: Path) -> tuple[dict[int, float], list[Path]]:
+    """The run's step -> minutes and its checkpoints; CurveError if it is not a run folder."""
+    losses = run / "summary" / "losses.jsonl"
+    if not losses.is_file():
+        raise CurveError(f"'{run}' holds no summary/losses.jsonl: pass a run folder written by train.py "
+                         "(runs/<--run-name>)")
+    checkpoints = list_checkpoints(run / "checkpoints") if (run / "checkpoints").is_dir() else []
+    if not checkpoints:
+        raise CurveError(f"'{run}' holds no checkpoints/ckpt_*.pt: train with --save-freq and --keep-checkpoints "
+                         "high enough to keep one a minute")
+    return step_minutes(losses), checkpoints
+
+
 def step_minutes(losses_path: Path) -> dict[int, float]:
     """step -> minutes since the first logged step, from a run's losses.jsonl (wall-clock: a resumed
     run counts its pause too). A line cut short by a killed run is skipped."""
@@ -34,8 +61,7 @@ def step_minutes(losses_path: Path) -> dict[int, float]:
             continue
     timed = [r for r in records if "time" in r]
     if not timed:
-        raise SystemExit(f"learning_curve.py: error: '{losses_path}' holds no times: train with this version "
-                         "of train.py")
+        raise CurveError(f"'{losses_path}' holds no times: train with this version of train.py")
     start = timed[0]["time"]
     return {r["step"]: (r["time"] - start) / 60 for r in timed}
 
@@ -55,13 +81,16 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", default="1,2,4,8", help="comma-separated minutes of training")
     p.add_argument("--out", required=True, help="folder for min_<M>/report.json and curve.json")
     args = p.parse_args(argv)
-    run = Path(args.run)
-    minutes_of = step_minutes(run / "summary" / "losses.jsonl")
-    checkpoints = list_checkpoints(run / "checkpoints")
+    try:
+        minutes = parse_minutes(args.minutes)
+        minutes_of, checkpoints = read_run(Path(args.run))
+    except CurveError as e:
+        print(f"learning_curve.py: error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for minute in (float(m) for m in args.minutes.split(",")):
+    for minute in minutes:
         path = checkpoint_at(checkpoints, minutes_of, minute)
         if path is None:
             print(f"notice: no checkpoint saved by minute {minute:g}", file=sys.stderr)

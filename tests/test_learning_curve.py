@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.learning_curve import checkpoint_at, step_minutes
+from scripts.learning_curve import CurveError, checkpoint_at, main, step_minutes
 
 
 def test_minutes_come_from_the_loss_log_and_pick_the_newest_checkpoint_saved_by_then(tmp_path):
@@ -31,5 +31,23 @@ def test_a_line_cut_short_by_a_killed_run_is_skipped(tmp_path):
 def test_a_log_without_times_is_refused(tmp_path):
     log = tmp_path / "losses.jsonl"
     log.write_text('{"step": 1, "loss": 1.0, "skipped": false}\n')
-    with pytest.raises(SystemExit, match="holds no times"):
+    with pytest.raises(CurveError, match="holds no times"):
         step_minutes(log)
+
+
+@pytest.mark.parametrize("case, message", [("missing", "holds no summary/losses.jsonl"),
+                                           ("no_checkpoints", "holds no checkpoints"),
+                                           ("bad_minutes", "--minutes '1,abc'"), ("no_times", "holds no times")])
+def test_bad_input_is_one_line_exit_2_with_nothing_written(tmp_path, capsys, case, message):
+    run = tmp_path / "run"
+    if case != "missing":
+        (run / "summary").mkdir(parents=True)
+        (run / "checkpoints").mkdir()
+        time = "" if case == "no_times" else ', "time": 5.0'
+        (run / "summary" / "losses.jsonl").write_text('{"step": 1, "loss": 1.0, "skipped": false%s}\n' % time)
+        if case != "no_checkpoints":
+            (run / "checkpoints" / "ckpt_00000001.pt").write_bytes(b"")
+    minutes = "1,abc" if case == "bad_minutes" else "1"
+    assert main([str(run), "--minutes", minutes, "--out", str(tmp_path / "curve")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not (tmp_path / "curve").exists()
