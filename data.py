@@ -191,7 +191,8 @@ def check_same_size(folder: Path, paths: list[Path], sizes: list[tuple[int, int]
     for path, size in zip(paths, sizes):
         if size != sizes[0]:
             raise DataError(f"frames in '{folder}' have mixed sizes: '{paths[0].name}' is "
-                            f"{sizes[0][0]}x{sizes[0][1]} but '{path.name}' is {size[0]}x{size[1]}")
+                            f"{sizes[0][0]}x{sizes[0][1]} but '{path.name}' is {size[0]}x{size[1]}: make them one size "
+                            f"or move the odd frames out")
 
 
 def check_box_fits(folder: Path, box: tuple[int, int, int, int], size: tuple[int, int], fix: str) -> None:

@@ -575,7 +575,7 @@ def parse_args(argv):
     p.add_argument("--preset", default=None,
                    help=f"sprite preset, one of {', '.join(sorted(SPRITE_PRESETS))} (default: the training run's, else easy)")
     p.add_argument("--skip-bad-frames", action="store_true",
-                   help="drop unreadable or odd-sized frames (with a notice) instead of stopping")
+                   help="drop unreadable frames (with a notice) instead of stopping")
     p.add_argument("--frame-skip", type=int, default=None,
                    help="frame skip (default: the training run's, else grandcentral 8, frames 1)")
     p.add_argument("--num-sequences", type=int, default=None,
@@ -635,9 +635,22 @@ def prepare(argv):
     trained = payload.get("data")
     resolve_data(args, trained if isinstance(trained, dict) else {})
     dataset, num = eval_dataset(args, model.cfg)
+    if args.protocol == "ocrb":
+        check_ocrb(args, dataset, args.seq_len or model.cfg.seq_len)
     if args.batch_size is None:
         args.batch_size = model.cfg.batch_size
     return args, model, int(payload.get("step", 0)), dataset, num, device
+
+
+def check_ocrb(args, dataset, seq_len: int) -> None:
+    """EvalError unless --protocol ocrb can score: it needs ground-truth masks (the sprite scenes) and
+    frames from --ocrb-start-frame on."""
+    if not isinstance(dataset, MovingSprites):
+        raise EvalError(f"--protocol ocrb needs ground-truth masks, which only the sprite scenes have "
+                        f"(not --dataset {args.dataset}): drop --protocol ocrb or evaluate on --dataset sprites")
+    if args.ocrb_start_frame >= seq_len:
+        raise EvalError(f"--ocrb-start-frame {args.ocrb_start_frame} leaves no frame of the {seq_len}-frame "
+                        f"sequences to score: pass a smaller one or a longer --seq-len")
 
 
 def check_out(args) -> None:

@@ -521,6 +521,21 @@ def test_duplicates_count_each_extra_copy_of_an_object_once():
     assert mt.count_duplicates(np.zeros((0, 32, 32), dtype=bool)) == 0
 
 
+def test_ocrb_protocol_needs_ground_truth_and_frames_to_score(tmp_path, checkpoint, capsys):
+    from PIL import Image
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for t in range(6):
+        Image.new("RGB", (64, 64), (t * 40, 0, 0)).save(frames / f"f{t}.png")
+    for flags, message in ((["--data-dir", str(frames)], "needs ground-truth masks"),
+                           (["--ocrb-start-frame", "3"], "--ocrb-start-frame 3 leaves no frame of the 3-frame")):
+        out = tmp_path / "eval"
+        assert ev.main(["--checkpoint", checkpoint, "--out", str(out), "--device", "cpu", "--protocol", "ocrb",
+                        "--num-sequences", "1", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and not out.exists()
+
+
 def test_ocrb_protocol_end_to_end(tmp_path, checkpoint):
     out = str(tmp_path / "eval")
     assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "2", "--batch-size", "2", "--out", out,
