@@ -24,7 +24,7 @@ import torch
 from common import Config, ConfigError
 from data import one_line
 from distributed import Dist, gather_objects
-from utils import seed_everything
+from utils import UMASK, seed_everything
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,6 +94,10 @@ def save_checkpoint(path: str, model=None, optimizer=None, step: int = 0, cfg: C
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+        try:
+            os.fchmod(fd, 0o666 & ~UMASK)   # as open() would make it, not mkstemp's owner-only 0600
+        except OSError:
+            pass                            # a file system without modes: the file works as it is
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -122,7 +126,8 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint '{path}' is a folder: pass one of its ckpt_*.pt files")
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{path}' does not exist: pass a ckpt_*.pt file of a run "
+                              f"(runs/<name>/checkpoints/) or checkpoints/sprites_small.pt")
     try:
         with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
             payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -343,7 +348,10 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
         rng = rng_state()             # the same states, as this version writes them
     else:                              # another number of processes: fresh per-process streams
         seed_everything(cfg.seed + 1000 * ddp.rank + payload["step"])
-        if ddp.main:
+        if ddp.main and not ranks:
+            print(f"notice: {path} holds no random-number states (a shipped checkpoint): the random streams "
+                  f"start afresh")
+        elif ddp.main:
             print(f"notice: {path} was written by {saved_world} processes, this run has {ddp.world}: "
                   f"the data position carries over, the random streams start afresh")
     if payload.get("data", data_desc) != data_desc:

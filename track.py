@@ -448,8 +448,8 @@ def parse_args(argv):
         prog="track.py", description="Track the objects of whole videos with a trained SCALOR: MOTChallenge tracks "
         "and RLE masks in the video's pixels, one id per object for the whole video.",
         epilog="Options marked 'not in the reference' are inference rules the reference implementation lacks. "
-               "Defaults: first-frame rejection on (it raises mask MOTA on the easy sprites: README, "
-               "\"Measured\"); z_pres threshold 0.5, evaluate.py's rule (scripts/compare_track_export.py "
+               "Defaults: first-frame rejection on (two neighbouring cells claiming one object in the first "
+               "frame would otherwise both be tracked: docs/PERF_NOTES.md measures it); z_pres threshold 0.5, evaluate.py's rule (scripts/compare_track_export.py "
                "--thresholds measures others).")
     p.add_argument("videos", nargs="*", metavar="VIDEO",
                    help="a folder of frames, a folder of such folders or of video files, or a video file "

@@ -248,7 +248,7 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     check_run_args(args)
     if args.cuda_graph and ddp.world > 1:
         raise ConfigError("--cuda-graph works in single-process runs only: drop it under torchrun")
-    device = pick_device(args.device, ddp, small=args.small)
+    device = pick_device(args.device, ddp, small=args.small or args.recipe is not None or args.resume is not None)
     kind = dataset_kind(args.dataset, args.data_dir)
     run_name = args.run_name or default_run_name(args, kind)
     ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
@@ -413,7 +413,7 @@ def train(run: Run, args) -> int:
               f"speed: {run.speed.describe(run.device)}",
               flush=True)
         if speed.compile:
-            print("notice: --compile: the first steps compile for up to ~10 minutes (cached for later runs), "
+            print("notice: --compile: on a cold cache the first steps take minutes to compile (cached for later runs), "
                   "and a few graphs again once at the schedule's switches", flush=True)
     recent = collections.deque(maxlen=50)       # the last 50 steps' losses, for the progress bar
     bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not ddp.main)

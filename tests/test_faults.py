@@ -99,6 +99,17 @@ def test_checkpoints_load_with_weights_only_and_resume_exactly(tmp_path):
     assert [r["loss"] for r in losses(cut)] == [r["loss"] for r in losses(whole)]
 
 
+def test_checkpoints_get_the_modes_open_would_give(tmp_path):
+    """Readable by whoever the umask lets read (mkstemp alone would leave them owner-only)."""
+    from checkpoints import save_checkpoint
+    from common import small_config
+    from scalor import SCALOR
+    from utils import UMASK
+    path = tmp_path / "ck" / "ckpt.pt"
+    save_checkpoint(str(path), SCALOR(small_config()), step=1)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK
+
+
 def test_checkpoints_written_before_the_rng_states_were_tensors_still_resume(tmp_path):
     """Their NumPy RNG state is an array: the few globals that rebuild arrays are allowed, no others."""
     import random

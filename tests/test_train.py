@@ -173,6 +173,17 @@ def test_resume_keeps_the_sprite_preset_and_size(tmp_path):
     assert run.data_desc["num_sequences"] != 6
 
 
+def test_resuming_the_shipped_checkpoint_says_why_the_random_streams_restart(tmp_path, capsys):
+    shipped = str(ROOT / "checkpoints" / "sprites_small.pt")
+    args = train.build_parser().parse_args(["--resume", shipped, "--batch-size", "2", "--num-sprite-sequences", "4",
+                                            "--workers", "0", "--device", "cpu", *run_dirs(tmp_path)])
+    run = train.setup(args)
+    run.release()
+    out = capsys.readouterr().out
+    assert "holds no random-number states" in out and "processes" not in out and "try --small" not in out
+    assert run.data_desc["preset"] == "spmot"                   # the checkpoint's preset, not the default
+
+
 def test_epoch_order_is_seeded_and_resumable():
     args = train.build_parser().parse_args(TINY)
     cfg = train.make_config(args, None)
