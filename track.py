@@ -141,7 +141,10 @@ def read_video_file(path: Path):
 
 
 def short(err: Exception) -> str:
-    text = one_line(err)
+    """The error's reason on one short line: for ffmpeg's errors (its version banner first, the reason
+    last) the last line of its text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = one_line(lines[-1] if lines else err)
     return text if len(text) <= 160 else text[:157] + "..."
 
 

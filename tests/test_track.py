@@ -345,6 +345,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
                 "no_ground_truth": "holds no ground truth for these videos", "crop_outside": "does not fit",
                 "unwritable_out": "cannot write into"}[problem]
     assert expected in err
+    if problem == "garbage_video":                                        # ffmpeg's reason, not its banner
+        assert "ffmpeg version" not in err and "Invalid data" in err
     assert not out.exists() and not leftovers(tmp_path)
 
 
