@@ -295,7 +295,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     if start.batch_index >= batches_per_epoch:   # the checkpoint's epoch was longer (other data or batch size)
         start = dataclasses.replace(start, epoch=start.epoch + 1, batch_index=0)
     total_steps = args.epochs * batches_per_epoch if args.epochs else (args.steps or 100000)
-    locks = claim_folders(ckpt_dir, summary_dir, ddp)   # made, locked, writable: the last check
+    nothing_to_do = start.step >= total_steps             # main() says so; no folder is made for it
+    locks = [] if nothing_to_do else claim_folders(ckpt_dir, summary_dir, ddp)   # made, locked, writable: the last check
     return Run(cfg=cfg, device=device, model=model, optimizer=optimizer, dataset=dataset, data_desc=data_desc,
                start=start, total_steps=total_steps, ckpt_dir=ckpt_dir, summary_dir=summary_dir,
                keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp, locks=locks,
