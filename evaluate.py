@@ -311,6 +311,8 @@ def resolve_data(args, trained: dict) -> None:
         args.frame_skip = 8 if args.dataset == "grandcentral" else 1
     if args.data_dir is None and args.dataset == "grandcentral" and same("grandcentral"):
         args.data_dir = trained.get("data_dir")
+    if args.dataset == "sprites" and args.data_dir is not None:
+        raise EvalError(f"--data-dir is not used with --dataset sprites (the scenes are generated): drop one of them")
     if args.dataset == "sprites" and args.preset not in SPRITE_PRESETS:
         raise EvalError(f"unknown sprite preset '{args.preset}': choose one of {sorted(SPRITE_PRESETS)}")
     if args.dataset != "sprites" and args.data_dir is None:

@@ -250,15 +250,19 @@ def setup(args, ddp: Dist = Dist()) -> Run:
         raise ConfigError("--cuda-graph works in single-process runs only: drop it under torchrun")
     device = pick_device(args.device, ddp, small=args.small or args.recipe is not None or args.resume is not None)
     kind = dataset_kind(args.dataset, args.data_dir)
-    run_name = args.run_name or default_run_name(args, kind)
+    named = args.resume not in (None, "auto")          # --resume FILE: read first, its preset names the run
+    path = Path(args.resume) if named else None
+    payload = read_checkpoint(str(path)) if named else None
+    run_name = args.run_name or default_run_name(args, kind, sprite_flags(args, kind, payload)[0])
     ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
     summary_dir = Path(args.summary_dir or Path("runs") / run_name / "summary")
     for folder, flag in ((ckpt_dir, "--ckpt-dir"), (summary_dir, "--summary-dir")):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"'{folder}' is a file, not a folder: pass another {flag} or --run-name")
 
-    path = resume_path(args.resume, ckpt_dir)
-    payload = read_checkpoint(str(path)) if path is not None else None
+    if not named:
+        path = resume_path(args.resume, ckpt_dir)
+        payload = read_checkpoint(str(path)) if path is not None else None
     if payload is not None and args.small:
         print("notice: resuming, so the config comes from the checkpoint (flags given override it; --small is ignored)")
     cfg = make_config(args, payload["config"] if payload else None)
@@ -315,8 +319,8 @@ def sprite_flags(args, kind: str, payload) -> tuple[str, int | None]:
     return preset, num
 
 
-def default_run_name(args, kind: str) -> str:
-    name = f"sprites-{args.preset or 'easy'}" if kind == "sprites" else \
+def default_run_name(args, kind: str, preset: str) -> str:
+    name = f"sprites-{preset}" if kind == "sprites" else \
         "grandcentral" if kind == "grandcentral" else Path(args.data_dir).resolve().name
     return name + ("-small" if args.small else "")
 
@@ -414,7 +418,7 @@ def train(run: Run, args) -> int:
               f"speed: {run.speed.describe(run.device)}",
               flush=True)
         if speed.compile:
-            print("notice: --compile: on a cold cache the first steps take minutes to compile (cached for later runs), "
+            print("notice: --compile: on a cold cache the first steps compile first (cached for later runs), "
                   "and a few graphs again once at the schedule's switches", flush=True)
     recent = collections.deque(maxlen=50)       # the last 50 steps' losses, for the progress bar
     bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not ddp.main)

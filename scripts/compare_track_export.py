@@ -102,14 +102,20 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, ev.EvalError) as e:
         print(f"compare_track_export.py: error: {e}", file=sys.stderr)
         return 2
-    work = Path(work_folder(args.out, "compare"))
+    work = None
     try:
+        work = Path(work_folder(args.out, "compare"))
         code = compare(args, model, payload, thresholds, device, work)
         if code == 0:
             ev.move_into_place(str(work), args.out)
         return code
+    except OSError as e:
+        print(f"compare_track_export.py: error: cannot write --out '{args.out}' ({e.strerror or e}): pass another "
+              f"--out", file=sys.stderr)
+        return 2
     finally:
-        shutil.rmtree(work, ignore_errors=True)          # gone already once moved into place
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)      # gone already once moved into place
 
 
 def check_args(args) -> list[float]:

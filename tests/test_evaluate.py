@@ -528,6 +528,7 @@ def test_ocrb_protocol_needs_ground_truth_and_frames_to_score(tmp_path, checkpoi
     for t in range(6):
         Image.new("RGB", (64, 64), (t * 40, 0, 0)).save(frames / f"f{t}.png")
     for flags, message in ((["--data-dir", str(frames)], "needs ground-truth masks"),
+                           (["--data-dir", str(frames), "--dataset", "sprites"], "--data-dir is not used with"),
                            (["--ocrb-start-frame", "3"], "--ocrb-start-frame 3 leaves no frame of the 3-frame")):
         out = tmp_path / "eval"
         assert ev.main(["--checkpoint", checkpoint, "--out", str(out), "--device", "cpu", "--protocol", "ocrb",

@@ -419,6 +419,14 @@ def test_compare_script_export_equals_internal_scoring(tmp_path, checkpoint, cap
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".cmp")]   # no work folder left beside it
 
 
+def test_compare_script_out_under_a_file_is_one_line(tmp_path, checkpoint, capsys):
+    from scripts.compare_track_export import main as compare
+    (tmp_path / "afile").write_text("x")
+    assert compare(["--checkpoint", checkpoint, "--out", str(tmp_path / "afile" / "cmp"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write --out" in err and "\n" not in err
+
+
 @pytest.mark.parametrize("flags, message", [(["--thresholds", "abc"], "--thresholds"), (["--num", "0"], "--num 0"),
                                             (["--length", "0"], "--length 0"), (["--preset", "bogus"], "bogus")])
 def test_compare_script_bad_arguments(tmp_path, checkpoint, capsys, flags, message):

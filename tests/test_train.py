@@ -178,16 +178,21 @@ def test_resume_keeps_the_sprite_preset_and_size(tmp_path):
     assert run.data_desc["num_sequences"] != 6
 
 
-def test_resuming_the_shipped_checkpoint_says_why_the_random_streams_restart(tmp_path, capsys):
+def test_resuming_the_shipped_checkpoint_says_why_the_random_streams_restart(tmp_path, capsys, monkeypatch):
     shipped = str(ROOT / "checkpoints" / "sprites_small.pt")
     args = train.build_parser().parse_args(["--resume", shipped, "--steps", "100", "--batch-size", "2", "--num-sprite-sequences", "4",
                                             "--workers", "0", "--device", "cpu", *run_dirs(tmp_path)])
     run = train.setup(args)
     run.release()
     out = capsys.readouterr().out
-    assert "holds no random-number states" in out
-    assert run.start.step >= run.total_steps and not list(tmp_path.iterdir())   # nothing to do: no folder made and "processes" not in out and "try --small" not in out
+    assert "holds no random-number states" in out and "processes" not in out and "try --small" not in out
+    assert run.start.step >= run.total_steps and not list(tmp_path.iterdir())   # nothing to do: no folder made
     assert run.data_desc["preset"] == "spmot"                   # the checkpoint's preset, not the default
+    monkeypatch.chdir(tmp_path)                                  # no --run-name: the run is named by that preset
+    run = train.setup(train.build_parser().parse_args(["--resume", shipped, "--steps", "100", "--workers", "0",
+                                                       "--device", "cpu"]))
+    run.release()
+    assert run.ckpt_dir == Path("runs") / "sprites-spmot" / "checkpoints" and not list(tmp_path.iterdir())
 
 
 def test_epoch_order_is_seeded_and_resumable():
