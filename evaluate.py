@@ -89,7 +89,7 @@ from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_ta
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import pick_device, seed_everything, tau_at, unique_names, work_folder
+from utils import pick_device, seed_arg, seed_everything, tau_at, unique_names, work_folder
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
@@ -594,7 +594,7 @@ def parse_args(argv):
                    help="replace an existing --out folder (whole, at the end, so it never holds a mix)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--gif", type=int, default=0, help="write GIFs of the first N sequences")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model's sampling")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the model's sampling")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None,
                    help="reject first-frame proposals explained by kept proposals of larger z_pres, an inference rule "

@@ -73,7 +73,7 @@ from data import (DataError, check_frames, check_same_size, frame_files, list_fo
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
                       iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
-from utils import pick_device, seed_everything, tau_at, unique_names, work_folder
+from utils import pick_device, seed_arg, seed_everything, tau_at, unique_names, work_folder
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
@@ -487,7 +487,7 @@ def parse_args(argv):
     p.add_argument("--skip-bad-frames", action="store_true",
                    help="drop unreadable frames of frame folders (found by the header check) instead of stopping")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model's sampling (set again for every video)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the model's sampling (set again for every video)")
     args = p.parse_args(argv)
     if not args.videos and args.score is None:
         raise TrackError("pass at least one VIDEO (and --checkpoint), or --score GT_DIR to score tracks in --out")

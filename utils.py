@@ -6,6 +6,7 @@ detach rule and alpha curriculum of step s.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import os
@@ -102,6 +103,17 @@ def unique_names(names: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Seeding
 # ------------------------------------------------------------------------------------------------
+
+def seed_arg(text: str) -> int:
+    """argparse type of a --seed: an integer in NumPy's seed range [0, 2**32 - 1], as Config.seed."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"{seed} must lie in [0, 2**32 - 1]")
+    return seed
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -39,7 +39,7 @@ from common import ConfigError  # noqa: E402
 import track  # noqa: E402
 from data import SPRITE_PRESETS, load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
-from utils import pick_device, seed_everything, tau_at, work_folder  # noqa: E402
+from utils import pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
 
 SCENE_SEED_OFFSET = 20_000
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--window", type=int, default=None, help="track.py --window (default: the checkpoint's seq_len)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (track.py --seed)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="sampling seed (track.py --seed)")
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=True,
                    help="for every run here (default on, track.py's default)")
     p.add_argument("--thresholds", default="0.5",

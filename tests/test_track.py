@@ -444,3 +444,10 @@ def test_demo_folder(tmp_path):
     assert frames == [f"{t:04d}.png" for t in range(40)]
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 300_000
     assert max(int(line[0]) for line in read_lines(folder / "ground_truth" / "demo.txt")) == 40
+
+
+@pytest.mark.parametrize("seed", [str(2**70), "-1", "x"])
+def test_a_seed_out_of_numpy_range_is_refused_by_argparse(seed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        track.parse_args(["demo", "--checkpoint", "c.pt", "--seed", seed])
+    assert exit_.value.code == 2 and "argument --seed" in capsys.readouterr().err
