@@ -24,7 +24,7 @@ import torch
 from common import Config, ConfigError
 from data import one_line
 from distributed import Dist, gather_objects
-from utils import UMASK, seed_everything
+from utils import seed_everything, set_umask_mode
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,10 +94,7 @@ def save_checkpoint(path: str, model=None, optimizer=None, step: int = 0, cfg: C
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-        try:
-            os.fchmod(fd, 0o666 & ~UMASK)   # as open() would make it, not mkstemp's owner-only 0600
-        except OSError:
-            pass                            # a file system without modes: the file works as it is
+        set_umask_mode(tmp, 0o666)          # as open() would make it, not mkstemp's owner-only 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()

@@ -826,6 +826,12 @@ SPRITE_PRESETS = {
 }
 
 
+def check_preset(preset: str) -> None:
+    """DataError (one line) unless `preset` names one of SPRITE_PRESETS."""
+    if preset not in SPRITE_PRESETS:
+        raise DataError(f"unknown sprite preset '{preset}': choose one of {sorted(SPRITE_PRESETS)}")
+
+
 def make_sprites(preset: str, img_h=None, img_w=None, seq_len=None, num_sequences=None, seed=0,
                  **overrides) -> MovingSprites:
     """A MovingSprites dataset from a preset; None keeps the preset's value.
@@ -833,8 +839,7 @@ def make_sprites(preset: str, img_h=None, img_w=None, seq_len=None, num_sequence
     Object sizes and speeds scale with the image when img_h/img_w differ from the preset's
     (by the smaller ratio), unless given in `overrides` (any SpriteSpec field).
     """
-    if preset not in SPRITE_PRESETS:
-        raise DataError(f"unknown sprite preset '{preset}': choose one of {sorted(SPRITE_PRESETS)}")
+    check_preset(preset)
     base = SPRITE_PRESETS[preset]
     img_h = base.img_h if img_h is None else img_h
     img_w = base.img_w if img_w is None else img_w

@@ -312,7 +312,7 @@ def resolve_data(args, trained: dict) -> None:
     if args.data_dir is None and args.dataset == "grandcentral" and same("grandcentral"):
         args.data_dir = trained.get("data_dir")
     if args.dataset == "sprites" and args.data_dir is not None:
-        raise EvalError(f"--data-dir is not used with --dataset sprites (the scenes are generated): drop one of them")
+        raise EvalError("--data-dir is not used with --dataset sprites (the scenes are generated): drop one of them")
     if args.dataset == "sprites" and args.preset not in SPRITE_PRESETS:
         raise EvalError(f"unknown sprite preset '{args.preset}': choose one of {sorted(SPRITE_PRESETS)}")
     if args.dataset != "sprites" and args.data_dir is None:
@@ -488,6 +488,7 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
     """The report.json contents from the tally."""
     has_truth = bool(tally.box_accs)
     sprites = dataset_name == "sprites"
+    seq_len = args.seq_len or cfg.seq_len
     return {
         "checkpoint": os.path.abspath(args.checkpoint),
         "step": step,
@@ -497,7 +498,7 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
         "data_dir": None if sprites else os.path.abspath(args.data_dir),
         "frame_skip": None if sprites else args.frame_skip,
         "num_sequences": len(tally.names),
-        "seq_len": args.seq_len or cfg.seq_len,
+        "seq_len": seq_len,
         "image_size": [cfg.img_h, cfg.img_w],
         "min_gt_area": MIN_GT_AREA,
         "first_frame_rejection": cfg.first_frame_rejection,
@@ -509,7 +510,7 @@ def build_report(tally: Tally, args, cfg, step: int, tau: float, dataset_name: s
         "tracking_ocrb": tally.ocrb.summary() if has_truth and tally.ocrb is not None else None,
         "counting": count_metrics(tally.gt_counts, tally.pred_counts) if has_truth else None,
         "reconstruction": {"mse": tally.sq_err / max(tally.num_values, 1)},
-        "nll": nll_report(tally, args.nll_samples, cfg, args.seq_len or cfg.seq_len),
+        "nll": nll_report(tally, args.nll_samples, cfg, seq_len),
         "generation": generation_report(tally, cfg.observe_frames, has_truth),
     }
 

@@ -128,8 +128,14 @@ def work_folder(out: str, tag: str = "tmp") -> str:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     path = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{tag}-", dir=parent)
-    try:
-        os.chmod(path, 0o777 & ~UMASK)  # mkdtemp's 0700 would follow the folder into place
-    except OSError:
-        pass                            # a file system without modes: the folder works as it is
+    set_umask_mode(path, 0o777)         # mkdtemp's 0700 would follow the folder into place
     return path
+
+
+def set_umask_mode(path: str, mode: int) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (owner-only) the modes open()/mkdir would give it:
+    `mode` (0o666 files, 0o777 folders) less the umask. A file system without modes is left as it is."""
+    try:
+        os.chmod(path, mode & ~UMASK)
+    except OSError:
+        pass

@@ -37,7 +37,7 @@ import evaluate as ev  # noqa: E402
 from checkpoints import CheckpointError  # noqa: E402
 from common import ConfigError  # noqa: E402
 import track  # noqa: E402
-from data import SPRITE_PRESETS, load_frame  # noqa: E402
+from data import DataError, check_preset, load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
 from utils import pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         thresholds = check_args(args)
         device = pick_device(args.device)
         model, payload = ev.load_model(args.checkpoint, device, first_frame_rejection=args.first_frame_rejection)
-    except (CheckpointError, ConfigError, ev.EvalError) as e:
+    except (CheckpointError, ConfigError, DataError, ev.EvalError) as e:
         print(f"compare_track_export.py: error: {e}", file=sys.stderr)
         return 2
     work = None
@@ -119,15 +119,14 @@ def main(argv=None) -> int:
 
 
 def check_args(args) -> list[float]:
-    """ConfigError (one line) for an argument that cannot work, before anything is written; returns
+    """ConfigError / DataError (one line) for an argument that cannot work, before anything is written; returns
     the z_pres thresholds."""
     for name in ("num", "length"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)} must be at least 1")
     if args.window is not None and args.window < 1:
         raise ConfigError(f"--window {args.window} must be at least 1")
-    if args.preset not in SPRITE_PRESETS:
-        raise ConfigError(f"unknown sprite preset '{args.preset}': choose one of {sorted(SPRITE_PRESETS)}")
+    check_preset(args.preset)
     try:
         thresholds = [float(v) for v in args.thresholds.split(",")]
     except ValueError:
