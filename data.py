@@ -569,8 +569,10 @@ def make_background(rng, spec: SpriteSpec) -> np.ndarray:
         return np.zeros(shape, dtype=np.float32)
     grid = rng.random((spec.bg_cells, spec.bg_cells, 3))
     angle = rng.uniform(0, 2 * np.pi)
-    speed = spec.bg_speed if spec.background == "moving" else 0.0
-    velocity = speed * np.array([np.cos(angle), np.sin(angle)])
+    if spec.background != "moving":                     # static: one frame, repeated
+        frame = (BG_LOW + BG_RANGE * periodic_noise(grid, spec.img_h, spec.img_w, 0.0, 0.0)).astype(np.float32)
+        return np.repeat(frame[None], spec.seq_len, axis=0)
+    velocity = spec.bg_speed * np.array([np.cos(angle), np.sin(angle)])
     frames = [periodic_noise(grid, spec.img_h, spec.img_w, *(velocity * t)) for t in range(spec.seq_len)]
     return (BG_LOW + BG_RANGE * np.stack(frames)).astype(np.float32)
 

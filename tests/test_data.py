@@ -544,3 +544,16 @@ def test_hard_presets_crowd_occlude_and_share_hues():
         births += int((~scene.present[0] & scene.present.any(axis=0)).sum())
         exits += int((~scene.present[-1] & scene.present.any(axis=0)).sum())
     assert births > 0 and exits > 0
+
+
+@pytest.mark.parametrize("preset, total, weighted", [("spmot", 6936.0, 328096.0),
+                                                     ("crowded", 43265.60695445724, 2067751.2753640208),
+                                                     ("stream", 133761.8910476244, 6423372.954434393)])
+def test_measured_presets_draw_the_same_videos(preset, total, weighted):
+    """The README's measured figures were made on these exact videos: a change to the generator
+    that alters them (not only its speed) must be a new preset."""
+    dataset = make_sprites(preset, num_sequences=8, seed=0)
+    frames = torch.stack([dataset[i] for i in range(4)]).double()  # (4, T, 3, H, W)
+    weights = torch.arange(frames.numel(), dtype=torch.float64).reshape(frames.shape) % 97
+    assert frames.sum().item() == pytest.approx(total, rel=1e-9)
+    assert (frames * weights).sum().item() == pytest.approx(weighted, rel=1e-9)
