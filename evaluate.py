@@ -89,7 +89,8 @@ from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_ta
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import pick_device, seed_arg, seed_everything, tau_at, unique_names, work_folder
+from utils import (discard_work, missing_parents, pick_device, seed_arg, seed_everything, tau_at, unique_names,
+                   work_folder)
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
@@ -730,6 +731,7 @@ def main(argv=None) -> int:
     tau = tau_at(cfg, step)
     seed_everything(args.seed)
     out = args.out
+    made = missing_parents(out)
     try:
         work = work_folder(out)
     except OSError as e:
@@ -742,13 +744,13 @@ def main(argv=None) -> int:
         report = write_outputs(tally, args, cfg, step, tau)
         move_into_place(work, out)
     except (DataError, OSError) as e:   # a frame found corrupt while reading it (setup checks headers only), a full disk
-        shutil.rmtree(work, ignore_errors=True)
+        discard_work(work, made)
         text = str(e) if isinstance(e, DataError) else \
             f"cannot write the outputs to --out '{out}' (disk full / not writable: {one_line(e)})"
         print(f"evaluate.py: error: {text}; nothing written", file=sys.stderr)
         return 2
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        discard_work(work, made)
         raise
     finally:
         args.out = out

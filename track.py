@@ -55,7 +55,6 @@ import collections
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -73,7 +72,8 @@ from data import (DataError, check_frames, check_same_size, frame_files, list_fo
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
                       iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
-from utils import pick_device, seed_arg, seed_everything, tau_at, unique_names, work_folder
+from utils import (discard_work, missing_parents, pick_device, seed_arg, seed_everything, tau_at, unique_names,
+                   work_folder)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
@@ -593,6 +593,7 @@ def main(argv=None, prog: str = "track.py") -> int:
     if notice:
         print(notice)
     out = os.path.abspath(args.out)
+    made = missing_parents(out)
     try:
         tmp = work_folder(out, "partial")
     except OSError as e:
@@ -627,7 +628,7 @@ def main(argv=None, prog: str = "track.py") -> int:
               f"disk full / not writable; free space or pass another --out", file=sys.stderr)
         return 2
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_work(tmp, made)        # gone already once moved into place
     for name, video in summary["videos"].items():
         print(f"{name}: {video['frames']} frames, {video['objects']} objects, {video['detections']} detections")
     print(f"tracked {num_frames} frames of {len(sources)} videos in {seconds:.1f} s "

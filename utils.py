@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -130,6 +131,29 @@ def work_folder(out: str, tag: str = "tmp") -> str:
     path = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{tag}-", dir=parent)
     set_umask_mode(path, 0o777)         # mkdtemp's 0700 would follow the folder into place
     return path
+
+
+def missing_parents(out: str) -> list[str]:
+    """The folders above `out` that do not exist yet, outermost first (work_folder will make them)."""
+    missing, parent = [], os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        missing.insert(0, parent)
+        parent, above = os.path.dirname(parent), parent
+        if parent == above:
+            break
+    return missing
+
+
+def discard_work(work: str | None, made: list[str]) -> None:
+    """Remove a work folder (if still there) and the folders `made` for it that are left empty, so a
+    failed run leaves nothing behind; after a success `out` sits in them and they stay."""
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+    for folder in reversed(made):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def set_umask_mode(path: str, mode: int) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from common import ConfigError  # noqa: E402
 import track  # noqa: E402
 from data import DataError, check_preset, load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
-from utils import pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
+from utils import discard_work, missing_parents, pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
 
 SCENE_SEED_OFFSET = 20_000
 
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, DataError, ev.EvalError) as e:
         print(f"compare_track_export.py: error: {e}", file=sys.stderr)
         return 2
-    work = None
+    work, made = None, missing_parents(args.out)
     try:
         work = Path(work_folder(args.out, "compare"))
         code = compare(args, model, payload, thresholds, device, work)
@@ -114,8 +113,7 @@ def main(argv=None) -> int:
               f"--out", file=sys.stderr)
         return 2
     finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)      # gone already once moved into place
+        discard_work(work, made)                         # gone already once moved into place
 
 
 def check_args(args) -> list[float]:

@@ -422,6 +422,8 @@ def test_track_mode_bad_frames_and_out_folder(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]       # after the progress bar
     assert err.startswith("evaluate.py: error: ") and "0001.png' is truncated or corrupt" in err
     assert not out.exists()
+    assert ev.main(flags + ["--out", str(tmp_path / "new" / "tracks")]) == 2     # folders made for --out go too
+    assert not (tmp_path / "new").exists()
     (tmp_path / "file").write_text("")
     assert ev.main(flags + ["--out", str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err

@@ -366,6 +366,9 @@ def test_a_frame_corrupt_inside_leaves_no_out(tmp_path, checkpoint, capsys):
     assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"]) == 2
     assert "0003.png' is truncated or corrupt" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists() and not leftovers(tmp_path)
+    nested = tmp_path / "new" / "deeper" / "out"                  # folders made for --out go too
+    assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(nested), "--device", "cpu"]) == 2
+    assert not (tmp_path / "new").exists()
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"]) == 2
@@ -419,12 +422,19 @@ def test_compare_script_export_equals_internal_scoring(tmp_path, checkpoint, cap
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".cmp")]   # no work folder left beside it
 
 
-def test_compare_script_out_under_a_file_is_one_line(tmp_path, checkpoint, capsys):
-    from scripts.compare_track_export import main as compare
+def test_compare_script_out_under_a_file_is_one_line(tmp_path, checkpoint, capsys, monkeypatch):
+    import scripts.compare_track_export as script
     (tmp_path / "afile").write_text("x")
-    assert compare(["--checkpoint", checkpoint, "--out", str(tmp_path / "afile" / "cmp"), "--device", "cpu"]) == 2
+    assert script.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "afile" / "cmp"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot write --out" in err and "\n" not in err
+    # a disk that fills up midway: the work folder and the folders made for --out are removed
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(script, "compare", disk_full)
+    assert script.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "new" / "cmp"), "--device", "cpu"]) == 2
+    assert "No space left" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("flags, message", [(["--thresholds", "abc"], "--thresholds"), (["--num", "0"], "--num 0"),
