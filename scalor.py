@@ -844,7 +844,8 @@ class SCALOR(nn.Module):
             return Background(image=x.new_zeros(B, 3, cfg.img_h, cfg.img_w), z_bg=None, bg_h=bg_h,
                               terms=Terms(bg=x.new_zeros(B)))
         if z_bg_prev is None:
-            p_bg = (torch.zeros_like(bg_h[:, :cfg.bg_what_dim]), torch.ones_like(bg_h[:, :cfg.bg_what_dim]))
+            zeros = bg_h.new_zeros(B, cfg.bg_what_dim)
+            p_bg = (zeros, torch.ones_like(zeros))
         else:
             bg_h = self.bg_prior_rnn(z_bg_prev, bg_h)
             offset, std = self.bg_prior_net(bg_h).chunk(2, -1)

@@ -191,6 +191,15 @@ def test_train_no_background(boxes):
     assert (ours.kl_bg == 0).all()
 
 
+def test_train_background_latent_wider_than_its_prior_state(boxes):
+    """bg_what_dim above bg_prior_rnn_hid_dim (a flag users raise for textured backgrounds): the first
+    frame's prior is N(0, 1) in every dimension, as the reference's."""
+    cfg = config(boxes, max_num_obj=6, bg_what_dim=40, using_bg_sbd=False)
+    assert cfg.bg_what_dim > cfg.bg_prior_rnn_hid_dim
+    _, _, ours, plain, g1, g2 = run_both(cfg, train=True, step=100, tau=1.0)
+    assert_equal(ours, plain, g1, g2, torch.float32)
+
+
 def test_train_propagation_skipped_and_padded(boxes):
     """Few discoveries pass z_pres > 0.99: a frame with nothing tracked (propagation skipped, its
     noise still drawn), then frames whose samples track different numbers of objects (padding)."""
