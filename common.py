@@ -230,10 +230,26 @@ class Config:
         if self.glimpse_size > min(256, self.img_h, self.img_w):
             fail(f"glimpse_size={self.glimpse_size} must not exceed the image side ({min(self.img_h, self.img_w)}) "
                  f"nor 256 (32 or 64 as in the paper)")
-        if self.seq_len < 1:
-            fail("seq_len must be >= 1")
+        if self.seq_len < 2:
+            fail(f"seq_len={self.seq_len}: SCALOR learns from sequences of at least 2 frames (it propagates objects "
+                 f"from frame to frame); pass --seq-len 2 or more")
         if not 0 < self.observe_frames < self.seq_len:
             fail(f"observe_frames={self.observe_frames} must be between 1 and seq_len-1={self.seq_len - 1}")
+        # layer widths the architecture ties together (the reference's GroupNorm groups: 16 and 8)
+        if self.phase_conv_lstm and self.conv_lstm_hid_dim != self.img_encode_dim:
+            fail(f"conv_lstm_hid_dim={self.conv_lstm_hid_dim} must equal img_encode_dim={self.img_encode_dim} "
+                 f"while phase_conv_lstm is on (the ConvLSTM's output replaces the image features)")
+        if self.img_encode_dim % 16:
+            fail(f"img_encode_dim={self.img_encode_dim} must be a multiple of 16 (its GroupNorm layers have 16 groups)")
+        if self.temporal_img_enc_hid_dim % 8:
+            fail(f"temporal_img_enc_hid_dim={self.temporal_img_enc_hid_dim} must be a multiple of 8 "
+                 f"(its GroupNorm has 8 groups)")
+        if self.temporal_img_enc_hid_dim == 8 and self.num_cell_h == 2 and self.num_cell_w == 2:
+            fail("temporal_img_enc_hid_dim=8 with a 2x2 grid leaves one value per GroupNorm group for a single "
+                 "tracked object (a 1x1 attention window): use 16 or more")
+        if self.z_what_enc_dim in (1, 2, 4):
+            fail(f"z_what_enc_dim={self.z_what_enc_dim} leaves one value per GroupNorm group of the glimpse "
+                 f"encoder's last (1x1) layer for a single glimpse: use 3 or 5 and more (128 in the paper)")
         if self.max_num_obj > self.num_cells:
             fail(f"max_num_obj={self.max_num_obj} exceeds the {self.num_cells} cells of the "
                  f"{self.num_cell_h}x{self.num_cell_w} grid; lower it or use more cells")

@@ -978,8 +978,8 @@ def dataset_kind(kind: str | None, data_dir) -> str:
         return "sprites"
     frames = [p for p in list_folder(check_folder(data_dir)) if is_frame_file(p)]
     if frames and all(is_number_name(p.stem) for p in frames):
-        print(f"notice: numbered frames in '{data_dir}' are read as Grand Central (8 crops, frame skip 8, "
-              f"the last 10% held out); pass --dataset frames for a video of your own")
+        print(f"notice: numbered frames in '{data_dir}' are read as Grand Central (8 crops, every 8th frame "
+              f"unless --frame-skip, the last 10% held out); pass --dataset frames for a video of your own")
         return "grandcentral"
     return "frames"
 

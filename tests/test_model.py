@@ -469,10 +469,32 @@ def test_eval_nll_weights_finite(tiny_cfg):
     (dict(glimpse_size=48), "glimpse_size=48"),
     (dict(var_s=0.2), "var_s < size_anc"),
     (dict(cp=0.0), "cp=0.0 .* must be positive: 0 would zero every gradient; pass --cp inf"),
+    (dict(seq_len=1, observe_frames=1), "seq_len=1: .* pass --seq-len 2 or more"),
+    (dict(conv_lstm_hid_dim=32), "conv_lstm_hid_dim=32 must equal img_encode_dim=64 while phase_conv_lstm"),
+    (dict(img_encode_dim=24, conv_lstm_hid_dim=24), "img_encode_dim=24 must be a multiple of 16"),
+    (dict(temporal_img_enc_hid_dim=12), "temporal_img_enc_hid_dim=12 must be a multiple of 8"),
+    (dict(img_h=32, img_w=32, num_cell_h=2, num_cell_w=2, glimpse_size=16, max_num_obj=4,
+          temporal_img_enc_hid_dim=8), "temporal_img_enc_hid_dim=8 with a 2x2 grid"),
+    (dict(z_what_enc_dim=4), "z_what_enc_dim=4 leaves one value per GroupNorm group"),
 ])
 def test_config_errors(changes, message):
+    """Settings the layers cannot take are one-line errors before anything is built."""
     with pytest.raises(ConfigError, match=message):
         Config(**changes)
+
+
+def test_narrowest_accepted_widths_run_a_single_glimpse():
+    """One sequence, one object slot, a 2x2 grid: the GroupNorm layers at the narrowest widths
+    validate accepts still see more than one value per group (train and eval, where a lone glimpse
+    is the common case when tracking)."""
+    cfg = small_config(img_h=32, img_w=32, num_cell_h=2, num_cell_w=2, glimpse_size=16, max_num_obj=1,
+                       seq_len=2, observe_frames=1, batch_size=1, temporal_img_enc_hid_dim=16, z_what_enc_dim=8)
+    torch.manual_seed(0)
+    model = SCALOR(cfg)
+    seq = torch.rand(1, 2, 3, 32, 32)
+    _assert_trains(model.train(), seq)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(seq, step=1).recon).all()
 
 
 def test_cap_keeps_exactly_free_on_ties(tiny_cfg, monkeypatch):
