@@ -735,6 +735,7 @@ def main(argv=None) -> int:
     try:
         work = work_folder(out)
     except OSError as e:
+        discard_work(None, made)
         print(f"evaluate.py: error: cannot write beside --out '{out}' ({e.strerror or e}): pass another --out",
               file=sys.stderr)
         return 2

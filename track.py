@@ -597,6 +597,7 @@ def main(argv=None, prog: str = "track.py") -> int:
     try:
         tmp = work_folder(out, "partial")
     except OSError as e:
+        discard_work(None, made)
         print(f"{prog}: error: cannot write into '{os.path.dirname(out)}' ({e.strerror or type(e).__name__}): "
               f"pass an --out in a writable folder", file=sys.stderr)
         return 2
