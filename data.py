@@ -996,6 +996,9 @@ def build_dataset(kind: str, cfg, *, train: bool, data_dir=None, preset: str = "
         return make_sprites(preset, img_h=cfg.img_h, img_w=cfg.img_w, seq_len=cfg.seq_len,
                             num_sequences=num_sequences, seed=seed)
     if kind == "grandcentral":
+        if cfg.img_h != cfg.img_w:
+            raise DataError(f"Grand Central's crops are square but the frames are {cfg.img_h}x{cfg.img_w}: set "
+                            f"--img-h and --img-w equal, or pass --dataset frames to read the whole frames")
         dataset = GrandCentral(data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=train,
                                frame_skip=8 if frame_skip is None else frame_skip,
                                crop_size=cfg.train_station_cropping_origin, skip_bad_frames=skip_bad_frames)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from common import small_config
 from data import (SPMOT_COLORS, DataError, FrameFolder, GrandCentral, MovingSprites, SpriteSpec, bench_batches,
-                  data_notices, load_rgb, make_loader, make_scene, make_sprites, write_to_disk)
+                  build_dataset, data_notices, load_rgb, make_loader, make_scene, make_sprites, write_to_disk)
 
 CORNERS_720 = [(120, 0), (360, 0), (0, 240), (240, 240), (480, 240), (0, 120), (240, 120), (480, 120)]
 
@@ -113,6 +114,13 @@ def test_grand_central_needs_numbered_frames(tmp_path):
     folder = write_frames(tmp_path / "named", ["1.png", "2.png", "frame3.png"])
     with pytest.raises(DataError, match=r"frame3.png' is not named by a number.*pass --dataset frames"):
         GrandCentral(folder)
+
+
+def test_grand_central_refuses_non_square_frames(gc_folder):
+    """Its crops are square: 64x128 frames would stretch them, so that is a one-line error."""
+    cfg = small_config(img_h=64, img_w=128, num_cell_h=4, num_cell_w=8)
+    with pytest.raises(DataError, match=r"crops are square but the frames are 64x128.*--dataset frames"):
+        build_dataset("grandcentral", cfg, train=True, data_dir=gc_folder)
 
 
 # ---- FrameFolder -------------------------------------------------------------------------------------
