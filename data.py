@@ -855,6 +855,9 @@ def make_sprites(preset: str, img_h=None, img_w=None, seq_len=None, num_sequence
     if unknown:
         raise DataError(f"unknown sprite options {unknown}: use SpriteSpec fields")
     changes.update(overrides)
+    if "min_size" not in overrides and changes["min_size"] < 1:
+        raise DataError(f"preset '{preset}' at {img_h}x{img_w} would draw sprites of {changes['min_size']:.2f} px "
+                        f"(its sizes scale with the frame from {base.img_h}x{base.img_w}): use larger frames")
     return MovingSprites(dataclasses.replace(base, **changes))
 
 

@@ -116,6 +116,11 @@ def test_grand_central_needs_numbered_frames(tmp_path):
         GrandCentral(folder)
 
 
+def test_preset_too_small_for_the_frames_names_the_size():
+    with pytest.raises(DataError, match=r"preset 'many' at 16x16 would draw sprites of 0.75 px.*use larger frames"):
+        make_sprites("many", img_h=16, img_w=16)
+
+
 def test_grand_central_refuses_non_square_frames(gc_folder):
     """Its crops are square: 64x128 frames would stretch them, so that is a one-line error."""
     cfg = small_config(img_h=64, img_w=128, num_cell_h=4, num_cell_w=8)
