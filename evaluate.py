@@ -82,15 +82,14 @@ import fast
 from common import ConfigError
 from checkpoints import CheckpointError, load_model_state, read_checkpoint
 from data import (DATASET_KINDS, DataError, FrameFolder, GrandCentral, MovingSprites, SPRITE_PRESETS, build_dataset,
-                  iterate, make_loader, one_line)
+                  check_preset, iterate, make_loader, one_line)
 from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_table, argmax_masks,  # noqa: F401
                      box_centres, count_duplicates, count_metrics, iou_matrix_distance, mask_boxes, mask_iou_distance,
                      match_centres, rle_decode, rle_encode, summarize, xyxy_to_xywh)   # (iou_matrix_distance, rle_decode: for importers)
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import (discard_work, missing_parents, pick_device, seed_arg, seed_everything, tau_at, unique_names,
-                   work_folder)
+from utils import discard_work, pick_device, seed_arg, seed_everything, tau_at, unique_names, work_folder
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
@@ -314,8 +313,11 @@ def resolve_data(args, trained: dict) -> None:
         args.data_dir = trained.get("data_dir")
     if args.dataset == "sprites" and args.data_dir is not None:
         raise EvalError("--data-dir is not used with --dataset sprites (the scenes are generated): drop one of them")
-    if args.dataset == "sprites" and args.preset not in SPRITE_PRESETS:
-        raise EvalError(f"unknown sprite preset '{args.preset}': choose one of {sorted(SPRITE_PRESETS)}")
+    if args.dataset == "sprites":
+        try:
+            check_preset(args.preset)
+        except DataError as e:
+            raise EvalError(str(e)) from None
     if args.dataset != "sprites" and args.data_dir is None:
         raise EvalError(f"--dataset {args.dataset} needs --data-dir with the frames")
 
@@ -731,11 +733,9 @@ def main(argv=None) -> int:
     tau = tau_at(cfg, step)
     seed_everything(args.seed)
     out = args.out
-    made = missing_parents(out)
     try:
-        work = work_folder(out)
+        work, made = work_folder(out)
     except OSError as e:
-        discard_work(None, made)
         print(f"evaluate.py: error: cannot write beside --out '{out}' ({e.strerror or e}): pass another --out",
               file=sys.stderr)
         return 2

@@ -72,8 +72,7 @@ from data import (DataError, check_frames, check_same_size, frame_files, list_fo
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
                       iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
-from utils import (discard_work, missing_parents, pick_device, seed_arg, seed_everything, tau_at, unique_names,
-                   work_folder)
+from utils import discard_work, pick_device, seed_arg, seed_everything, tau_at, unique_names, work_folder
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
@@ -593,11 +592,9 @@ def main(argv=None, prog: str = "track.py") -> int:
     if notice:
         print(notice)
     out = os.path.abspath(args.out)
-    made = missing_parents(out)
     try:
-        tmp = work_folder(out, "partial")
+        tmp, made = work_folder(out, "partial")
     except OSError as e:
-        discard_work(None, made)
         print(f"{prog}: error: cannot write into '{os.path.dirname(out)}' ({e.strerror or type(e).__name__}): "
               f"pass an --out in a writable folder", file=sys.stderr)
         return 2

@@ -122,19 +122,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def work_folder(out: str, tag: str = "tmp") -> str:
-    """A new temporary folder `.<name>.<tag>-XXXX` beside `out` (made if missing; the same file system,
-    so the finished folder or its files can be renamed into place)."""
+def work_folder(out: str, tag: str = "tmp") -> tuple[str, list[str]]:
+    """A new temporary folder `.<name>.<tag>-XXXX` beside `out` (the same file system, so the finished
+    folder or its files can be renamed into place), and the folders made above it because they were
+    missing, for discard_work. If it cannot be made, nothing is left behind."""
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{tag}-", dir=parent)
+    made = missing_parents(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        path = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{tag}-", dir=parent)
+    except OSError:
+        discard_work(None, made)
+        raise
     set_umask_mode(path, 0o777)         # mkdtemp's 0700 would follow the folder into place
-    return path
+    return path, made
 
 
 def missing_parents(out: str) -> list[str]:
-    """The folders above `out` that do not exist yet, outermost first (work_folder will make them)."""
+    """The folders above `out` that do not exist yet, outermost first."""
     missing, parent = [], os.path.dirname(os.path.abspath(out))
     while parent and not os.path.exists(parent):
         missing.insert(0, parent)

@@ -38,7 +38,7 @@ from common import ConfigError  # noqa: E402
 import track  # noqa: E402
 from data import DataError, check_preset, load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
-from utils import discard_work, missing_parents, pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
+from utils import discard_work, pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
 
 SCENE_SEED_OFFSET = 20_000
 
@@ -101,12 +101,12 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, DataError, ev.EvalError) as e:
         print(f"compare_track_export.py: error: {e}", file=sys.stderr)
         return 2
-    work, made = None, missing_parents(args.out)
+    work, made = None, []
     try:
-        work = Path(work_folder(args.out, "compare"))
-        code = compare(args, model, payload, thresholds, device, work)
+        work, made = work_folder(args.out, "compare")
+        code = compare(args, model, payload, thresholds, device, Path(work))
         if code == 0:
-            ev.move_into_place(str(work), args.out)
+            ev.move_into_place(work, args.out)
         return code
     except OSError as e:
         print(f"compare_track_export.py: error: cannot write --out '{args.out}' ({e.strerror or e}): pass another "
