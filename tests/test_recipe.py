@@ -14,9 +14,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run
 def test_sprites_recipe_values():
     cfg = sprites_config()
     assert (cfg.batch_size, cfg.lr, cfg.tau_ep, cfg.z_pres_anneal_end_value) == (64, 3e-4, 4000.0, 1e-9)
+    assert (cfg.bg_what_dim, cfg.using_bg_sbd) == (64, False)          # a background that can hold a texture
     small = small_config()
     changed = cfg.diff(small)
-    assert set(changed) == {"batch_size", "lr", "tau_ep", "z_pres_anneal_end_value"}   # the --small sizes otherwise
+    assert set(changed) == {"batch_size", "lr", "tau_ep", "z_pres_anneal_end_value", "bg_what_dim",
+                            "using_bg_sbd"}                            # the --small sizes otherwise
     assert cfg.phase_no_background is False and cfg.first_frame_rejection is False     # not hard-coded
     assert sprites_config(lr=1e-3).lr == 1e-3
     assert RECIPES["sprites"] is sprites_config
