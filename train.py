@@ -368,6 +368,19 @@ def log_generation(writer, model, cfg: Config, step: int, batch) -> None:
 # The loop
 # ------------------------------------------------------------------------------------------------
 
+NO_OBJECT_STEPS = 2000   # steps in a row without any object after which a run with a background is told so
+
+
+def no_objects_notice(cfg: Config, step: int, last_with_objects: int) -> str | None:
+    """The notice for a run whose background module has explained every frame (no object kept)
+    since step `last_with_objects`, once NO_OBJECT_STEPS have passed: the authors' remedies."""
+    if cfg.phase_no_background or step - last_with_objects != NO_OBJECT_STEPS:
+        return None
+    return (f"notice: step {step}: no objects found in the last {NO_OBJECT_STEPS} steps, the background explains "
+            f"the frames; try more cells (--num-cell-h/--num-cell-w), a weaker background (--using-bg-sbd, a smaller "
+            f"--bg-what-dim) or --phase-bg-alpha-curriculum (README: 'When the foreground does not learn')")
+
+
 def install_stop_handlers():
     """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 0."""
     stop = {"signal": None}
@@ -421,6 +434,7 @@ def train(run: Run, args) -> int:
             print("notice: --compile: on a cold cache the first steps compile first (cached for later runs), "
                   "and a few graphs again once at the schedule's switches", flush=True)
     recent = collections.deque(maxlen=50)       # the last 50 steps' losses, for the progress bar
+    last_with_objects = step                    # the last step whose batch kept any object
     bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not ddp.main)
     model.train()
     code = 0
@@ -469,6 +483,10 @@ def train(run: Run, args) -> int:
             bar.update(1)
             recent.append(loss)                 # single steps swing widely: the bar shows a running mean too
             bar.set_postfix(loss=f"{loss:.1f}", mean50=f"{sum(recent) / len(recent):.1f}", obj=f"{objects:.2f}")
+            if objects > 0:
+                last_with_objects = step
+            elif ddp.main and (notice := no_objects_notice(cfg, step, last_with_objects)):
+                bar.write(notice)
 
             if bad_in_row >= args.max_bad_steps:
                 diverged = not weights_sane(model)   # the weights of step good.step: used unless diverged

@@ -1,4 +1,5 @@
 """Tests of train.py and viz.py: flags, logging, checkpoints, exact resume, errors, NaN steps, SIGTERM."""
+import dataclasses
 import json
 import os
 import signal
@@ -311,6 +312,27 @@ def test_too_many_nan_steps_save_the_last_good_state_and_exit_1(tmp_path, monkey
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000001.pt"]
     payload = read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000001.pt"))
     assert (payload["step"], payload["epoch"], payload["batch_index"]) == (1, 0, 1)
+
+
+def test_no_objects_notice_once_after_the_patience_and_only_with_a_background():
+    cfg = Config()
+    notices = [train.no_objects_notice(cfg, step, 100) for step in range(100, 100 + 3 * train.NO_OBJECT_STEPS)]
+    assert [i for i, n in enumerate(notices) if n] == [train.NO_OBJECT_STEPS]
+    assert "--num-cell-h" in notices[train.NO_OBJECT_STEPS] and "--phase-bg-alpha-curriculum" in notices[
+        train.NO_OBJECT_STEPS]
+    assert train.no_objects_notice(cfg.replace(phase_no_background=True), 100 + train.NO_OBJECT_STEPS, 100) is None
+
+
+def test_a_run_that_keeps_no_objects_is_told_once(tmp_path, monkeypatch, capsys):
+    class NoObjectsFrom2(train.TrainStep):      # every frame empty from step 2 on
+        def __call__(self, batch, step, keep_records=False, inject_nan=False):
+            result = super().__call__(batch, step, keep_records, inject_nan)
+            return dataclasses.replace(result, counts=result.counts * (step < 2))
+    monkeypatch.setattr(train, "TrainStep", NoObjectsFrom2)
+    monkeypatch.setattr(train, "NO_OBJECT_STEPS", 2)
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "6")) == 0
+    out = capsys.readouterr().out
+    assert out.count("no objects found in the last 2 steps") == 1 and "notice: step 3:" in out
 
 
 # ---- SIGTERM ---------------------------------------------------------------------------------------
