@@ -39,6 +39,14 @@ def flag_help() -> dict:
 SPEED_FIELDS = frozenset({"checkpoint_glimpses", "triton_convs", "nhwc_weight_grad", "dot_convs", "fused_param_grads"})
 
 
+GROUPNORM_GROUPS = {8: 4, 16: 4, 32: 8, 64: 8, 128: 16, 256: 16}   # the reference's groups per channel count
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups for a layer of `channels` (modules.py builds with it; Config checks widths by it)."""
+    return GROUPNORM_GROUPS.get(channels, math.gcd(channels, 8))
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
@@ -247,7 +255,7 @@ class Config:
         if self.temporal_img_enc_hid_dim == 8 and self.num_cell_h == 2 and self.num_cell_w == 2:
             fail("temporal_img_enc_hid_dim=8 with a 2x2 grid leaves one value per GroupNorm group for a single "
                  "tracked object (a 1x1 attention window): use 16 or more")
-        if self.z_what_enc_dim in (1, 2, 4):
+        if norm_groups(self.z_what_enc_dim) == self.z_what_enc_dim:
             fail(f"z_what_enc_dim={self.z_what_enc_dim} leaves one value per GroupNorm group of the glimpse "
                  f"encoder's last (1x1) layer for a single glimpse: use 3 or 5 and more (128 in the paper)")
         if self.max_num_obj > self.num_cells:

@@ -20,25 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import Config
-
-# GroupNorm groups per channel count, as the reference uses them.
-_GROUPS = {8: 4, 16: 4, 32: 8, 64: 8, 128: 16, 256: 16}
-
-
-def _groups(channels: int) -> int:
-    return _GROUPS.get(channels, math.gcd(channels, 8))
-
+from common import Config, norm_groups
 
 def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None):
     """Conv2d -> CELU -> GroupNorm, the reference's unit."""
-    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU(), nn.GroupNorm(groups or _groups(cout), cout)]
+    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU(), nn.GroupNorm(groups or norm_groups(cout), cout)]
 
 
 def upsample_block(cin: int, cout: int, factor: int):
     """1x1 conv to cout*factor^2 -> PixelShuffle(factor) -> CELU -> GroupNorm."""
     return [nn.Conv2d(cin, cout * factor * factor, 1), nn.PixelShuffle(factor), nn.CELU(),
-            nn.GroupNorm(_groups(cout), cout)]
+            nn.GroupNorm(norm_groups(cout), cout)]
 
 
 def _log2(n: int) -> int:
