@@ -22,6 +22,7 @@ from torch import nn
 
 from common import Config, norm_groups
 
+
 def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None):
     """Conv2d -> CELU -> GroupNorm, the reference's unit."""
     return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU(), nn.GroupNorm(groups or norm_groups(cout), cout)]
