@@ -39,6 +39,7 @@ def flag_help() -> dict:
 SPEED_FIELDS = frozenset({"checkpoint_glimpses", "triton_convs", "nhwc_weight_grad", "dot_convs", "fused_param_grads"})
 
 
+MIN_SIGMA = 1e-4   # the likelihood's 1/sigma^2 overflows float32 gradients a few decades below it
 GROUPNORM_GROUPS = {8: 4, 16: 4, 32: 8, 64: 8, 128: 16, 256: 16}   # the reference's groups per channel count
 
 
@@ -265,8 +266,9 @@ class Config:
             fail(f"need 0 < var_s < size_anc (got var_s={self.var_s}, size_anc={self.size_anc}): boxes must keep a positive size")
         if not 0 <= self.var_anc < self.ratio_anc:
             fail(f"need 0 <= var_anc < ratio_anc (got var_anc={self.var_anc}, ratio_anc={self.ratio_anc})")
-        if self.sigma <= 0:
-            fail(f"sigma={self.sigma} must be positive")
+        if not self.sigma >= MIN_SIGMA:
+            fail(f"sigma={self.sigma} must be at least {MIN_SIGMA}: far below it the likelihood's 1/sigma^2 "
+                 f"overflows and every step is skipped as non-finite (0.1 in the paper, 0.2 advised for synthetic data)")
         if self.lr <= 0:
             fail(f"lr={self.lr} must be positive")
         if not self.cp > 0:
@@ -302,8 +304,11 @@ def sprites_config(**changes) -> Config:
     the --small sizes with batch 64, lr 3e-4, the temperature annealed over 4,000 steps instead of
     20,000, the discovery z_pres prior annealed to 1e-9 instead of 1e-3, and, where the data has a
     background, the reference's full background decoder with a 64-number latent instead of the
-    spatial-broadcast one with 10: a textured background that differs from video to video does not fit
-    in 10 numbers, and the objects then take it over.
+    spatial-broadcast one with 10 (a textured background that differs from video to video does not fit
+    in 10 numbers, and the objects then take it over) and the reference's alpha curriculum, held for
+    the first 500 steps instead of 200 (without it, that background learns to draw the objects too in
+    some runs). Without a background module the curriculum changes nothing: it only sets the weight
+    of the background, which is then black.
 
     phase_no_background is left at the default here on purpose: whether a background module is
     needed is a property of the data, so train.py decides it from the frames
@@ -311,7 +316,7 @@ def sprites_config(**changes) -> Config:
     --no-phase-no-background is given. first_frame_rejection stays off in training, as measured;
     switch it on at evaluation (`evaluate.py --first-frame-rejection`)."""
     base = dict(batch_size=64, lr=3e-4, tau_ep=4000.0, z_pres_anneal_end_value=1e-9, bg_what_dim=64,
-                using_bg_sbd=False)
+                using_bg_sbd=False, phase_bg_alpha_curriculum=True, bg_alpha_curriculum_steps=500)
     base.update(changes)
     return small_config(**base)
 

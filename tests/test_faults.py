@@ -315,6 +315,8 @@ def test_a_fresh_start_truncates_the_losses_of_a_run_killed_before_its_first_che
     (["--lr", "nan"], "lr=nan must be a finite number"),
     (["--lr", "inf"], "lr=inf must be a finite number"),
     (["--sigma", "nan"], "sigma=nan must be a finite number"),
+    (["--sigma", "1e-30"], "sigma=1e-30 must be at least 0.0001"),
+    (["--sigma", "0"], "sigma=0.0 must be at least 0.0001"),
     (["--tau-ep", "nan"], "tau_ep=nan must be a finite number"),
     (["--size-anc", "inf"], "size_anc=inf must be a finite number"),
     (["--glimpse-size", "512"], "glimpse_size=512 must not exceed the image side"),
