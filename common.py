@@ -304,11 +304,8 @@ def sprites_config(**changes) -> Config:
     the --small sizes with batch 64, lr 3e-4, the temperature annealed over 4,000 steps instead of
     20,000, the discovery z_pres prior annealed to 1e-9 instead of 1e-3, and, where the data has a
     background, the reference's full background decoder with a 64-number latent instead of the
-    spatial-broadcast one with 10 (a textured background that differs from video to video does not fit
-    in 10 numbers, and the objects then take it over) and the reference's alpha curriculum, held for
-    the first 500 steps instead of 200 (without it, that background learns to draw the objects too in
-    some runs). Without a background module the curriculum changes nothing: it only sets the weight
-    of the background, which is then black.
+    spatial-broadcast one with 10: a textured background that differs from video to video does not fit
+    in 10 numbers, and the objects then take it over.
 
     phase_no_background is left at the default here on purpose: whether a background module is
     needed is a property of the data, so train.py decides it from the frames
@@ -316,7 +313,7 @@ def sprites_config(**changes) -> Config:
     --no-phase-no-background is given. first_frame_rejection stays off in training, as measured;
     switch it on at evaluation (`evaluate.py --first-frame-rejection`)."""
     base = dict(batch_size=64, lr=3e-4, tau_ep=4000.0, z_pres_anneal_end_value=1e-9, bg_what_dim=64,
-                using_bg_sbd=False, phase_bg_alpha_curriculum=True, bg_alpha_curriculum_steps=500)
+                using_bg_sbd=False)
     base.update(changes)
     return small_config(**base)
 

@@ -6,7 +6,6 @@ import torch
 import train
 from common import RECIPES, small_config, sprites_config
 from data import estimate_background, make_sprites
-from scalor import SCALOR
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run fastest on one thread
@@ -16,12 +15,10 @@ def test_sprites_recipe_values():
     cfg = sprites_config()
     assert (cfg.batch_size, cfg.lr, cfg.tau_ep, cfg.z_pres_anneal_end_value) == (64, 3e-4, 4000.0, 1e-9)
     assert (cfg.bg_what_dim, cfg.using_bg_sbd) == (64, False)          # a background that can hold a texture
-    assert (cfg.phase_bg_alpha_curriculum, cfg.bg_alpha_curriculum_steps) == (True, 500)
     small = small_config()
     changed = cfg.diff(small)
     assert set(changed) == {"batch_size", "lr", "tau_ep", "z_pres_anneal_end_value", "bg_what_dim",
-                            "using_bg_sbd", "phase_bg_alpha_curriculum",
-                            "bg_alpha_curriculum_steps"}               # the --small sizes otherwise
+                            "using_bg_sbd"}                            # the --small sizes otherwise
     assert cfg.phase_no_background is False and cfg.first_frame_rejection is False     # not hard-coded
     assert sprites_config(lr=1e-3).lr == 1e-3
     assert RECIPES["sprites"] is sprites_config
@@ -58,25 +55,3 @@ def test_recipe_flag_config_and_background_from_the_data(tmp_path, capsys):
     assert "estimated" not in capsys.readouterr().out
     args = train.build_parser().parse_args(["--recipe", "sprites", "--lr", "1e-3"])
     assert train.make_config(args, None) == sprites_config(lr=1e-3)                          # flags given win
-
-
-def _loss_and_grads(cfg, seq):
-    torch.manual_seed(0)
-    model = SCALOR(cfg).train()
-    torch.manual_seed(1)
-    out = model(seq, step=10, tau=0.7)
-    out.loss().backward()
-    return out.loss().item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-
-@pytest.mark.parametrize("no_background", [True, False])
-def test_recipe_curriculum_matters_only_with_a_background(tiny_cfg, no_background):
-    """The recipe keeps the alpha curriculum on for every data set: without a background module
-    (black background) it leaves the loss and every gradient exactly as they are; with one it does not."""
-    cfg = tiny_cfg.replace(phase_no_background=no_background, bg_alpha_curriculum_steps=500)
-    seq = torch.rand(2, cfg.seq_len, 3, cfg.img_h, cfg.img_w, generator=torch.Generator().manual_seed(3))
-    loss_off, grads_off = _loss_and_grads(cfg.replace(phase_bg_alpha_curriculum=False), seq)
-    loss_on, grads_on = _loss_and_grads(cfg.replace(phase_bg_alpha_curriculum=True), seq)
-    same = loss_on == loss_off and len(grads_on) == len(grads_off) and all(
-        torch.equal(a, b) for a, b in zip(grads_on, grads_off))
-    assert same is no_background
