@@ -369,6 +369,8 @@ def log_generation(writer, model, cfg: Config, step: int, batch) -> None:
 # ------------------------------------------------------------------------------------------------
 
 NO_OBJECT_STEPS = 2000   # steps in a row without any object after which a run with a background is told so
+NO_TRACKING_STEPS = 2000  # steps whose logs all show objects found anew in every frame, after which the run is told so
+LOW_TRACKED_SHARE = 0.2   # ... a log's tracked share below this
 
 
 def no_objects_notice(cfg: Config, step: int, last_with_objects: int) -> str | None:
@@ -379,6 +381,27 @@ def no_objects_notice(cfg: Config, step: int, last_with_objects: int) -> str | N
     return (f"notice: step {step}: no objects found in the last {NO_OBJECT_STEPS} steps, the background explains "
             f"the frames; try more cells (--num-cell-h/--num-cell-w), a weaker background (--using-bg-sbd, a smaller "
             f"--bg-what-dim) or --phase-bg-alpha-curriculum (README: 'When the foreground does not learn')")
+
+
+def tracked_share(records: list) -> float | None:
+    """Of the objects' presence (the sum of z_pres) in every frame but the first of a logged batch,
+    the share held by objects tracked from the previous frame: near 1 when objects are followed from
+    frame to frame, near 0 when they are found anew in every frame (a new id each frame). None when
+    that presence is below one object."""
+    sums = torch.stack([torch.stack((r.z_pres.sum(), (r.z_pres * r.propagated).sum())) for r in records[1:]])
+    present, carried = sums.float().sum(0).tolist()           # (T - 1, 2) per frame -> the two totals
+    return carried / present if present >= 1 else None
+
+
+def no_tracking_notice(step: int, last_tracking: int) -> str | None:
+    """The notice for a run whose logged tracked share has stayed below LOW_TRACKED_SHARE since step
+    `last_tracking`, once NO_TRACKING_STEPS have passed (the caller tells it once)."""
+    if step - last_tracking < NO_TRACKING_STEPS:
+        return None
+    return (f"notice: step {step}: objects are found anew in every frame (train/tracked_share below "
+            f"{LOW_TRACKED_SHARE} since step {last_tracking}): tracking has not formed, and the tracks get a new id "
+            f"each frame; seen with --phase-bg-alpha-curriculum on a textured background: try without it or "
+            f"another --seed (README: 'When the foreground does not learn')")
 
 
 def install_stop_handlers():
@@ -435,6 +458,7 @@ def train(run: Run, args) -> int:
                   "and a few graphs again once at the schedule's switches", flush=True)
     recent = collections.deque(maxlen=50)       # the last 50 steps' losses, for the progress bar
     last_with_objects = step                    # the last step whose batch kept any object
+    last_tracking, told_tracking = step, False  # the last log whose objects were tracked across frames
     bar = tqdm(total=run.total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not ddp.main)
     model.train()
     code = 0
@@ -478,6 +502,15 @@ def train(run: Run, args) -> int:
                                 bad_steps)
                     log_images(writer, cfg, step, batch, result.output)
                     last_log = (now, step)
+            if log_now and ddp.main:
+                share = tracked_share(result.output.records)
+                if writer and share is not None:
+                    writer.add_scalar("train/tracked_share", share, step)
+                if share is None or share >= LOW_TRACKED_SHARE:
+                    last_tracking = step
+                elif not told_tracking and (notice := no_tracking_notice(step, last_tracking)):
+                    bar.write(notice)
+                    told_tracking = True
             if writer and step % cfg.generate_freq == 0:
                 log_generation(writer, model, cfg, step, batch)
             bar.update(1)

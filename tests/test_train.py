@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,39 @@ def test_a_run_that_keeps_no_objects_is_told_once(tmp_path, monkeypatch, capsys)
     assert train.main(TINY + run_dirs(tmp_path, "--steps", "6")) == 0
     out = capsys.readouterr().out
     assert out.count("no objects found in the last 2 steps") == 1 and "notice: step 3:" in out
+
+
+def test_tracked_share_of_known_records():
+    """Frames 2.. only: presence held by tracked objects over all presence; None below one object."""
+    frame = lambda pres, prop: types.SimpleNamespace(z_pres=torch.tensor([pres]), propagated=torch.tensor([prop]))
+    first = frame([1.0, 1.0], [False, False])                       # discoveries of frame 1 do not count
+    records = [first, frame([1.0, 0.5, 0.0], [True, False, True]), frame([0.5, 1.0, 1.0], [True, True, False])]
+    assert train.tracked_share(records) == pytest.approx((1.0 + 0.5 + 1.0) / 4.0)
+    assert train.tracked_share([first, frame([0.4, 0.5], [True, True])]) is None
+    assert train.tracked_share([first, frame([0.0, 1.0], [True, False])]) == 0.0
+
+
+def test_no_tracking_notice_after_the_patience():
+    assert train.no_tracking_notice(100 + train.NO_TRACKING_STEPS - 1, 100) is None
+    notice = train.no_tracking_notice(100 + train.NO_TRACKING_STEPS, 100)
+    assert notice.startswith(f"notice: step {100 + train.NO_TRACKING_STEPS}: objects are found anew in every frame")
+    assert "since step 100" in notice and "--phase-bg-alpha-curriculum" in notice
+
+
+@pytest.mark.parametrize("share, told", [(0.0, True), (None, False), (0.9, False)])
+def test_a_run_whose_objects_are_never_tracked_is_told_once(share, told, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "tracked_share", lambda records: share)
+    monkeypatch.setattr(train, "NO_TRACKING_STEPS", 2)
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "6", "--print-freq", "1")) == 0
+    out = capsys.readouterr().out
+    assert out.count("objects are found anew in every frame") == int(told)
+    if told:
+        assert "notice: step 2:" in out and "since step 0)" in out     # the patience counted from the start
+    events = EventAccumulator(str(tmp_path / "summary"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/tracked_share")] if share is not None else []
+    assert logged == ([] if share is None else [pytest.approx(share)] * 6)
+    assert ("train/tracked_share" in events.Tags()["scalars"]) is (share is not None)
 
 
 # ---- SIGTERM ---------------------------------------------------------------------------------------
