@@ -39,6 +39,9 @@ Written per video <name> (names from the folder or file, made unique) into --out
   the id's colour (a video smaller than 256 pixels a side upscaled by a whole factor).
 - `track.json`: the settings and per video frames, objects and ids; `score.json` with --score.
 
+When fewer than utils.LOW_TRACKED_SHARE of the detections after the first frames continue a track
+from the frame before, a notice says that the model finds its objects anew in every frame.
+
 --score GT_DIR reads MOTChallenge ground-truth files `<name>.txt` from GT_DIR (lines whose 7th value
 is 0 are ignored, as MOTChallenge marks them) and the written tracks back, and computes MOTA, MOTP,
 IDF1, id switches, ... with motmetrics, matching boxes at IoU >= 0.5 (evaluate.iou_matrix_distance).
@@ -72,7 +75,8 @@ from data import (DataError, check_frames, check_same_size, frame_files, list_fo
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
                       iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
-from utils import discard_work, pick_device, seed_arg, seed_everything, tau_at, unique_names, work_folder
+from utils import (LOW_TRACKED_SHARE, discard_work, pick_device, seed_arg, seed_everything, tau_at, unique_names,
+                   work_folder)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
@@ -430,7 +434,26 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
     write_tracks(os.path.join(out_dir, f"{name}.txt"), frames)
     ids = sorted({int(i) for f in frames for i in f.ids})
     return {"source": str(source.path), "width": source.width, "height": source.height, "frames": len(frames),
-            "detections": sum(len(f.ids) for f in frames), "objects": len(ids)}
+            "detections": sum(len(f.ids) for f in frames), "objects": len(ids),
+            "detections_after_first_frame": sum(len(f.ids) for f in frames[1:]),
+            "continued_detections": continued_detections(frames)}
+
+
+def continued_detections(frames: list) -> int:
+    """Detections whose id was in the frame before (of a video's frames, Objects each)."""
+    return sum(len(set(before.ids.tolist()) & set(now.ids.tolist())) for before, now in zip(frames, frames[1:]))
+
+
+def tracking_notice(videos: dict) -> str | None:
+    """A notice when few detections after each video's first frame continue a track (track.json's
+    videos): the model finds its objects anew in every frame, so each gets a new id."""
+    later = sum(v["detections_after_first_frame"] for v in videos.values())
+    continued = sum(v["continued_detections"] for v in videos.values())
+    if later < 10 or continued >= LOW_TRACKED_SHARE * later:
+        return None
+    return (f"notice: only {continued} of the {later} detections after the first frames continue a track from the "
+            f"frame before: this model finds objects anew in every frame and has not learned to track "
+            f"(train.py's train/tracked_share; README: 'When the foreground does not learn')")
 
 
 def parse_crop(text: str | None) -> Region | None:
@@ -631,6 +654,8 @@ def main(argv=None, prog: str = "track.py") -> int:
         print(f"{name}: {video['frames']} frames, {video['objects']} objects, {video['detections']} detections")
     print(f"tracked {num_frames} frames of {len(sources)} videos in {seconds:.1f} s "
           f"({summary['frames_per_second']:.1f} frames/s); wrote {args.out}")
+    if notice := tracking_notice(summary["videos"]):
+        print(notice)
     if args.score is not None:
         try:
             return print_score(score_folder(args.out, args.score, names), args.out)

@@ -65,7 +65,7 @@ import fast
 from engine import TrainStep, make_optimizer
 from fast import SpeedOptions
 from scalor import SCALOR
-from utils import seed_everything, tau_at, z_pres_prior_at
+from utils import LOW_TRACKED_SHARE, seed_everything, tau_at, z_pres_prior_at
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,8 +369,8 @@ def log_generation(writer, model, cfg: Config, step: int, batch) -> None:
 # ------------------------------------------------------------------------------------------------
 
 NO_OBJECT_STEPS = 2000   # steps in a row without any object after which a run with a background is told so
-NO_TRACKING_STEPS = 2000  # steps whose logs all show objects found anew in every frame, after which the run is told so
-LOW_TRACKED_SHARE = 0.2   # ... a log's tracked share below this
+NO_TRACKING_STEPS = 2000  # steps whose logs all show objects found anew in every frame (tracked share below
+                          # utils.LOW_TRACKED_SHARE), after which the run is told so
 
 
 def no_objects_notice(cfg: Config, step: int, last_with_objects: int) -> str | None:

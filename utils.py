@@ -1,4 +1,5 @@
-"""Schedules, seeding, device picking, file names and temporary output folders (checkpoints: checkpoints.py).
+"""Schedules, seeding, device picking, file names and temporary output folders (checkpoints: checkpoints.py),
+and the share of tracked objects below which train.py and track.py say that tracking has not formed.
 
 The step convention follows the reference: training step s (1-based, the number of optimizer
 steps taken including this one) uses temperature `tau_at(cfg, s - 1)` and the z_pres prior,
@@ -20,6 +21,7 @@ import torch
 
 from common import Config, ConfigError
 
+LOW_TRACKED_SHARE = 0.2   # objects carried over from the previous frame below this share: found anew each frame
 UMASK = os.umask(0)              # the process's umask, read once at import (os.umask can only set it)
 os.umask(UMASK)
 

@@ -41,12 +41,14 @@ class OracleSCALOR:
     objects as the model does, by first appearance from the state's next id, so ids survive a window
     border only when the state is handed across. It checks that it is shown the video's frames, in
     order, resized as the training data is. From frame `duplicates_from` on, it also follows every
-    object with a second track (a new id, the same box), as a model that let a duplicate through."""
+    object with a second track (a new id, the same box), as a model that let a duplicate through.
+    `forgetful`: a new id for every object in every frame, as a model that has not learned to track."""
 
-    def __init__(self, cfg, truth, expected_frames, width, height, duplicates_from=None):
+    def __init__(self, cfg, truth, expected_frames, width, height, duplicates_from=None, forgetful=False):
         self.cfg, self.truth, self.expected = cfg, truth, expected_frames
         self.width, self.height = width, height
         self.duplicates_from = duplicates_from
+        self.forgetful = forgetful
         self.windows = []
 
     def to(self, device):
@@ -63,7 +65,8 @@ class OracleSCALOR:
         for t in range(seq.shape[1]):
             assert torch.equal(seq[0, t], self.expected[start + t])
             gt = self.truth[start + t]
-            tracks = [(gt_id, box) for gt_id, box in zip(gt.ids.tolist(), gt.xywh.tolist())]
+            tracks = [((gt_id, start + t) if self.forgetful else gt_id, box)
+                      for gt_id, box in zip(gt.ids.tolist(), gt.xywh.tolist())]
             if self.duplicates_from is not None and start + t >= self.duplicates_from:
                 tracks = [(("twin", gt_id), box) for gt_id, box in tracks] + tracks    # listed first
             R = max(1, len(tracks))
@@ -89,11 +92,11 @@ def sprite_video(tmp_path_factory):
                            truth=ev.ground_truth_frames(data.ground_truth(0)))
 
 
-def oracle_run(monkeypatch, video, out, *flags, duplicates_from=None):
+def oracle_run(monkeypatch, video, out, *flags, duplicates_from=None, forgetful=False):
     cfg = small_config()                                                    # the model sees 64x64 frames
     paths = sorted(video.frames.iterdir())
     expected = torch.stack([load_frame(p, None, cfg.img_h, cfg.img_w) for p in paths])
-    oracle = OracleSCALOR(cfg, video.truth, expected, 96, 96, duplicates_from)
+    oracle = OracleSCALOR(cfg, video.truth, expected, 96, 96, duplicates_from, forgetful)
     monkeypatch.setattr(track, "load_model_checked", lambda args: (oracle, {"step": 0}))
     code = track.main([str(video.frames), "--checkpoint", "oracle", "--out", str(out), "--window", "5",
                        "--device", "cpu", *flags])
@@ -135,7 +138,8 @@ def test_oracle_video_tracks_exactly_across_windows(tmp_path, monkeypatch, sprit
     assert score["num_objects"] == sum(f.count for f in sprite_video.truth)
     with open(out / "score.json") as f:
         assert json.load(f)["overall"]["mota"] == 1.0
-    assert "MOTA 1.0000" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "MOTA 1.0000" in out_text and "finds objects anew" not in out_text
 
     with open(out / "000000_masks.json") as f:
         masks = json.load(f)
@@ -145,6 +149,22 @@ def test_oracle_video_tracks_exactly_across_windows(tmp_path, monkeypatch, sprit
     for obj_id, rle in zip(entry["ids"], entry["masks"]):
         line = next(line for line in lines if int(line[0]) == 8 and int(line[1]) == obj_id)
         assert ev.mask_boxes(ev.rle_decode(rle, 96, 96)[None])[0].tolist() == [float(v) for v in line[2:6]]
+
+
+def test_a_model_that_finds_objects_anew_in_every_frame_is_named(tmp_path, monkeypatch, sprite_video, capsys):
+    oracle_run(monkeypatch, sprite_video, tmp_path / "tracks", forgetful=True)
+    with open(tmp_path / "tracks" / "track.json") as f:
+        video = json.load(f)["videos"]["000000"]
+    lines = read_lines(tmp_path / "tracks" / "000000.txt")
+    later = sum(int(line[0]) > 1 for line in lines)
+    assert (video["continued_detections"], video["detections_after_first_frame"]) == (0, later) and later > 200
+    assert video["objects"] == video["detections"]                          # a new id for every detection
+    assert f"notice: only 0 of the {later} detections after the first frames continue a track" in capsys.readouterr().out
+    both = {"a": dict(detections_after_first_frame=100, continued_detections=19),
+            "b": dict(detections_after_first_frame=100, continued_detections=21)}
+    assert track.tracking_notice(both) is None                               # 40 of 200: at the threshold
+    assert track.tracking_notice({"a": both["a"]}).startswith("notice: only 19 of the 100 detections")
+    assert track.tracking_notice({"a": dict(detections_after_first_frame=9, continued_detections=0)}) is None
 
 
 def test_second_tracks_of_an_object_are_left_out(tmp_path, monkeypatch, sprite_video):
