@@ -37,10 +37,11 @@ Written per video <name> (names from the folder or file, made unique) into --out
   video frame run-length encoded as `evaluate.rle_encode` (the entries of evaluate.py's predictions.json).
 - `<name>.mp4` or `<name>.gif` with --video-out: the video with each object's box and id drawn in
   the id's colour (a video smaller than 256 pixels a side upscaled by a whole factor).
-- `track.json`: the settings and per video frames, objects and ids; `score.json` with --score.
+- `track.json`: the settings and per video frames, objects, detections, detections after the first
+  frame and those of them that continue a track of the frame before; `score.json` with --score.
 
-When fewer than utils.LOW_TRACKED_SHARE of the detections after the first frames continue a track
-from the frame before, a notice says that the model finds its objects anew in every frame.
+When 10 or more detections follow the videos' first frames and fewer than utils.LOW_TRACKED_SHARE of
+them continue a track, a notice says that the model finds its objects anew in every frame.
 
 --score GT_DIR reads MOTChallenge ground-truth files `<name>.txt` from GT_DIR (lines whose 7th value
 is 0 are ignored, as MOTChallenge marks them) and the written tracks back, and computes MOTA, MOTP,

@@ -380,28 +380,31 @@ def no_objects_notice(cfg: Config, step: int, last_with_objects: int) -> str | N
         return None
     return (f"notice: step {step}: no objects found in the last {NO_OBJECT_STEPS} steps, the background explains "
             f"the frames; try more cells (--num-cell-h/--num-cell-w), a weaker background (--using-bg-sbd, a smaller "
-            f"--bg-what-dim) or --phase-bg-alpha-curriculum (README: 'When the foreground does not learn')")
+            f"--bg-what-dim) or --phase-bg-alpha-curriculum, then watching train/tracked_share "
+            f"(README: 'When the foreground does not learn')")
 
 
 def tracked_share(records: list) -> float | None:
-    """Of the objects' presence (the sum of z_pres) in every frame but the first of a logged batch,
-    the share held by objects tracked from the previous frame: near 1 when objects are followed from
-    frame to frame, near 0 when they are found anew in every frame (a new id each frame). None when
-    that presence is below one object."""
-    sums = torch.stack([torch.stack((r.z_pres.sum(), (r.z_pres * r.propagated).sum())) for r in records[1:]])
-    present, carried = sums.float().sum(0).tolist()           # (T - 1, 2) per frame -> the two totals
-    return carried / present if present >= 1 else None
+    """Of the objects' presence (the sum of z_pres) in every frame but the first of a logged batch
+    (the main process's part of it), the share held by objects tracked from the previous frame: near 1
+    when objects are followed from frame to frame, near 0 when they are found anew in every frame (a
+    new id each frame). None when that presence is below one object or not finite."""
+    sums = torch.stack([torch.stack((r.z_pres.float().sum(), (r.z_pres.float() * r.propagated).sum()))
+                        for r in records[1:]])                  # (T - 1, 2): per frame present, carried
+    present, carried = sums.sum(0).tolist()
+    return carried / present if math.isfinite(present + carried) and present >= 1 else None
 
 
-def no_tracking_notice(step: int, last_tracking: int) -> str | None:
-    """The notice for a run whose logged tracked share has stayed below LOW_TRACKED_SHARE since step
-    `last_tracking`, once NO_TRACKING_STEPS have passed (the caller tells it once)."""
+def no_tracking_notice(cfg: Config, step: int, last_tracking: int) -> str | None:
+    """The notice for a run whose logged tracked share has been below LOW_TRACKED_SHARE at every log
+    after step `last_tracking`, once NO_TRACKING_STEPS have passed (the caller tells it once)."""
     if step - last_tracking < NO_TRACKING_STEPS:
         return None
+    advice = ("seen with --phase-bg-alpha-curriculum on a textured background: try without it or another --seed"
+              if cfg.phase_bg_alpha_curriculum else "try another --seed")
     return (f"notice: step {step}: objects are found anew in every frame (train/tracked_share below "
-            f"{LOW_TRACKED_SHARE} since step {last_tracking}): tracking has not formed, and the tracks get a new id "
-            f"each frame; seen with --phase-bg-alpha-curriculum on a textured background: try without it or "
-            f"another --seed (README: 'When the foreground does not learn')")
+            f"{LOW_TRACKED_SHARE} at every log after step {last_tracking}): tracking has not formed, and the tracks "
+            f"get a new id each frame; {advice} (README: 'When the foreground does not learn')")
 
 
 def install_stop_handlers():
@@ -508,7 +511,7 @@ def train(run: Run, args) -> int:
                     writer.add_scalar("train/tracked_share", share, step)
                 if share is None or share >= LOW_TRACKED_SHARE:
                     last_tracking = step
-                elif not told_tracking and (notice := no_tracking_notice(step, last_tracking)):
+                elif not told_tracking and (notice := no_tracking_notice(cfg, step, last_tracking)):
                     bar.write(notice)
                     told_tracking = True
             if writer and step % cfg.generate_freq == 0:

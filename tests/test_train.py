@@ -105,6 +105,8 @@ def test_short_run_logs_every_scalar_and_panel(short_run):
     assert set(SCALARS) <= set(tags["scalars"])
     assert set(IMAGES) <= set(tags["images"])
     assert [e.step for e in events.Scalars("train/total_loss")] == [1, 2, 4]
+    shares = events.Scalars("train/tracked_share") if "train/tracked_share" in tags["scalars"] else []
+    assert all(0 <= e.value <= 1 and e.step in (1, 2, 4) for e in shares)   # the real share: logged when defined
     logged = {e.step: e.value for e in events.Scalars("train/total_loss")}
     for record in losses(short_run):
         if record["step"] in logged:
@@ -337,20 +339,28 @@ def test_a_run_that_keeps_no_objects_is_told_once(tmp_path, monkeypatch, capsys)
 
 
 def test_tracked_share_of_known_records():
-    """Frames 2.. only: presence held by tracked objects over all presence; None below one object."""
-    frame = lambda pres, prop: types.SimpleNamespace(z_pres=torch.tensor([pres]), propagated=torch.tensor([prop]))
-    first = frame([1.0, 1.0], [False, False])                       # discoveries of frame 1 do not count
-    records = [first, frame([1.0, 0.5, 0.0], [True, False, True]), frame([0.5, 1.0, 1.0], [True, True, False])]
+    """Frames 2.. only: presence held by tracked objects over all presence, over the batch; None below
+    one object or when not finite."""
+    frame = lambda pres, prop: types.SimpleNamespace(z_pres=torch.tensor(pres), propagated=torch.tensor(prop))
+    first = frame([[1.0, 1.0]], [[False, False]])                   # discoveries of frame 1 do not count
+    records = [first, frame([[1.0, 0.5, 0.0]], [[True, False, True]]), frame([[0.5, 1.0, 1.0]], [[True, True, False]])]
     assert train.tracked_share(records) == pytest.approx((1.0 + 0.5 + 1.0) / 4.0)
-    assert train.tracked_share([first, frame([0.4, 0.5], [True, True])]) is None
-    assert train.tracked_share([first, frame([0.0, 1.0], [True, False])]) == 0.0
+    batch_of_two = [frame([[1.0], [1.0]], [[False], [False]]), frame([[1.0], [0.5]], [[True], [False]]),
+                    frame(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool))]    # no object in frame 3
+    assert train.tracked_share(batch_of_two) == pytest.approx(1.0 / 1.5)
+    assert train.tracked_share([first, frame([[0.4, 0.5]], [[True, True]])]) is None
+    assert train.tracked_share([first, frame([[0.0, 1.0]], [[True, False]])]) == 0.0
+    assert train.tracked_share([first, frame([[float("nan"), 1.0]], [[True, False]])]) is None
 
 
 def test_no_tracking_notice_after_the_patience():
-    assert train.no_tracking_notice(100 + train.NO_TRACKING_STEPS - 1, 100) is None
-    notice = train.no_tracking_notice(100 + train.NO_TRACKING_STEPS, 100)
+    cfg = Config()
+    assert train.no_tracking_notice(cfg, 100 + train.NO_TRACKING_STEPS - 1, 100) is None
+    notice = train.no_tracking_notice(cfg, 100 + train.NO_TRACKING_STEPS, 100)
     assert notice.startswith(f"notice: step {100 + train.NO_TRACKING_STEPS}: objects are found anew in every frame")
-    assert "since step 100" in notice and "--phase-bg-alpha-curriculum" in notice
+    assert "every log after step 100" in notice and "--phase-bg-alpha-curriculum" not in notice
+    curriculum = train.no_tracking_notice(cfg.replace(phase_bg_alpha_curriculum=True), 100 + train.NO_TRACKING_STEPS, 100)
+    assert "--phase-bg-alpha-curriculum on a textured background: try without it" in curriculum
 
 
 @pytest.mark.parametrize("share, told", [(0.0, True), (None, False), (0.9, False)])
@@ -361,7 +371,7 @@ def test_a_run_whose_objects_are_never_tracked_is_told_once(share, told, tmp_pat
     out = capsys.readouterr().out
     assert out.count("objects are found anew in every frame") == int(told)
     if told:
-        assert "notice: step 2:" in out and "since step 0)" in out     # the patience counted from the start
+        assert "notice: step 2:" in out and "after step 0)" in out     # the patience counted from the start
     events = EventAccumulator(str(tmp_path / "summary"), size_guidance={"scalars": 0})
     events.Reload()
     logged = [e.value for e in events.Scalars("train/tracked_share")] if share is not None else []
