@@ -434,9 +434,9 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
             video.close()
     write_tracks(os.path.join(out_dir, f"{name}.txt"), frames)
     ids = sorted({int(i) for f in frames for i in f.ids})
+    detections = [len(f.ids) for f in frames]
     return {"source": str(source.path), "width": source.width, "height": source.height, "frames": len(frames),
-            "detections": sum(len(f.ids) for f in frames), "objects": len(ids),
-            "detections_after_first_frame": sum(len(f.ids) for f in frames[1:]),
+            "detections": sum(detections), "objects": len(ids), "detections_after_first_frame": sum(detections[1:]),
             "continued_detections": continued_detections(frames)}
 
 
