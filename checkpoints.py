@@ -319,15 +319,14 @@ def load_training_state(model, optimizer, payload: dict, path: Path, allow_parti
     load_model_state(model, payload, str(path), allow_partial=allow_partial)
     architecture_same = not set(model.cfg.diff(payload["config"])) & ARCHITECTURE_FIELDS
     if "optimizer" in payload and architecture_same:
-        lrs = [group["lr"] for group in optimizer.param_groups]   # this run's: a float, or make_optimizer's tensor
         try:
             optimizer.load_state_dict(payload["optimizer"])
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
             raise CheckpointError(f"{path} holds an unusable optimizer state ({type(err).__name__}: "
                                   f"{one_line(err, 200)}); pass another checkpoint of the run") from None
         capturable = optimizer.defaults.get("capturable", False)
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr        # a given --lr wins over the checkpoint's (TrainStep sets each step's)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr    # a given --lr wins over the checkpoint's
             group["capturable"] = capturable   # this run's choice (CUDA graph or not)
         for state in optimizer.state.values():   # capturable RMSprop keeps its step count on the device
             if "step" in state:

@@ -127,9 +127,6 @@ class Config:
     sigma: float = setting(0.1, "std of the Gaussian pixel likelihood")
     batch_size: int = setting(20, "sequences per step (per process)")
     lr: float = setting(4e-5, "RMSprop learning rate")
-    lr_warmup_steps: int = setting(0,
-        "not in the reference: the learning rate rises linearly from lr / N to lr over the first N steps "
-        "(RMSprop's first steps are otherwise up to ten times lr per weight)")
     cp: float = setting(1.0, "gradient-norm clip")
     seed: int = setting(666, "random seed")
     # ---- logging ---------------------------------------------------------------------------------
@@ -197,7 +194,7 @@ class Config:
                      "train_station_cropping_origin"):
             if getattr(self, name) < 1:
                 fail(f"{name}={getattr(self, name)} must be a positive integer")
-        for name in ("bg_alpha_curriculum_steps", "remove_detach_step", "z_pres_anneal_start_step", "lr_warmup_steps"):
+        for name in ("bg_alpha_curriculum_steps", "remove_detach_step", "z_pres_anneal_start_step"):
             if getattr(self, name) < 0:
                 fail(f"{name}={getattr(self, name)} must not be negative")
         for name in ("size_anc", "where_update_scale", "pres_logit_factor"):

@@ -4,7 +4,7 @@ replayed from a captured CUDA graph.
 The model's training forward has fixed shapes and no host synchronisation, so a whole step can be
 captured once and replayed: the CPU then launches one graph instead of thousands of kernels.
 What changes from step to step enters through static tensors (the batch, the temperature tau and
-the z_pres prior; the learning rate during a warm-up); the two step-dependent switches (detaching object state before
+the z_pres prior); the two step-dependent switches (detaching object state before
 `remove_detach_step`, the alpha curriculum) select one of at most four graphs.
 """
 from __future__ import annotations
@@ -14,26 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import lr_at, step_switches, tau_at, z_pres_prior_at
+from utils import step_switches, tau_at, z_pres_prior_at
 
 
 def make_optimizer(model, cuda_graph: bool = False):
-    """The reference's optimizer: RMSprop at cfg.lr (capturable when steps are graph-captured). With a
-    learning-rate warm-up and graph-captured steps the rate is a device tensor that `set_lr` changes in
-    place, so that the captured update reads each step's rate."""
-    lr = model.cfg.lr
-    if cuda_graph and model.cfg.lr_warmup_steps > 0:
-        lr = torch.tensor(lr, device=next(model.parameters()).device)
-    return torch.optim.RMSprop(model.parameters(), lr=lr, capturable=cuda_graph)
-
-
-def set_lr(optimizer, lr: float) -> None:
-    """Every parameter group's learning rate to `lr`: in place where it is a tensor (see make_optimizer)."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+    """The reference's optimizer: RMSprop at cfg.lr (capturable when steps are graph-captured)."""
+    return torch.optim.RMSprop(model.parameters(), lr=model.cfg.lr, capturable=cuda_graph)
 
 
 @dataclass
@@ -95,7 +81,6 @@ class TrainStep:
     def __call__(self, batch, step: int, keep_records: bool = False, inject_nan: bool = False) -> StepResult:
         cfg = self.cfg
         tau, prior = tau_at(cfg, step - 1), z_pres_prior_at(cfg, step)
-        set_lr(self.optimizer, lr_at(cfg, step))
         if not self.cuda_graph or keep_records or inject_nan:
             return self._forward_backward(batch, step, tau, prior, keep_records, inject_nan)
         key = step_switches(cfg, step)   # the two step-dependent branches of the forward

@@ -65,7 +65,7 @@ import fast
 from engine import TrainStep, make_optimizer
 from fast import SpeedOptions
 from scalor import SCALOR
-from utils import LOW_TRACKED_SHARE, lr_at, seed_everything, tau_at, z_pres_prior_at
+from utils import LOW_TRACKED_SHARE, seed_everything, tau_at, z_pres_prior_at
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,7 +336,6 @@ def log_scalars(writer, cfg: Config, step: int, terms: dict, loss: float, object
     writer.add_scalar("train/total_loss", loss, step)
     writer.add_scalar("train/tau", tau_at(cfg, step - 1), step)
     writer.add_scalar("train/z_pres_prior", z_pres_prior_at(cfg, step), step)
-    writer.add_scalar("train/lr", lr_at(cfg, step), step)
     writer.add_scalar("train/objects_per_frame", objects, step)
     writer.add_scalar("train/steps_per_s", steps_per_s, step)
     writer.add_scalar("train/bad_steps", bad_steps, step)

@@ -3,7 +3,7 @@ and the share of tracked objects below which train.py and track.py say that trac
 
 The step convention follows the reference: training step s (1-based, the number of optimizer
 steps taken including this one) uses temperature `tau_at(cfg, s - 1)` and the z_pres prior,
-detach rule, alpha curriculum and learning rate of step s.
+detach rule and alpha curriculum of step s.
 """
 from __future__ import annotations
 
@@ -48,13 +48,6 @@ def z_pres_prior_at(cfg: Config, step: int) -> float:
     """Discovery z_pres prior probability: 0.1 -> z_pres_anneal_end_value over steps 0-500."""
     return linear_annealing(step, cfg.z_pres_anneal_start_step, cfg.z_pres_anneal_end_step,
                             cfg.z_pres_anneal_start_value, cfg.z_pres_anneal_end_value)
-
-
-def lr_at(cfg: Config, step: int) -> float:
-    """Learning rate of step `step` (1-based): cfg.lr * step / lr_warmup_steps during the warm-up, then cfg.lr."""
-    if step < cfg.lr_warmup_steps:
-        return cfg.lr * max(step, 1) / cfg.lr_warmup_steps
-    return cfg.lr
 
 
 def step_switches(cfg: Config, step: int) -> tuple[bool, bool]:
