@@ -104,6 +104,9 @@ class Config:
     phase_bg_alpha_curriculum: bool = setting(False, "fix discovery alpha early so foreground learns")
     bg_alpha_curriculum_steps: int = setting(200, "... for this many steps")
     bg_alpha_curriculum_value: float = setting(0.9, "... at this value per cell")
+    bg_alpha_curriculum_detach_tracked: bool = setting(False,
+        "not in the reference: during the curriculum, no gradient reaches tracked objects through the alpha map "
+        "(the reference sends it to them alone; on a textured background it turns tracking off)")
     phase_do_remove_detach: bool = setting(True, "stop detaching object state after remove_detach_step")
     remove_detach_step: int = setting(30000, "step from which gradients cross frames")
     # ---- thresholds -----------------------------------------------------------------------------

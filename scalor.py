@@ -813,7 +813,8 @@ class SCALOR(nn.Module):
         alpha_map (B, 1, H, W) = sum of alpha * z_pres, clamped to [EPS, 1 - EPS] with a
         straight-through gradient, and foreground (B, 3, H, W) = the objects' colours weighted by
         alpha * z_pres * sigmoid(-z_depth), normalised over the objects. Alpha curriculum: every
-        discovery cell's alpha fixed to bg_alpha_curriculum_value."""
+        discovery cell's alpha fixed to bg_alpha_curriculum_value (the tracked objects' alpha without
+        its gradient when bg_alpha_curriculum_detach_tracked)."""
         cfg = self.cfg
         z_pres = objects.z_pres[..., None, None, None]                                    # (B, R, 1, 1, 1)
         alpha = z_pres * values[:, :, 3:]                                                # placed alpha * z_pres
@@ -825,7 +826,10 @@ class SCALOR(nn.Module):
         canvas = scatter_windows(torch.cat(parts, 2), index, cfg.img_h, cfg.img_w)
         alpha_sum = canvas[:, :1]
         if curriculum:
-            alpha_sum = canvas[:, 5:6] + cfg.bg_alpha_curriculum_value * cfg.num_cells
+            tracked_alpha = canvas[:, 5:6]
+            if cfg.bg_alpha_curriculum_detach_tracked:
+                tracked_alpha = tracked_alpha.detach()
+            alpha_sum = tracked_alpha + cfg.bg_alpha_curriculum_value * cfg.num_cells
         foreground = canvas[:, 2:5] / (canvas[:, 1:2] + EPS)
         alpha_map = alpha_sum + (alpha_sum.clamp(EPS, 1 - EPS) - alpha_sum).detach()
         return Rendered(alpha_map=alpha_map, foreground=foreground)

@@ -400,8 +400,9 @@ def no_tracking_notice(cfg: Config, step: int, last_tracking: int) -> str | None
     after step `last_tracking`, once NO_TRACKING_STEPS have passed (the caller tells it once)."""
     if step - last_tracking < NO_TRACKING_STEPS:
         return None
-    advice = ("seen with --phase-bg-alpha-curriculum on a textured background: try without it or another --seed"
-              if cfg.phase_bg_alpha_curriculum else "try another --seed")
+    advice = ("seen with --phase-bg-alpha-curriculum on a textured background: try without it, with "
+              "--bg-alpha-curriculum-detach-tracked, or another --seed"
+              if cfg.phase_bg_alpha_curriculum and not cfg.bg_alpha_curriculum_detach_tracked else "try another --seed")
     return (f"notice: step {step}: objects are found anew in every frame (train/tracked_share below "
             f"{LOW_TRACKED_SHARE} at every log after step {last_tracking}): tracking has not formed, and the tracks "
             f"get a new id each frame; {advice} (README: 'When the foreground does not learn')")

@@ -397,10 +397,12 @@ def plain_forward(model, seq, step, tau, generate=False, nll=False):
 
         importance_map = torch.cat((prop["importance_map"], disc["importance_map"]), dim=1)
         importance_map_norm = importance_map / (importance_map.sum(dim=1, keepdim=True) + EPS)
-        alpha_map_disc = disc["alpha_map"]
+        alpha_map_disc, alpha_map_prop = disc["alpha_map"], prop["alpha_map"]
         if curriculum:
             alpha_map_disc = alpha_map_disc.new_ones(alpha_map_disc.size()) * cfg.bg_alpha_curriculum_value
-        alpha_map = torch.cat((prop["alpha_map"], alpha_map_disc), dim=1).sum(dim=1)
+            if cfg.bg_alpha_curriculum_detach_tracked:   # not in the reference
+                alpha_map_prop = alpha_map_prop.detach()
+        alpha_map = torch.cat((alpha_map_prop, alpha_map_disc), dim=1).sum(dim=1)
         alpha_map = alpha_map + (alpha_map.clamp(EPS, 1 - EPS) - alpha_map).detach()
         y_each_obj = torch.cat((prop["y_each_obj"], disc["y_each_obj"]), dim=1)
         y_nobg = (y_each_obj * importance_map_norm).sum(dim=1)

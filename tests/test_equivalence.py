@@ -183,6 +183,25 @@ def test_train_sbd_alpha_curriculum_no_conv_lstm(boxes):
     assert (plain["max_length"][:, 1:] > 0).all()
 
 
+def test_train_alpha_curriculum_detach_tracked(boxes):
+    """bg_alpha_curriculum_detach_tracked (not in the reference): the same forward numbers as the
+    reference's curriculum, other gradients (none through the alpha map to the tracked objects)."""
+    cfg = config(boxes, max_num_obj=8, using_bg_sbd=True, phase_bg_alpha_curriculum=True,
+                 bg_alpha_curriculum_detach_tracked=True)
+    model, seq, ours, plain, g1, g2 = run_both(cfg, train=True, step=50, tau=1.0)
+    assert_equal(ours, plain, g1, g2, torch.float32)
+    assert (ours.counts[:, 1:] > 0).all()
+    reference = fast.apply(SCALOR(cfg.replace(bg_alpha_curriculum_detach_tracked=False)), fast.SpeedOptions())
+    reference.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    out = reference(seq, step=50, tau=1.0)
+    params = list(reference.parameters())
+    grads = torch.autograd.grad(out.loss(), params, allow_unused=True)
+    g_ref = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+    torch.testing.assert_close(out.log_like, ours.log_like, rtol=0, atol=0)
+    assert ((g_ref - g1).norm() / g1.norm()) > 1e-3
+
+
 def test_train_no_background(boxes):
     """phase_no_background (which crashes in the reference): black background, no background KL."""
     cfg = config(boxes, max_num_obj=6, phase_no_background=True)

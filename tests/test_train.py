@@ -361,6 +361,9 @@ def test_no_tracking_notice_after_the_patience():
     assert "every log after step 100" in notice and "--phase-bg-alpha-curriculum" not in notice
     curriculum = train.no_tracking_notice(cfg.replace(phase_bg_alpha_curriculum=True), 100 + train.NO_TRACKING_STEPS, 100)
     assert "--phase-bg-alpha-curriculum on a textured background: try without it" in curriculum
+    assert "--bg-alpha-curriculum-detach-tracked" in curriculum
+    detached = cfg.replace(phase_bg_alpha_curriculum=True, bg_alpha_curriculum_detach_tracked=True)
+    assert "detach" not in train.no_tracking_notice(detached, 100 + train.NO_TRACKING_STEPS, 100)
 
 
 @pytest.mark.parametrize("share, told", [(0.0, True), (None, False), (0.9, False)])
