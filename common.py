@@ -106,7 +106,7 @@ class Config:
     bg_alpha_curriculum_value: float = setting(0.9, "... at this value per cell")
     bg_alpha_curriculum_detach_tracked: bool = setting(False,
         "not in the reference: during the curriculum, no gradient reaches tracked objects through the alpha map "
-        "(the reference sends it to them alone; on a textured background it turns tracking off)")
+        "(the reference sends it to them alone, which can turn tracking off on a textured background)")
     phase_do_remove_detach: bool = setting(True, "stop detaching object state after remove_detach_step")
     remove_detach_step: int = setting(30000, "step from which gradients cross frames")
     # ---- thresholds -----------------------------------------------------------------------------
