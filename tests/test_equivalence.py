@@ -83,6 +83,12 @@ def smooth_sequence(B, T, H, W, seed=0, num_blobs=6, dtype=torch.float32):
     return torch.stack(frames, 1).clamp(0, 1).to(dtype)
 
 
+def flat_grad(loss, params):
+    """The gradient of `loss` w.r.t. `params`, flattened into one vector (unused parameters: zeros)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
 def run_both(cfg, *, train, step, tau, generate=False, nll=False, dtype=torch.float32, seed=1, prepare=None,
              speed=True):
     """Ours and the plain oracle on the same weights, input and seed; optionally the gradients of
@@ -97,16 +103,12 @@ def run_both(cfg, *, train, step, tau, generate=False, nll=False, dtype=torch.fl
             prepare(model)
     seq = smooth_sequence(cfg.batch_size, cfg.seq_len, cfg.img_h, cfg.img_w, dtype=dtype)
     params = list(model.parameters())
-
-    def flat(gs):
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
-
     torch.manual_seed(seed)
     ours = model(seq, step=step, tau=tau, generate=generate, nll=nll)
-    g_ours = flat(torch.autograd.grad(ours.loss(), params, allow_unused=True)) if train else None
+    g_ours = flat_grad(ours.loss(), params) if train else None
     torch.manual_seed(seed)
     plain = plain_forward(model, seq, step, tau, generate=generate, nll=nll)
-    g_plain = flat(torch.autograd.grad(plain_loss(plain), params, allow_unused=True)) if train else None
+    g_plain = flat_grad(plain_loss(plain), params) if train else None
     return model, seq, ours, plain, g_ours, g_plain
 
 
@@ -195,9 +197,7 @@ def test_train_alpha_curriculum_detach_tracked(boxes):
     reference.load_state_dict(model.state_dict())
     torch.manual_seed(1)
     out = reference(seq, step=50, tau=1.0)
-    params = list(reference.parameters())
-    grads = torch.autograd.grad(out.loss(), params, allow_unused=True)
-    g_ref = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+    g_ref = flat_grad(out.loss(), list(reference.parameters()))
     torch.testing.assert_close(out.log_like, ours.log_like, rtol=0, atol=0)
     assert ((g_ref - g1).norm() / g1.norm()) > 1e-3
 
