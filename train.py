@@ -274,6 +274,10 @@ def setup(args, ddp: Dist = Dist()) -> Run:
         cfg = cfg.replace(phase_no_background=not estimate_background(dataset)["has_background"])
         print(f"notice: --recipe {args.recipe}: phase_no_background={cfg.phase_no_background} (estimated from the frames; "
               f"pass --phase-no-background or --no-phase-no-background to choose)")
+        if not cfg.phase_no_background:
+            print(f"notice: --recipe {args.recipe} is measured on black backgrounds; on a textured one the background "
+                  f"can take every object: watch the progress bar's obj and see the README's 'When the foreground "
+                  f"does not learn'")
     data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
     batches_per_epoch = TrainOrder(len(dataset), cfg, 0, 0, ddp).batches_per_epoch()

@@ -48,9 +48,12 @@ def test_recipe_flag_config_and_background_from_the_data(tmp_path, capsys):
     black = setup("--preset", "easy")
     assert black.phase_no_background is True
     assert (black.lr, black.tau_ep, black.z_pres_anneal_end_value, black.batch_size) == (3e-4, 4000.0, 1e-9, 2)
-    assert "phase_no_background=True (estimated from the frames" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "phase_no_background=True (estimated from the frames" in out and "textured" not in out
     assert setup("--preset", "few").phase_no_background is False
-    assert "phase_no_background=False (estimated" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "phase_no_background=False (estimated" in out
+    assert "measured on black backgrounds; on a textured one the background can take every object" in out
     assert setup("--preset", "easy", "--no-phase-no-background").phase_no_background is False   # the user's choice
     assert "estimated" not in capsys.readouterr().out
     args = train.build_parser().parse_args(["--recipe", "sprites", "--lr", "1e-3"])
