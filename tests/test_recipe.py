@@ -1,7 +1,6 @@
 """The sprite training recipe (common.sprites_config, train.py --recipe sprites) and the background
 estimate (data.estimate_background) that decides its phase_no_background."""
 import pytest
-import torch
 
 import train
 from common import RECIPES, small_config, sprites_config

@@ -145,7 +145,7 @@ def test_oracle_video_tracks_exactly_across_windows(tmp_path, monkeypatch, sprit
         masks = json.load(f)
     assert (masks["width"], masks["height"], masks["num_frames"]) == (96, 96, 60)
     assert [e["frame"] for e in masks["frames"]] == list(range(60))
-    entry, gt = masks["frames"][7], sprite_video.truth[7]
+    entry = masks["frames"][7]
     for obj_id, rle in zip(entry["ids"], entry["masks"]):
         line = next(line for line in lines if int(line[0]) == 8 and int(line[1]) == obj_id)
         assert ev.mask_boxes(ev.rle_decode(rle, 96, 96)[None])[0].tolist() == [float(v) for v in line[2:6]]
