@@ -308,7 +308,8 @@ def sprites_config(**changes) -> Config:
     20,000, the discovery z_pres prior annealed to 1e-9 instead of 1e-3, and, where the data has a
     background, the reference's full background decoder with a 64-number latent instead of the
     spatial-broadcast one with 10: a textured background that differs from video to video does not fit
-    in 10 numbers, and the objects then take it over.
+    in 10 numbers, and the objects then take it over. The recipe is measured on black backgrounds; on
+    textured ones the background often takes every object instead (README, "Measured").
 
     phase_no_background is left at the default here on purpose: whether a background module is
     needed is a property of the data, so train.py decides it from the frames
