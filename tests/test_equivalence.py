@@ -12,8 +12,9 @@ small preset's box anchors and with the reference's.
 Rounding differences grow from frame to frame: the model itself is that sensitive (scaling one
 module's weights by 1 + 1e-15 moves the frame-4 reconstruction by ~1e-11 in float64 when tens of
 objects are tracked, mostly through box positions of small, sharp-edged glimpses). So the float32
-cases keep the number of frames or objects moderate, and two float64 cases check with tolerances
-~1e5 tighter.
+cases keep the number of frames or objects moderate, and the float64 cases check with tolerances
+~1e5 tighter (the skipped-and-padded training case runs in float64 only: its float32 gradient
+agreement depends on the CPU's rounding).
 
 Tolerances (|ours - plain| <= atol + rtol * |plain|, elementwise; see TOL):
   float32, training: recon atol 1e-4; log_like rtol 2e-5, atol 2e-2; KLs rtol 1e-4, atol 1e-3;
@@ -221,10 +222,12 @@ def test_train_background_latent_wider_than_its_prior_state(boxes):
 
 def test_train_propagation_skipped_and_padded(boxes):
     """Few discoveries pass z_pres > 0.99: a frame with nothing tracked (propagation skipped, its
-    noise still drawn), then frames whose samples track different numbers of objects (padding)."""
+    noise still drawn), then frames whose samples track different numbers of objects (padding).
+    float64: in float32 the gradient's agreement here depends on the CPU's rounding (relative error
+    5e-5 to 5e-2 across CPUs and thread counts, with equal counts); in float64 it is ~1e-13."""
     cfg = config(boxes, max_num_obj=4, z_pres_disc_threshold=0.99, using_bg_sbd=False)
-    _, _, ours, plain, g1, g2 = run_both(cfg, train=True, step=10, tau=1.5, seed=2)
-    assert_equal(ours, plain, g1, g2, torch.float32)
+    _, _, ours, plain, g1, g2 = run_both(cfg, train=True, step=10, tau=1.5, seed=2, dtype=torch.float64)
+    assert_equal(ours, plain, g1, g2, torch.float64)
     max_length = plain["max_length"][0]
     assert max_length[1] == 0 and (max_length[2:] > 0).all()
     counts = ours.counts[:, :-1]

@@ -263,8 +263,12 @@ def test_windows_of_two_write_the_files_of_one_window(tmp_path, checkpoint):
         outs[window] = tmp_path / f"w{window}"
         assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(outs[window]), "--window", window,
                            "--device", "cpu", "--seed", "3"]) == 0
-    for name in ("000000.txt", "000000_masks.json"):
-        assert (outs["2"] / name).read_bytes() == (outs["7"] / name).read_bytes()
+    assert (outs["2"] / "000000_masks.json").read_bytes() == (outs["7"] / "000000_masks.json").read_bytes()
+    two, seven = read_lines(outs["2"] / "000000.txt"), read_lines(outs["7"] / "000000.txt")
+    # frames, ids and boxes identical; conf (z_pres, printed to 4 places) equal up to float rounding: the
+    # convolutions of a 2-frame and a 7-frame batch may round differently on some CPUs
+    assert [line[:6] + line[7:] for line in two] == [line[:6] + line[7:] for line in seven]
+    np.testing.assert_allclose([float(line[6]) for line in two], [float(line[6]) for line in seven], rtol=0, atol=2e-4)
     lines = read_lines(outs["2"] / "000000.txt")
     assert lines and {int(line[0]) for line in lines} <= set(range(1, 8))
     with open(outs["2"] / "000000_masks.json") as f:
