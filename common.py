@@ -130,6 +130,9 @@ class Config:
     sigma: float = setting(0.1, "std of the Gaussian pixel likelihood")
     batch_size: int = setting(20, "sequences per step (per process)")
     lr: float = setting(4e-5, "RMSprop learning rate")
+    lr_decay_share: float = setting(0.0, "lr falls linearly to 0 over this last share of the run (of --steps, or "
+                                         "of this invocation's --max-minutes, whichever ends first; 0: constant "
+                                         "lr, as the reference)")
     cp: float = setting(1.0, "gradient-norm clip")
     seed: int = setting(666, "random seed")
     # ---- logging ---------------------------------------------------------------------------------
@@ -274,6 +277,8 @@ class Config:
                  f"overflows and every step is skipped as non-finite (0.1 in the paper, 0.2 advised for synthetic data)")
         if self.lr <= 0:
             fail(f"lr={self.lr} must be positive")
+        if not 0 <= self.lr_decay_share <= 1:
+            fail(f"lr_decay_share={self.lr_decay_share} must lie in [0, 1] (a share of the run)")
         if not self.cp > 0:
             fail(f"cp={self.cp} (the gradient-norm clip) must be positive: 0 would zero every gradient; "
                  f"pass --cp inf to train without clipping")

@@ -3,8 +3,8 @@ replayed from a captured CUDA graph.
 
 The model's training forward has fixed shapes and no host synchronisation, so a whole step can be
 captured once and replayed: the CPU then launches one graph instead of thousands of kernels.
-What changes from step to step enters through static tensors (the batch, the temperature tau and
-the z_pres prior); the two step-dependent switches (detaching object state before
+What changes from step to step enters through static tensors (the batch, the temperature tau,
+the z_pres prior and, under a learning-rate schedule, the learning rate); the two step-dependent switches (detaching object state before
 `remove_detach_step`, the alpha curriculum) select one of at most four graphs.
 """
 from __future__ import annotations
@@ -50,6 +50,22 @@ class TrainStep:
         self.warmup = warmup
         self.graphs = {}          # key -> (graph, static inputs and outputs)
         self.seen = {}            # key -> eager steps taken (warm-up before capture)
+        self.lr = None            # () device tensor the captured graphs read the learning rate from (set_lr)
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps. Captured graphs cannot see a changed float, so with
+        CUDA graphs the optimizer reads it from one device tensor, installed before the first capture."""
+        if not self.cuda_graph:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            return
+        if self.lr is None:
+            if self.graphs:
+                raise RuntimeError("set_lr after a CUDA graph was captured with a constant learning rate")
+            self.lr = torch.tensor(float(lr), device=next(self.model.parameters()).device)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+        self.lr.fill_(lr)
 
     def _forward_backward(self, batch, step, tau, prior, keep_records=False, inject_nan=False, capturing=False):
         model, cfg = self.model, self.cfg

@@ -65,7 +65,7 @@ import fast
 from engine import TrainStep, make_optimizer
 from fast import SpeedOptions
 from scalor import SCALOR
-from utils import LOW_TRACKED_SHARE, seed_everything, tau_at, z_pres_prior_at
+from utils import LOW_TRACKED_SHARE, lr_at, seed_everything, tau_at, z_pres_prior_at
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,12 +334,13 @@ def default_run_name(args, kind: str, preset: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def log_scalars(writer, cfg: Config, step: int, terms: dict, loss: float, objects: float, steps_per_s: float,
-                bad_steps: int) -> None:
+                bad_steps: int, lr: float) -> None:
     for name, value in terms.items():
         writer.add_scalar(f"train/{name}", value, step)
     writer.add_scalar("train/total_loss", loss, step)
     writer.add_scalar("train/tau", tau_at(cfg, step - 1), step)
     writer.add_scalar("train/z_pres_prior", z_pres_prior_at(cfg, step), step)
+    writer.add_scalar("train/lr", lr, step)
     writer.add_scalar("train/objects_per_frame", objects, step)
     writer.add_scalar("train/steps_per_s", steps_per_s, step)
     writer.add_scalar("train/bad_steps", bad_steps, step)
@@ -454,7 +455,9 @@ def train(run: Run, args) -> int:
     # Taken at the start and at the finite logging steps (every print_freq), when the check passes.
     kept = take_snapshot(run, good)
     last_log = (time.time(), step)
-    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
+    started = time.time()
+    deadline = started + 60 * args.max_minutes if args.max_minutes else math.inf
+    time_share = 0.0                            # the share of --max-minutes used, agreed after each step
     if ddp.main:
         print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {run.device}"
               f"{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {run.data_desc['dataset']} "
@@ -476,14 +479,19 @@ def train(run: Run, args) -> int:
             step += 1
             batch = batch.to(run.device, non_blocking=pin)
             log_now = step == 1 or step % cfg.print_freq == 0
+            lr = lr_at(cfg, max((step - 1) / run.total_steps, time_share))
+            if cfg.lr_decay_share > 0:
+                step_fn.set_lr(lr)
             result = step_fn(batch, step, keep_records=log_now and ddp.main)
-            # one small all-reduce: loss, objects and "stop requested" (a signal or --max-minutes) agreed by
-            # every process, so all of them stop after the same step
-            out_of_time = time.time() >= deadline
+            # one small all-reduce: loss, objects, "stop requested" (a signal or --max-minutes) and the share
+            # of --max-minutes used, agreed by every process: all stop after the same step, at the same lr
+            now = time.time()
+            out_of_time = now >= deadline
             stop_now = stop["signal"] is not None or out_of_time
-            summary = all_mean(torch.stack((result.loss, result.counts.float().mean(),
-                                            torch.tensor(float(stop_now), device=result.loss.device))), ddp)
-            loss, objects, stop_any = summary.tolist()
+            used = (now - started) / (60 * args.max_minutes) if args.max_minutes else 0.0
+            flags = torch.tensor((float(stop_now), used), device=result.loss.device)
+            summary = all_mean(torch.cat((result.loss.view(1), result.counts.float().mean().view(1), flags)), ddp)
+            loss, objects, stop_any, time_share = summary.tolist()
             ok = bool(result.finite)
             position = (epoch, index + 1) if index + 1 < run.batches_per_epoch else (epoch + 1, 0)
             if ok:
@@ -507,7 +515,7 @@ def train(run: Run, args) -> int:
                     now = time.time()
                     steps_per_s = (step - last_log[1]) / (now - last_log[0])
                     log_scalars(writer, cfg, step, dict(zip(result.terms, terms.tolist())), loss, objects, steps_per_s,
-                                bad_steps)
+                                bad_steps, lr)
                     log_images(writer, cfg, step, batch, result.output)
                     last_log = (now, step)
             if log_now and ddp.main:

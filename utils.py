@@ -50,6 +50,14 @@ def z_pres_prior_at(cfg: Config, step: int) -> float:
                             cfg.z_pres_anneal_start_value, cfg.z_pres_anneal_end_value)
 
 
+def lr_at(cfg: Config, progress: float) -> float:
+    """Learning rate at `progress` (0 at the start, 1 at the end of the run): cfg.lr, falling
+    linearly to 0 over the last cfg.lr_decay_share of the run (0: constant, as the reference)."""
+    if cfg.lr_decay_share <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, max(0.0, (1.0 - progress) / cfg.lr_decay_share))
+
+
 def step_switches(cfg: Config, step: int) -> tuple[bool, bool]:
     """(detach object state across frames, alpha curriculum active) at training step `step`."""
     return (not cfg.phase_do_remove_detach or step < cfg.remove_detach_step,

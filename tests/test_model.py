@@ -11,7 +11,7 @@ from common import Config, ConfigError, small_config
 from modules import (crop, kl_bernoulli, kl_normal, kl_std_normal, place_windows, scatter_windows,
                      spatial_transform, window_size)
 from scalor import SCALOR, FrameContext, Objects, Slots, anchor_box, compact
-from utils import tau_at, z_pres_prior_at
+from utils import lr_at, tau_at, z_pres_prior_at
 
 
 def _ctx(first, tau, pres_prior, generate=False, nll=False):
@@ -306,6 +306,15 @@ def test_schedules():
     assert z_pres_prior_at(cfg, 250) == pytest.approx(0.1 + (1e-3 - 0.1) / 2)
     assert z_pres_prior_at(cfg, 500) == pytest.approx(1e-3)
     assert z_pres_prior_at(cfg, 10**6) == pytest.approx(1e-3)
+
+
+def test_the_learning_rate_is_constant_by_default_and_falls_linearly_to_0_over_the_last_share():
+    assert [lr_at(Config(lr=1e-3), p) for p in (0.0, 0.5, 1.0)] == [1e-3] * 3     # the reference
+    cfg = Config(lr=1e-3, lr_decay_share=0.25)
+    assert [lr_at(cfg, p) for p in (0.0, 0.5, 0.75)] == [1e-3] * 3
+    assert lr_at(cfg, 0.875) == pytest.approx(5e-4) and lr_at(cfg, 1.0) == 0.0 and lr_at(cfg, 2.0) == 0.0
+    with pytest.raises(ConfigError, match="lr_decay_share=1.5 must lie in"):
+        Config(lr_decay_share=1.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ TINY = ["--small", "--img-h", "64", "--img-w", "64", "--seq-len", "3", "--batch-
         "--num-img-summary", "2", "--workers", "0", "--device", "cpu"]
 SCALARS = ["train/total_loss", "train/log_like", "train/kl_what", "train/kl_where", "train/kl_depth",
            "train/kl_pres", "train/kl_bg", "train/tau", "train/z_pres_prior", "train/objects_per_frame",
-           "train/steps_per_s", "train/bad_steps"]
+           "train/steps_per_s", "train/bad_steps", "train/lr"]
 IMAGES = ["images/input", "images/reconstruction", "images/background", "images/alpha", "images/boxes",
           "generation/rollout"]
 
@@ -167,6 +167,31 @@ def test_resume_continues_exactly(short_run, tmp_path, capsys):
     resumed = [(r["step"], r["loss"]) for r in losses(tmp_path)]
     assert resumed == [(r["step"], r["loss"]) for r in losses(short_run)]
     assert read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000004.pt"))["step"] == 4
+
+
+def test_the_lr_schedule_runs_by_step_and_resumes_exactly(tmp_path, monkeypatch):
+    """--lr-decay-share 0.5 over 4 steps: lr, lr, lr, lr/2 (progress 0, 1/4, 2/4, 3/4 before each step),
+    logged, and the same losses when the run is stopped by a signal after step 2 and resumed."""
+    decay = ["--lr-decay-share", "0.5", "--lr", "1e-4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(TINY + run_dirs(straight) + decay) == 0
+    events = EventAccumulator(str(straight / "summary"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([1e-4, 1e-4, 5e-5])
+    groups = read_checkpoint(str(straight / "checkpoints" / "ckpt_00000004.pt"))["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([5e-5] * len(groups))
+
+    class StopAfter2(train.TrainStep):
+        def __call__(self, batch, step, keep_records=False, inject_nan=False):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().__call__(batch, step, keep_records, inject_nan)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "TrainStep", StopAfter2)
+        assert train.main(TINY + run_dirs(split) + decay) == 0
+    assert len(losses(split)) == 2
+    assert train.main(TINY + run_dirs(split, "--resume", "auto") + decay) == 0
+    assert [r["loss"] for r in losses(split)] == [r["loss"] for r in losses(straight)]
 
 
 def test_resume_keeps_the_sprite_preset_and_size(tmp_path):
