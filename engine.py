@@ -3,9 +3,10 @@ replayed from a captured CUDA graph.
 
 The model's training forward has fixed shapes and no host synchronisation, so a whole step can be
 captured once and replayed: the CPU then launches one graph instead of thousands of kernels.
-What changes from step to step enters through static tensors (the batch, the temperature tau,
-the z_pres prior and, under a learning-rate schedule, the learning rate); the two step-dependent switches (detaching object state before
-`remove_detach_step`, the alpha curriculum) select one of at most four graphs.
+What changes from step to step enters through static tensors (the batch, the temperature tau, the
+z_pres prior and, under a learning-rate schedule, the learning rate); the two step-dependent switches
+(detaching object state before `remove_detach_step`, the alpha curriculum) select one of at most four
+graphs.
 """
 from __future__ import annotations
 
