@@ -422,7 +422,8 @@ class SpriteSpec:
     img_h: int = 64
     img_w: int = 64
     seq_len: int = 10
-    num_sequences: int = 1000            # dataset length
+    num_sequences: int = 100_000         # dataset length: scenes are drawn on the fly, so many cost nothing,
+                                         # and a model trained on few fits those scenes rather than sprites
     min_objects: int = 1
     max_objects: int = 4
     shapes: tuple = SHAPES

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=sorted(SPRITE_PRESETS),
                      help="sprite scenes [easy; on resume, the checkpoint's]")
     run.add_argument("--num-sprite-sequences", type=int, metavar="N",
-                     help="sprite dataset size [the preset's; on resume, the checkpoint's]")
+                     help="sprite dataset size [100,000, drawn on the fly; on resume, the checkpoint's]")
     run.add_argument("--frame-skip", type=int, metavar="N",
                      help="frames between sequence frames [grandcentral 8, frames 1]")
     run.add_argument("--skip-bad-frames", action="store_true", help="drop unreadable frames instead of failing")
