@@ -5,7 +5,7 @@
                                            [--[no-]first-frame-rejection] [--no-evaluate] [--overwrite]
 
 1. writes `num` held-out sprite videos of `length` frames at the model's image size, with ground truth
-   (scripts/sprite_videos.py; scene seed 20000 + cfg.seed, apart from training's and evaluate.py's);
+   (scripts/sprite_videos.py; scene seed 20000 for every run, apart from training's and evaluate.py's);
 2. runs track.py on them (`--box tight` and `--box glimpse`, and tight boxes with every track kept,
    `--duplicate-iou 0`) and scores the written MOTChallenge files read back (track.score_folder);
 3. scores the model's own predictions on the same videos as evaluate.py does (its functions:
@@ -40,7 +40,7 @@ from data import DataError, check_preset, load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
 from utils import discard_work, pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
 
-SCENE_SEED_OFFSET = 20_000
+SCENE_SEED = 20_000
 
 
 def internal_scores(model, payload, videos_dir: Path, truths: list, window: int, seed: int, chunk: int | None,
@@ -139,7 +139,7 @@ def compare(args, model, payload, thresholds: list[float], device, out: Path) ->
     """Steps 1-4 of the module docstring, everything written into `out`; returns an exit code."""
     cfg = model.cfg
     window = args.window or cfg.seq_len
-    scene_seed = SCENE_SEED_OFFSET + cfg.seed
+    scene_seed = ev.test_scene_seed(cfg.seed, SCENE_SEED)
     written = write_sprite_videos(out / "data", args.preset, args.num, args.length, (cfg.img_h, cfg.img_w), scene_seed)
     data = written["data"]
     truths = [ev.ground_truth_frames(data.ground_truth(i)) for i in range(args.num)]

@@ -19,15 +19,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import make_sprites, write_to_disk  # noqa: E402
-from evaluate import TEST_SEED_OFFSET, ground_truth_frames  # noqa: E402
+from evaluate import TEST_SEED, ground_truth_frames  # noqa: E402
 from track import ground_truth_file  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
-DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED_OFFSET + 666, index=3)
+DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED + 666, index=3)
 
 
 def write_sprite_videos(out_dir, preset: str = "easy", num: int = 4, length: int = 60, size=None,
-                        seed: int = TEST_SEED_OFFSET + 666) -> dict:
+                        seed: int = TEST_SEED + 666) -> dict:
     """Write `num` sprite videos of `length` frames (size (H, W); None: the preset's) and their
     ground truth. Returns {"videos": folder, "gt": folder, "names": [name], "data": the MovingSprites}."""
     out_dir = Path(out_dir)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=4, help="videos")
     p.add_argument("--length", type=int, default=60, help="frames per video")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the preset's")
-    p.add_argument("--seed", type=int, default=TEST_SEED_OFFSET + 666)
+    p.add_argument("--seed", type=int, default=TEST_SEED + 666)
     args = p.parse_args(argv)
     if args.demo:
         print(f"wrote {write_demo()}")

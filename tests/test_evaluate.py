@@ -343,7 +343,7 @@ def test_main_end_to_end(tmp_path, checkpoint, tiny_cfg):
     assert report["tau"] == pytest.approx(math.exp(1234 * math.log(0.5) / 2e4))
 
     # ground truth computed independently: the test scenes, objects with >= 5 visible pixels
-    data = make_sprites("easy", img_h=64, img_w=64, seq_len=3, num_sequences=2, seed=ev.TEST_SEED_OFFSET + tiny_cfg.seed)
+    data = make_sprites("easy", img_h=64, img_w=64, seq_len=3, num_sequences=2, seed=ev.TEST_SEED)
     gt_counts = [int(((gt["ids"][t] >= 0) & (gt["masks"][t].sum((1, 2)) >= 5)).sum())
                  for gt in map(data.ground_truth, range(2)) for t in range(3)]
 
@@ -564,3 +564,12 @@ def test_ocrb_protocol_end_to_end(tmp_path, checkpoint):
     assert report["seq_len"] == 6 and report["tracking_ocrb"]["num_frames"] == 2 * (6 - 2)
     with open(os.path.join(longer, "predictions.json")) as f:
         assert all(len(frames) == 6 for frames in json.load(f).values())
+
+
+def test_every_training_seed_is_scored_on_the_same_sprite_test_scenes_never_its_own():
+    """OCRB scores every training seed on one test set: the test scenes do not follow the seed."""
+    assert ev.test_scene_seed(0) == ev.test_scene_seed(2) == ev.TEST_SEED
+    assert ev.test_scene_seed(ev.TEST_SEED) == ev.TEST_SEED + 1           # those would be its training scenes
+    test = make_sprites("spmot", num_sequences=2, seed=ev.test_scene_seed(2))
+    train = make_sprites("spmot", num_sequences=2, seed=2)
+    assert not torch.equal(test[0], train[0]) and not torch.equal(test[1], train[1])
