@@ -58,8 +58,8 @@ from checkpoints import (CheckpointError, Progress, SaveError, check_branch, cla
                          open_loss_log, read_checkpoint, resume_path, rng_state, take_snapshot, weights_sane,
                          write_checkpoint)
 from common import RECIPES, Config, ConfigError, check_flags_at_least, flag_help, small_config
-from data import (DATASET_KINDS, SPRITE_PRESETS, DataError, build_dataset, dataset_kind, estimate_background, iterate,
-                  make_loader)
+from data import (DATASET_KINDS, SPRITE_PRESETS, DataError, SpriteSpec, build_dataset, dataset_kind, estimate_background,
+                  iterate, make_loader)
 from distributed import Dist, all_mean, init_distributed, shutdown
 import fast
 from engine import TrainStep, make_optimizer
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=sorted(SPRITE_PRESETS),
                      help="sprite scenes [easy; on resume, the checkpoint's]")
     run.add_argument("--num-sprite-sequences", type=int, metavar="N",
-                     help="sprite dataset size [100,000, drawn on the fly; on resume, the checkpoint's]")
+                     help=f"sprite dataset size [{SpriteSpec.num_sequences:,}, drawn on the fly; on resume, the checkpoint's]")
     run.add_argument("--frame-skip", type=int, metavar="N",
                      help="frames between sequence frames [grandcentral 8, frames 1]")
     run.add_argument("--skip-bad-frames", action="store_true", help="drop unreadable frames instead of failing")
