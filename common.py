@@ -101,6 +101,12 @@ class Config:
         "z_pres (no duplicates at t = 0)")
     phase_obj_num_contrain: bool = setting(True, "training-time cap of max_num_obj (reference spelling)")
     using_bg_sbd: bool = setting(False, "weaker spatial-broadcast background decoder")
+    bg_group_norm: bool = setting(True,
+        "GroupNorm in the background encoder and decoder, as in the reference (False, not in the reference: "
+        "without it, which with bg_colour_init lets a textured background leave the flat colour much sooner)")
+    bg_colour_init: bool = setting(False,
+        "not in the reference: a new run starts the background decoder at the training frames' mean colour "
+        "(the bias before its sigmoid) instead of at grey")
     phase_bg_alpha_curriculum: bool = setting(False, "fix discovery alpha early so foreground learns")
     bg_alpha_curriculum_steps: int = setting(200, "... for this many steps")
     bg_alpha_curriculum_value: float = setting(0.9, "... at this value per cell")

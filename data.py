@@ -873,20 +873,22 @@ def estimate_background(dataset, num_sequences: int = 8, black_level: float = BL
     objects drop out); `black_fraction` is the share of pixels whose median is black in every
     channel; `temporal_std` the mean per-pixel standard deviation over time (motion of objects or of
     the background). has_background: False when black_fraction >= the threshold, i.e. a static
-    black background that SCALOR's phase_no_background (a black background) renders exactly."""
+    black background that SCALOR's phase_no_background (a black background) renders exactly.
+    mean_colour: the frames' mean (r, g, b), where `bg_colour_init` starts the background decoder."""
     count = min(num_sequences, len(dataset))
     if count < 1:
         raise DataError("estimate_background needs at least one sequence")
     indices = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
-    black, spread = [], []
+    black, spread, colour = [], [], []
     for index in indices.tolist():
         frames = dataset[index]                                          # (T, 3, H, W)
         static = frames.median(dim=0).values                             # (3, H, W)
         black.append(float((static <= black_level).all(dim=0).float().mean()))
         spread.append(float(frames.std(dim=0, unbiased=False).mean()))
+        colour.append(frames.double().mean(dim=(0, 2, 3)).tolist())
     fraction = float(np.mean(black))
     return {"black_fraction": fraction, "temporal_std": float(np.mean(spread)), "sequences": len(indices),
-            "has_background": fraction < black_fraction}
+            "has_background": fraction < black_fraction, "mean_colour": np.mean(colour, axis=0).tolist()}
 
 
 def write_to_disk(dataset: Dataset, out_dir, num: int) -> Path:

@@ -23,15 +23,24 @@ from torch import nn
 from common import Config, norm_groups
 
 
-def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None):
-    """Conv2d -> CELU -> GroupNorm, the reference's unit."""
-    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU(), nn.GroupNorm(groups or norm_groups(cout), cout)]
+def conv_block(cin: int, cout: int, kernel, stride: int = 1, padding=0, groups: int | None = None,
+               norm: bool = True):
+    """Conv2d -> CELU -> GroupNorm, the reference's unit (norm False: without the GroupNorm)."""
+    layers = [nn.Conv2d(cin, cout, kernel, stride, padding), nn.CELU()]
+    return layers + [nn.GroupNorm(groups or norm_groups(cout), cout)] if norm else layers
 
 
-def upsample_block(cin: int, cout: int, factor: int):
-    """1x1 conv to cout*factor^2 -> PixelShuffle(factor) -> CELU -> GroupNorm."""
-    return [nn.Conv2d(cin, cout * factor * factor, 1), nn.PixelShuffle(factor), nn.CELU(),
-            nn.GroupNorm(norm_groups(cout), cout)]
+def upsample_block(cin: int, cout: int, factor: int, norm: bool = True):
+    """1x1 conv to cout*factor^2 -> PixelShuffle(factor) -> CELU -> GroupNorm (norm False: without it)."""
+    layers = [nn.Conv2d(cin, cout * factor * factor, 1), nn.PixelShuffle(factor), nn.CELU()]
+    return layers + [nn.GroupNorm(norm_groups(cout), cout)] if norm else layers
+
+
+def start_output_at(conv: nn.Conv2d, colour: torch.Tensor) -> None:
+    """Set the bias of a decoder's last conv (before its sigmoid) so that a zero input to it gives
+    `colour` (3,) in (0, 1), clamped to [0.01, 0.99]."""
+    with torch.no_grad():
+        conv.bias.copy_(torch.logit(colour.to(conv.bias).clamp(0.01, 0.99)))
 
 
 def _log2(n: int) -> int:
@@ -282,7 +291,7 @@ class BgEncoder(nn.Module):
         layers, cin = [], 4
         for i in range(num_down):
             cout = (16, 32)[i] if i < 2 else 64
-            layers += conv_block(cin, cout, 4, 2, 1)
+            layers += conv_block(cin, cout, 4, 2, 1, norm=cfg.bg_group_norm)
             cin = cout
         layers.append(nn.Conv2d(cin, 2 * cfg.bg_what_dim, (cfg.img_h >> num_down, cfg.img_w >> num_down)))
         self.enc = nn.Sequential(*layers)
@@ -306,15 +315,19 @@ class BgDecoder(nn.Module):
         if k % 2:
             factors.insert(len(factors) - 1, 2)
         widths = ([256] * len(factors) + [128, 64, 16])[-len(factors):] if len(factors) >= 3 else [64, 16][-len(factors):]
-        layers = conv_block(cfg.bg_what_dim, 256, 1)
+        norm = cfg.bg_group_norm
+        layers = conv_block(cfg.bg_what_dim, 256, 1, norm=norm)
         cin = 256
         for f, c in zip(factors, widths):
-            layers += upsample_block(cin, c, f)
-            layers += conv_block(c, c, 3, 1, 1)
+            layers += upsample_block(cin, c, f, norm=norm)
+            layers += conv_block(c, c, 3, 1, 1, norm=norm)
             cin = c
         self.dec = nn.Sequential(*layers)
-        self.bg_dec = nn.Sequential(*conv_block(16, 16, 3, 1, 1),
+        self.bg_dec = nn.Sequential(*conv_block(16, 16, 3, 1, 1, norm=norm),
                                     nn.Conv2d(16, 3, 3, 1, 1))
+
+    def start_at(self, colour):                # (3,) in (0, 1)
+        start_output_at(self.bg_dec[-1], colour)
 
     def forward(self, z_bg):                   # (B, bg_what_dim)
         x = z_bg[..., None, None].expand(-1, -1, *self.start_hw)
@@ -330,7 +343,7 @@ class BgDecoderSBD(nn.Module):
         n = 3 if min(cfg.img_h, cfg.img_w) >= 128 else 2
         layers, cin = [], cfg.bg_what_dim + 2
         for _ in range(n):
-            layers += conv_block(cin, 64, 5, 1, 2)
+            layers += conv_block(cin, 64, 5, 1, 2, norm=cfg.bg_group_norm)
             cin = 64
         self.dec = nn.Sequential(*layers)
         self.bg_dec = nn.Conv2d(64, 3, 3, padding=1)
@@ -342,6 +355,9 @@ class BgDecoderSBD(nn.Module):
         H, W = self.position_embedding.shape[-2:]
         x = torch.cat((self.position_embedding.expand(B, -1, -1, -1), z_bg[..., None, None].expand(-1, -1, H, W)), 1)
         return torch.sigmoid(self.bg_dec(self.dec(x)))
+
+    def start_at(self, colour):                # (3,) in (0, 1)
+        start_output_at(self.bg_dec, colour)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -287,6 +287,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
 
     seed_everything(cfg.seed)
     model = SCALOR(cfg).to(device)
+    if cfg.bg_colour_init and payload is None and not cfg.phase_no_background:   # a new run only
+        model.bg_dec.start_at(torch.tensor(estimate_background(dataset)["mean_colour"]))
     if ddp.world > 1:   # the same initial weights everywhere, then each process its own noise
         seed_everything(cfg.seed + 1000 * ddp.rank)
     speed = SpeedOptions.from_args(args).resolved(device, distributed=ddp.world > 1)   # notices for CPU runs
