@@ -36,9 +36,10 @@ def upsample_block(cin: int, cout: int, factor: int, norm: bool = True):
     return layers + [nn.GroupNorm(norm_groups(cout), cout)] if norm else layers
 
 
-def start_output_at(conv: nn.Conv2d, colour: torch.Tensor) -> None:
-    """Set the bias of a decoder's last conv (before its sigmoid) so that a zero input to it gives
-    `colour` (3,) in (0, 1), clamped to [0.01, 0.99]."""
+def start_background_at(decoder: nn.Module, colour: torch.Tensor) -> None:
+    """Set the bias of a background decoder's last conv (`output_conv`, before its sigmoid) so that a
+    zero input to that conv gives `colour` (3,) in (0, 1), clamped to [0.01, 0.99]."""
+    conv = decoder.output_conv
     with torch.no_grad():
         conv.bias.copy_(torch.logit(colour.to(conv.bias).clamp(0.01, 0.99)))
 
@@ -326,8 +327,9 @@ class BgDecoder(nn.Module):
         self.bg_dec = nn.Sequential(*conv_block(16, 16, 3, 1, 1, norm=norm),
                                     nn.Conv2d(16, 3, 3, 1, 1))
 
-    def start_at(self, colour):                # (3,) in (0, 1)
-        start_output_at(self.bg_dec[-1], colour)
+    @property
+    def output_conv(self) -> nn.Conv2d:        # the last conv, before the sigmoid
+        return self.bg_dec[-1]
 
     def forward(self, z_bg):                   # (B, bg_what_dim)
         x = z_bg[..., None, None].expand(-1, -1, *self.start_hw)
@@ -356,8 +358,9 @@ class BgDecoderSBD(nn.Module):
         x = torch.cat((self.position_embedding.expand(B, -1, -1, -1), z_bg[..., None, None].expand(-1, -1, H, W)), 1)
         return torch.sigmoid(self.bg_dec(self.dec(x)))
 
-    def start_at(self, colour):                # (3,) in (0, 1)
-        start_output_at(self.bg_dec, colour)
+    @property
+    def output_conv(self) -> nn.Conv2d:        # the last conv, before the sigmoid
+        return self.bg_dec
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from distributed import Dist, all_mean, init_distributed, shutdown
 import fast
 from engine import TrainStep, make_optimizer
 from fast import SpeedOptions
+from modules import start_background_at
 from scalor import SCALOR
 from utils import LOW_TRACKED_SHARE, lr_at, seed_everything, tau_at, z_pres_prior_at
 
@@ -270,8 +271,10 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     dataset = build_dataset(kind, cfg, train=True, data_dir=args.data_dir, preset=preset,
                             num_sequences=num_sprites, frame_skip=args.frame_skip,
                             skip_bad_frames=args.skip_bad_frames, seed=cfg.seed)
+    estimate = None   # data.estimate_background: read from the frames once, where needed
     if args.recipe and payload is None and "phase_no_background" not in given_config(args):   # decided by the data
-        cfg = cfg.replace(phase_no_background=not estimate_background(dataset)["has_background"])
+        estimate = estimate_background(dataset)
+        cfg = cfg.replace(phase_no_background=not estimate["has_background"])
         print(f"notice: --recipe {args.recipe}: phase_no_background={cfg.phase_no_background} (estimated from the frames; "
               f"pass --phase-no-background or --no-phase-no-background to choose)")
         if not cfg.phase_no_background:
@@ -288,7 +291,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     seed_everything(cfg.seed)
     model = SCALOR(cfg).to(device)
     if cfg.bg_colour_init and payload is None and not cfg.phase_no_background:   # a new run only
-        model.bg_dec.start_at(torch.tensor(estimate_background(dataset)["mean_colour"]))
+        estimate = estimate or estimate_background(dataset)
+        start_background_at(model.bg_dec, torch.tensor(estimate["mean_colour"]))
     if ddp.world > 1:   # the same initial weights everywhere, then each process its own noise
         seed_everything(cfg.seed + 1000 * ddp.rank)
     speed = SpeedOptions.from_args(args).resolved(device, distributed=ddp.world > 1)   # notices for CPU runs

@@ -9,7 +9,7 @@ from torch import nn
 import train
 from common import Config, small_config
 from data import estimate_background, make_sprites
-from modules import BgDecoder, BgDecoderSBD, BgEncoder
+from modules import BgDecoder, BgDecoderSBD, BgEncoder, start_background_at
 from scalor import SCALOR
 from test_equivalence import assert_equal, config, run_both
 
@@ -59,17 +59,18 @@ def test_train_background_without_group_norm():
 
 
 @pytest.mark.parametrize("decoder", [BgDecoder, BgDecoderSBD])
-def test_start_at_gives_the_colour_before_anything_is_learned(decoder):
+def test_start_gives_the_colour_before_anything_is_learned(decoder):
     cfg = small_config(bg_what_dim=8)
     dec = decoder(cfg)
     colour = torch.tensor([0.2, 0.35, 0.5])
-    dec.start_at(colour)
-    last = dec.bg_dec[-1] if isinstance(dec.bg_dec, nn.Sequential) else dec.bg_dec
+    start_background_at(dec, colour)
+    last = dec.output_conv
+    assert last is [m for m in dec.modules() if isinstance(m, nn.Conv2d)][-1]
     with torch.no_grad():
         last.weight.zero_()                                  # the output is then the bias alone
     image = dec(torch.randn(3, cfg.bg_what_dim))             # (3, 3, H, W)
     torch.testing.assert_close(image, colour.view(1, 3, 1, 1).expand_as(image), rtol=0, atol=1e-6)
-    dec.start_at(torch.tensor([0.0, 1.0, 0.5]))              # clamped into the sigmoid's reach
+    start_background_at(dec, torch.tensor([0.0, 1.0, 0.5]))              # clamped into the sigmoid's reach
     torch.testing.assert_close(torch.sigmoid(last.bias), torch.tensor([0.01, 0.99, 0.5]), rtol=0, atol=1e-6)
 
 
@@ -80,7 +81,10 @@ def test_estimate_gives_the_frames_mean_colour():
     torch.testing.assert_close(torch.tensor(estimate["mean_colour"], dtype=torch.float64), expected, rtol=0, atol=1e-9)
 
 
-def test_train_starts_a_new_run_at_the_mean_colour_when_asked(tmp_path):
+def test_train_starts_a_new_run_at_the_mean_colour_when_asked(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "estimate_background", lambda data: calls.append(1) or estimate_background(data))
+
     def setup(*flags):
         args = train.build_parser().parse_args(
             ["--recipe", "sprites", "--preset", "few", "--seq-len", "3", "--batch-size", "2",
@@ -89,9 +93,10 @@ def test_train_starts_a_new_run_at_the_mean_colour_when_asked(tmp_path):
         return train.setup(args)
 
     run = setup("--bg-colour-init", "--no-bg-group-norm")
+    assert len(calls) == 1                                   # the recipe's estimate serves the colour too
     assert run.cfg.bg_colour_init and not run.cfg.bg_group_norm and not run.cfg.phase_no_background
     colour = torch.tensor(estimate_background(run.dataset)["mean_colour"], dtype=torch.float32)
-    torch.testing.assert_close(torch.sigmoid(run.model.bg_dec.bg_dec[-1].bias), colour, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.sigmoid(run.model.bg_dec.output_conv.bias), colour, rtol=0, atol=1e-6)
     default = setup("--run-name", "other", "--ckpt-dir", str(tmp_path / "ck2"), "--summary-dir", str(tmp_path / "s2"))
     assert not default.cfg.bg_colour_init
-    assert not torch.allclose(torch.sigmoid(default.model.bg_dec.bg_dec[-1].bias), colour, atol=1e-2)
+    assert not torch.allclose(torch.sigmoid(default.model.bg_dec.output_conv.bias), colour, atol=1e-2)
