@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="laptop preset: 64x64, 4x4 cells, glimpse 32, seq 5, cap 10, batch 8 (flags given win)")
     run.add_argument("--recipe", choices=sorted(RECIPES),
                      help="named config over the --small sizes (common.sprites_config: the measured sprite recipe; "
-                          "phase_no_background from the data unless given; flags given win)")
+                          "phase_no_background from the data unless given, and with a background common.SPRITES_BACKGROUND; "
+                          "flags given win)")
     run.add_argument("--data-dir", metavar="DIR",
                      help="folder of frames (or of videos); absent: built-in moving sprites")
     run.add_argument("--dataset", choices=DATASET_KINDS,
@@ -146,17 +147,39 @@ def given_config(args) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
 
 
-def make_config(args, base: Config | None) -> Config:
-    """Flags given over `base` (a checkpoint's config), or over the defaults / the --small preset.
+def make_config(args, base: Config | None, recipe_background: bool = False) -> Config:
+    """Flags given over `base` (a checkpoint's config), or over the defaults / the --small preset /
+    the recipe (with its background settings if `recipe_background`).
 
     observe_frames, when not given, is lowered to seq_len - 1 if it would not fit the sequence."""
     given = given_config(args)
     if base is None:
-        base = RECIPES[args.recipe]() if args.recipe else small_config() if args.small else Config()
+        base = (RECIPES[args.recipe](background=recipe_background) if args.recipe
+                else small_config() if args.small else Config())
     values = {**base.to_dict(), **given}
     if "observe_frames" not in given and values["observe_frames"] >= values["seq_len"]:
         values["observe_frames"] = max(1, values["seq_len"] - 1)
     return Config(**values)
+
+
+def recipe_for_data(args, cfg: Config, dataset) -> tuple[Config, dict | None]:
+    """A new --recipe run's config fitted to its data: without a background module where the frames are
+    mostly black (unless --[no-]phase-no-background says), else with the recipe's background settings
+    (common.SPRITES_BACKGROUND) under the flags given. Also returns the frames' estimate, if read."""
+    given, estimate = given_config(args), None
+    if "phase_no_background" not in given:   # decided by the data
+        estimate = estimate_background(dataset)
+        cfg = cfg.replace(phase_no_background=not estimate["has_background"])
+        print(f"notice: --recipe {args.recipe}: phase_no_background={cfg.phase_no_background} (estimated from the frames; "
+              f"pass --phase-no-background or --no-phase-no-background to choose)")
+    if not cfg.phase_no_background:
+        background = make_config(args, None, recipe_background=True).replace(phase_no_background=False)
+        added = {k: new for k, (new, _) in background.diff(cfg).items()}
+        cfg = background
+        if added:
+            print(f"notice: --recipe {args.recipe} with a background adds " + ", ".join(f"{k}={v}" for k, v in added.items())
+                  + " (not in the reference; README, 'When the foreground does not learn'); flags given override them")
+    return cfg, estimate
 
 
 def pick_device(name: str, ddp: Dist = Dist(), small: bool = False) -> torch.device:
@@ -272,15 +295,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
                             num_sequences=num_sprites, frame_skip=args.frame_skip,
                             skip_bad_frames=args.skip_bad_frames, seed=cfg.seed)
     estimate = None   # data.estimate_background: read from the frames once, where needed
-    if args.recipe and payload is None and "phase_no_background" not in given_config(args):   # decided by the data
-        estimate = estimate_background(dataset)
-        cfg = cfg.replace(phase_no_background=not estimate["has_background"])
-        print(f"notice: --recipe {args.recipe}: phase_no_background={cfg.phase_no_background} (estimated from the frames; "
-              f"pass --phase-no-background or --no-phase-no-background to choose)")
-        if not cfg.phase_no_background:
-            print(f"notice: --recipe {args.recipe} is measured on black backgrounds; on a textured one the background "
-                  f"can take every object: watch the progress bar's obj and see the README's 'When the foreground "
-                  f"does not learn'")
+    if args.recipe and payload is None:
+        cfg, estimate = recipe_for_data(args, cfg, dataset)
     data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=preset, frame_skip=args.frame_skip,
                      num_sequences=len(dataset))
     batches_per_epoch = TrainOrder(len(dataset), cfg, 0, 0, ddp).batches_per_epoch()

@@ -81,7 +81,7 @@ def test_estimate_gives_the_frames_mean_colour():
     torch.testing.assert_close(torch.tensor(estimate["mean_colour"], dtype=torch.float64), expected, rtol=0, atol=1e-9)
 
 
-def test_train_starts_a_new_run_at_the_mean_colour_when_asked(tmp_path, monkeypatch):
+def test_train_starts_a_new_run_at_the_mean_colour_unless_told_not_to(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train, "estimate_background", lambda data: calls.append(1) or estimate_background(data))
 
@@ -92,11 +92,12 @@ def test_train_starts_a_new_run_at_the_mean_colour_when_asked(tmp_path, monkeypa
              "--summary-dir", str(tmp_path / "sum"), *flags])
         return train.setup(args)
 
-    run = setup("--bg-colour-init", "--no-bg-group-norm")
+    run = setup()                                            # the recipe asks for it where there is a background
     assert len(calls) == 1                                   # the recipe's estimate serves the colour too
     assert run.cfg.bg_colour_init and not run.cfg.bg_group_norm and not run.cfg.phase_no_background
     colour = torch.tensor(estimate_background(run.dataset)["mean_colour"], dtype=torch.float32)
     torch.testing.assert_close(torch.sigmoid(run.model.bg_dec.output_conv.bias), colour, rtol=0, atol=1e-6)
-    default = setup("--run-name", "other", "--ckpt-dir", str(tmp_path / "ck2"), "--summary-dir", str(tmp_path / "s2"))
+    default = setup("--run-name", "other", "--ckpt-dir", str(tmp_path / "ck2"), "--summary-dir", str(tmp_path / "s2"),
+                    "--no-bg-colour-init")
     assert not default.cfg.bg_colour_init
     assert not torch.allclose(torch.sigmoid(default.model.bg_dec.output_conv.bias), colour, atol=1e-2)

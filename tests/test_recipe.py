@@ -3,7 +3,7 @@ estimate (data.estimate_background) that decides its phase_no_background."""
 import pytest
 
 import train
-from common import RECIPES, small_config, sprites_config
+from common import RECIPES, SPRITES_BACKGROUND, small_config, sprites_config
 from data import estimate_background, make_sprites
 
 
@@ -21,6 +21,11 @@ def test_sprites_recipe_values():
     assert cfg.phase_no_background is False and cfg.first_frame_rejection is False     # not hard-coded
     assert sprites_config(lr=1e-3).lr == 1e-3
     assert RECIPES["sprites"] is sprites_config
+    with_background = sprites_config(background=True)
+    assert with_background.diff(cfg) == {k: (v, getattr(cfg, k)) for k, v in SPRITES_BACKGROUND.items()}
+    assert SPRITES_BACKGROUND == dict(phase_bg_alpha_curriculum=True, bg_alpha_curriculum_steps=1000,
+                                      bg_alpha_curriculum_detach_tracked=True, bg_group_norm=False, bg_colour_init=True)
+    assert sprites_config(background=True, bg_group_norm=True).bg_group_norm is True          # changes win
 
 
 @pytest.mark.parametrize("preset, has_background", [("easy", False), ("spmot", False), ("crowded", False),
@@ -48,12 +53,23 @@ def test_recipe_flag_config_and_background_from_the_data(tmp_path, capsys):
     assert black.phase_no_background is True
     assert (black.lr, black.tau_ep, black.z_pres_anneal_end_value, black.batch_size) == (3e-4, 4000.0, 1e-9, 2)
     out = capsys.readouterr().out
-    assert "phase_no_background=True (estimated from the frames" in out and "textured" not in out
-    assert setup("--preset", "few").phase_no_background is False
+    assert "phase_no_background=True (estimated from the frames" in out and "with a background adds" not in out
+    assert all(getattr(black, k) == getattr(small_config(), k) for k in SPRITES_BACKGROUND)   # none of them
+    textured = setup("--preset", "few")
+    assert textured.phase_no_background is False
+    assert all(getattr(textured, k) == v for k, v in SPRITES_BACKGROUND.items())               # the background's
+    assert (textured.lr, textured.batch_size) == (3e-4, 2)
     out = capsys.readouterr().out
     assert "phase_no_background=False (estimated" in out
-    assert "measured on black backgrounds; on a textured one the background can take every object" in out
-    assert setup("--preset", "easy", "--no-phase-no-background").phase_no_background is False   # the user's choice
+    assert ("with a background adds bg_group_norm=False, bg_colour_init=True, phase_bg_alpha_curriculum=True, "
+            "bg_alpha_curriculum_steps=1000, bg_alpha_curriculum_detach_tracked=True (not in the reference") in out
+    told = setup("--preset", "few", "--bg-alpha-curriculum-steps", "300", "--bg-group-norm")      # flags given win
+    assert (told.bg_alpha_curriculum_steps, told.bg_group_norm, told.bg_colour_init) == (300, True, True)
+    out = capsys.readouterr().out
+    assert "adds bg_colour_init=True, phase_bg_alpha_curriculum=True, bg_alpha_curriculum_detach_tracked=True (" in out
+    chosen = setup("--preset", "easy", "--no-phase-no-background")                              # the user's choice
+    assert chosen.phase_no_background is False and chosen.bg_colour_init and chosen.phase_bg_alpha_curriculum
     assert "estimated" not in capsys.readouterr().out
+    assert setup("--preset", "few", "--phase-no-background").phase_bg_alpha_curriculum is False
     args = train.build_parser().parse_args(["--recipe", "sprites", "--lr", "1e-3"])
     assert train.make_config(args, None) == sprites_config(lr=1e-3)                          # flags given win
