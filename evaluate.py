@@ -45,6 +45,8 @@ Conventions:
   motmetrics itself calls mostly tracked); `partially_tracked` (20-80%) and `mostly_lost` (< 20%)
   are motmetrics' detection-based counts, so mostly_detected + partially_tracked + mostly_lost =
   num_unique_objects. These follow the object-centric representation benchmark (Weis et al. 2021).
+  `by_frame` (`metrics.errors_by_frame`) counts objects, false positives, misses and id switches
+  per frame index over all sequences: errors that grow along the sequence are drifting tracks.
 - `--protocol ocrb` adds `tracking_ocrb`, that benchmark's own protocol (see `metrics.py`): each
   pixel goes to the object (or background) of the largest share of the composite (argmax), masks
   of more than 5 pixels, mask IoU >= 0.5, frames from --ocrb-start-frame (2) on, one accumulator
@@ -551,6 +553,10 @@ def summary_table(report: dict) -> str:
                      (f"misses ({label})", m["misses"]),
                      (f"mostly tracked ({label})", f"{m['mostly_tracked']} / {m['num_unique_objects']}"),
                      (f"mostly detected ({label})", f"{m['mostly_detected']} / {m['num_unique_objects']}")]
+    by_frame = (report.get("tracking_box_tight") or {}).get("by_frame")
+    if by_frame:   # errors that grow along the sequence are drifting tracks
+        rows += [(f"{name} / frame (box_tight)", " ".join(str(v) for v in by_frame[key]))
+                 for name, key in (("false positives", "false_positives"), ("misses", "misses"))]
     m = report.get("tracking_ocrb")
     if m:
         rows += [(f"OCRB {name} (%, frames {m['start_frame']}+, pooled)", m[key]) for name, key in

@@ -184,6 +184,23 @@ def overall_motp(accumulators: list) -> float:
     return total / count if count else float("nan")
 
 
+def errors_by_frame(accumulators: list) -> dict:
+    """Per frame index t (0-based; sequences of any length pooled): ground-truth objects, false positives,
+    misses and id switches in frame t of every sequence. Errors that grow with t are tracks that drift."""
+    length = max((len(acc.events.index.unique(level="FrameId")) for acc in accumulators), default=0)
+    counts = {"objects": [0] * length, "false_positives": [0] * length, "misses": [0] * length,
+              "id_switches": [0] * length}
+    kinds = {"FP": ("false_positives",), "MISS": ("misses", "objects"), "SWITCH": ("id_switches", "objects"),
+             "MATCH": ("objects",)}
+    for acc in accumulators:
+        events = acc.events   # every frame, empty ones too (as RAW events)
+        frames = {frame: t for t, frame in enumerate(events.index.unique(level="FrameId"))}
+        for (frame, _), kind in events["Type"].items():
+            for key in kinds.get(kind, ()):
+                counts[key][frames[frame]] += 1
+    return counts
+
+
 def summarize(accumulators: list, names: list | None = None) -> dict:
     """Tracking metrics over all sequences' accumulators (motmetrics' OVERALL row, plus ours)."""
     names = names if names is not None else [str(i) for i in range(len(accumulators))]
@@ -211,6 +228,7 @@ def summarize(accumulators: list, names: list | None = None) -> dict:
         "mostly_lost": int(row["mostly_lost"]),
         "mostly_tracked_ratio": sum(c[0] for c in counts) / unique if unique else float("nan"),
         "mostly_detected_ratio": sum(c[1] for c in counts) / unique if unique else float("nan"),
+        "by_frame": errors_by_frame(accumulators),
     }
 
 

@@ -115,6 +115,23 @@ def test_summarize_adds_up_sequences():
     assert (m["mostly_tracked"], m["mostly_lost"]) == (3, 1)
 
 
+def test_errors_by_frame_pool_sequences_frame_by_frame():
+    gt = moving_boxes(num_objects=2, num_frames=4)
+    swapped = [(np.array([11, 12]) if t < 2 else np.array([12, 11]), boxes) for t, (_, boxes) in enumerate(gt)]
+    stray = [(np.array([1, 2, 9]), np.concatenate((boxes, [[100.0, 100.0, 5.0, 5.0]]))) if t == 3 else (ids, boxes)
+             for t, (ids, boxes) in enumerate(gt)]                    # one false positive in the last frame
+    empty = [(ids[:0], boxes[:0]) for ids, boxes in gt[:2]]           # no objects, nothing predicted: 2 frames
+    dropped = [(ids[:1], boxes[:1]) if t == 1 else (ids, boxes) for t, (ids, boxes) in enumerate(gt[:3])]
+    accs = [mt.accumulate(gt, swapped), mt.accumulate(gt, stray), mt.accumulate(empty, empty),
+            mt.accumulate(gt[:3], dropped)]
+    by_frame = mt.summarize(accs)["by_frame"]
+    assert by_frame == {"objects": [6, 6, 6, 4], "false_positives": [0, 0, 0, 1], "misses": [0, 1, 0, 0],
+                        "id_switches": [0, 0, 2, 0]}
+    m = mt.summarize(accs)
+    assert [sum(by_frame[k]) for k in ("objects", "false_positives", "misses", "id_switches")] == \
+        [m["num_objects"], m["false_positives"], m["misses"], m["id_switches"]]
+
+
 def test_motp_is_the_mean_over_all_matches_when_a_sequence_has_none():
     """A sequence without any match must not make the overall MOTP NaN (motmetrics' own does)."""
     gt = moving_boxes(num_objects=1, num_frames=2)
