@@ -314,9 +314,10 @@ def small_config(**changes) -> Config:
 
 
 # The recipe's settings where the data has a background (train.py adds them; flags given win), measured on the
-# textured `stream` preset (README, "Measured"); none of them is in the reference: the alpha curriculum over 1,000
-# steps without gradient to tracked objects keeps objects while the background is still flat, and the background
-# networks without GroupNorm, started at the frames' mean colour, learn the texture soon after.
+# textured `stream` preset (README, "Measured"): the reference's alpha curriculum, over 1,000 steps instead of 200
+# and without gradient to tracked objects (not in the reference), keeps objects while the background is still flat;
+# the background networks without GroupNorm, started at the frames' mean colour (neither in the reference), learn
+# the texture soon after.
 SPRITES_BACKGROUND = dict(phase_bg_alpha_curriculum=True, bg_alpha_curriculum_steps=1000,
                           bg_alpha_curriculum_detach_tracked=True, bg_group_norm=False, bg_colour_init=True)
 

@@ -178,7 +178,7 @@ def recipe_for_data(args, cfg: Config, dataset) -> tuple[Config, dict | None]:
         cfg = background
         if added:
             print(f"notice: --recipe {args.recipe} with a background adds " + ", ".join(f"{k}={v}" for k, v in added.items())
-                  + " (not in the reference; README, 'When the foreground does not learn'); flags given override them")
+                  + " (README, 'Recipe'; all but the curriculum itself are not in the reference); flags given override them")
     return cfg, estimate
 
 

@@ -62,7 +62,7 @@ def test_recipe_flag_config_and_background_from_the_data(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "phase_no_background=False (estimated" in out
     assert ("with a background adds bg_group_norm=False, bg_colour_init=True, phase_bg_alpha_curriculum=True, "
-            "bg_alpha_curriculum_steps=1000, bg_alpha_curriculum_detach_tracked=True (not in the reference") in out
+            "bg_alpha_curriculum_steps=1000, bg_alpha_curriculum_detach_tracked=True (README, 'Recipe'") in out
     told = setup("--preset", "few", "--bg-alpha-curriculum-steps", "300", "--bg-group-norm")      # flags given win
     assert (told.bg_alpha_curriculum_steps, told.bg_group_norm, told.bg_colour_init) == (300, True, True)
     out = capsys.readouterr().out
