@@ -187,14 +187,14 @@ def overall_motp(accumulators: list) -> float:
 def errors_by_frame(accumulators: list) -> dict:
     """Per frame index t (0-based; sequences of any length pooled): ground-truth objects, false positives,
     misses and id switches in frame t of every sequence. Errors that grow with t are tracks that drift."""
-    length = max((len(acc.events.index.unique(level="FrameId")) for acc in accumulators), default=0)
-    counts = {"objects": [0] * length, "false_positives": [0] * length, "misses": [0] * length,
-              "id_switches": [0] * length}
+    counts = {"objects": [], "false_positives": [], "misses": [], "id_switches": []}
     kinds = {"FP": ("false_positives",), "MISS": ("misses", "objects"), "SWITCH": ("id_switches", "objects"),
              "MATCH": ("objects",)}
     for acc in accumulators:
         events = acc.events   # every frame, empty ones too (as RAW events)
         frames = {frame: t for t, frame in enumerate(events.index.unique(level="FrameId"))}
+        for values in counts.values():   # as long as the longest sequence so far
+            values.extend([0] * (len(frames) - len(values)))
         for (frame, _), kind in events["Type"].items():
             for key in kinds.get(kind, ()):
                 counts[key][frames[frame]] += 1
