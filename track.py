@@ -4,7 +4,7 @@ Usage:
 
     python track.py VIDEO [VIDEO ...] --checkpoint CKPT --out DIR [--window N] [--box tight|glimpse]
                     [--z-pres-threshold P] [--[no-]first-frame-rejection] [--duplicate-iou T]
-                    [--video-out mp4|gif]
+                    [--masks visible|alpha] [--video-out mp4|gif]
                     [--crop X,Y,W,H] [--score GT_DIR] [--device auto|cpu|cuda] [--seed S]
                     [--skip-bad-frames]
     python track.py --score GT_DIR --out DIR          # score tracks written before
@@ -25,7 +25,11 @@ mask has at least evaluate.MIN_GT_AREA (5) pixels, masks placed at the video's o
 (the decoded glimpse alpha sampled bilinearly there, thresholded at 0.5), so the area rule counts
 the video's pixels, as the ground truth of a video does. A second track of an object (its mask
 overlapping an older track's at IoU >= --duplicate-iou, 0.5, in most frames both were in) is left
-out (`DuplicateFilter`; not in the reference).
+out (`DuplicateFilter`; not in the reference). The masks written are then, by default (`--masks
+visible`, not in the reference), the pixels where each kept object shows in the model's composite, as
+evaluate.py's OCRB protocol reads a model (`visible_objects`): masks do not overlap, an object partly
+hidden has only its visible pixels (as the ground truth of a video has), and an object left with fewer
+than 5 pixels is not written; `--masks alpha` writes each object's own thresholded alpha instead.
 
 Written per video <name> (names from the folder or file, made unique) into --out:
 
@@ -76,6 +80,7 @@ from data import (DataError, check_frames, check_same_size, frame_files, list_fo
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
                       iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
+from modules import spatial_transform
 from utils import (LOW_TRACKED_SHARE, discard_work, pick_device, seed_arg, seed_everything, tau_at, unique_names,
                    work_folder)
 
@@ -84,6 +89,7 @@ PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame
 DEFAULT_OUT_FPS = 10.0      # --video-out frame rate for folders of frames
 VIDEO_MIN_SIDE = 256        # --video-out upscales (nearest) small videos to at least this many pixels a side
 DUPLICATE_IOU = 0.5         # --duplicate-iou: mask IoU from which a younger track is a duplicate of an older one
+MASK_READINGS = ("visible", "alpha")   # --masks: the pixels where each object shows, or its own alpha > 0.5
 
 
 class TrackError(Exception):
@@ -263,6 +269,49 @@ def video_objects(record, region: Region, width: int, height: int, pres_threshol
                    conf=np.concatenate([p.conf for p in parts]), invisible=sum(p.invisible for p in parts))
 
 
+def visible_objects(record, objects: Objects, region: Region, width: int, height: int,
+                    min_area: int = MIN_GT_AREA) -> Objects:
+    """`--masks visible` (not in the reference): the objects' masks become the pixels where each shows
+    in the model's composite, read as evaluate.py's OCRB protocol reads a model (`metrics.argmax_masks`):
+    a pixel belongs to the object of the largest importance w = alpha * z_pres * sigmoid(-z_depth) when
+    that object's share alpha_map * w / sum(w) exceeds the background's 1 - alpha_map, where
+    alpha_map = min(1, sum of alpha * z_pres), sums over `objects` (a frame's predictions, second
+    tracks left out already). So masks do not overlap, the covered part of an object belongs to the one
+    in front, and a second track cannot hold its object's pixels. Objects left with fewer than
+    `min_area` pixels are left out. record: FrameRecord of batch 1; objects: from `video_objects`.
+
+    Alphas are placed for at most PLACED_PIXELS pixels at a time (objects in chunks); the result is
+    that of one pass (ties go to the earlier object, as in argmax_masks)."""
+    n = len(objects.ids)
+    if n == 0:
+        return objects
+    rows = [int(torch.nonzero(record.ids[0] == i)[0]) for i in objects.ids.tolist()]
+    index = torch.tensor(rows, device=record.ids.device)
+    alpha_sum = torch.zeros(region.h, region.w, device=record.ids.device)     # sum of alpha * z_pres
+    weight_sum, best = torch.zeros_like(alpha_sum), torch.zeros_like(alpha_sum)
+    owner = torch.full_like(alpha_sum, -1, dtype=torch.long)                  # -1: the background
+    per = max(1, PLACED_PIXELS // (region.w * region.h))
+    for start in range(0, n, per):
+        part = index[start:start + per]
+        alpha = spatial_transform(record.alpha_glimpse[0, part].float(), record.z_where[0, part].float(),
+                                  (len(part), 1, region.h, region.w), inverse=True)[:, 0]    # (k, h, w)
+        pres = record.z_pres[0, part].float()[:, None, None]
+        weight = alpha * pres * torch.sigmoid(-record.z_depth[0, part].float())[:, None, None]
+        alpha_sum += (alpha * pres).sum(0)
+        weight_sum += weight.sum(0)
+        top, top_index = weight.max(0)
+        better = top > best
+        best, owner = torch.where(better, top, best), torch.where(better, top_index + start, owner)
+    alpha_map = alpha_sum.clamp(max=1)
+    shown = alpha_map * best / weight_sum.clamp_min(1e-12) > 1 - alpha_map   # ties: the background
+    owner = torch.where(shown, owner, -1).cpu().numpy()
+    masks = np.zeros((n, height, width), dtype=bool)
+    masks[:, region.y:region.y + region.h, region.x:region.x + region.w] = owner[None] == np.arange(n)[:, None, None]
+    keep = masks.sum(axis=(1, 2)) >= min_area
+    return Objects(ids=objects.ids[keep], xywh=objects.xywh[keep], masks=masks[keep], conf=objects.conf[keep],
+                   invisible=objects.invisible + int((~keep).sum()))
+
+
 def boxed(objects: Objects, box: str) -> Objects:
     """The objects without masks, their xywh the chosen box: 'tight' (of the mask) or 'glimpse'."""
     xywh = objects.tight if box == "tight" else objects.xywh
@@ -423,6 +472,8 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
             for (image, _), record in run_windows(model, images, opts.window, step, tau, device, frame=lambda i: i[1]):
                 objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
                 objects = duplicates(objects)
+                if opts.masks == "visible":
+                    objects = visible_objects(record, objects, region, source.width, source.height)
                 masks.add(len(frames), objects)
                 frames.append(boxed(objects, opts.box))
                 if video is not None:
@@ -499,6 +550,11 @@ def parse_args(argv):
                    help="not in the reference: leave out a second track of one object: in a frame where its mask "
                         "overlaps an older track's at IoU >= this, as it did in most of the frames both "
                         f"were in (objects that cross overlap briefly; default {DUPLICATE_IOU}; 0 keeps all)")
+    p.add_argument("--masks", choices=MASK_READINGS, default="visible",
+                   help="not in the reference: the masks (and tight boxes) written: 'visible', the pixels where "
+                        "each object shows in the model's composite, as evaluate.py --protocol ocrb reads them "
+                        "(disjoint; a second track gets none of its object's pixels; default), or 'alpha', the "
+                        "object's own decoded alpha > 0.5 (whole shapes, overlapping)")
     p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
                    help="also write each video with id-coloured boxes (H.264 .mp4 or .gif)")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H",
@@ -625,7 +681,7 @@ def main(argv=None, prog: str = "track.py") -> int:
     summary = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "tau": tau,
                "image_size": [cfg.img_h, cfg.img_w], "window": args.window, "box": args.box,
                "z_pres_threshold": args.z_pres_threshold, "first_frame_rejection": cfg.first_frame_rejection,
-               "duplicate_iou": args.duplicate_iou,
+               "duplicate_iou": args.duplicate_iou, "masks": args.masks,
                "min_area": MIN_GT_AREA, "crop": None if args.region is None else list(args.region.box),
                "seed": args.seed, "videos": {}}
     known = [s.num_frames for s in sources]

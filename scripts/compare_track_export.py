@@ -6,12 +6,13 @@
 
 1. writes `num` held-out sprite videos of `length` frames at the model's image size, with ground truth
    (scripts/sprite_videos.py; scene seed 20000 for every run, apart from training's and evaluate.py's);
-2. runs track.py on them (`--box tight` and `--box glimpse`, and tight boxes with every track kept,
-   `--duplicate-iou 0`) and scores the written MOTChallenge files read back (track.score_folder);
+2. runs track.py on them (`tight`: its defaults; `glimpse`: `--box glimpse`; `tight_alpha`: `--masks
+   alpha`, each object's own alpha; `tight_raw`: `--masks alpha --duplicate-iou 0`, every prediction as
+   the model makes it) and scores the written MOTChallenge files read back (track.score_folder);
 3. scores the model's own predictions on the same videos as evaluate.py does (its functions:
    sequence_predictions, accumulate with box / tight box / mask IoU, summarize), over the whole video
    (the state handed across windows, so the same draws as track.py: the tight-box MOTA must equal the
-   export with every track kept, `tight_all_tracks`) and cut into non-overlapping seq_len chunks with
+   `tight_raw` export) and cut into non-overlapping seq_len chunks with
    ids restarting (what evaluate.py measures on its own seq_len test sequences);
 4. unless --no-evaluate, runs `evaluate.py` itself on its sprite test set (sequences of `length` frames,
    or seq_len when `length` is not longer than the frames generation observes) with the same
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
                    help="comma-separated track.py --z-pres-threshold values to export (tight boxes) and score; "
                         "the first is also used for the glimpse-box export (the internal scoring uses 0.5)")
     p.add_argument("--duplicate-iou", type=float, default=track.DUPLICATE_IOU,
-                   help="track.py --duplicate-iou of the exports (one more export keeps every track)")
+                   help="track.py --duplicate-iou of the exports (tight_raw keeps every track)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip running evaluate.py on its own test set")
     args = p.parse_args(argv)
@@ -145,17 +146,17 @@ def compare(args, model, payload, thresholds: list[float], device, out: Path) ->
     truths = [ev.ground_truth_frames(data.ground_truth(i)) for i in range(args.num)]
 
     ffr = "--first-frame-rejection" if args.first_frame_rejection else "--no-first-frame-rejection"
-    # (name, box, z_pres threshold, duplicate IoU): track.py's defaults, glimpse boxes, no duplicates left out
+    # (name, box, masks, z_pres threshold, duplicate IoU)
     dup = args.duplicate_iou
-    runs = [("tight", "tight", thresholds[0], dup), ("glimpse", "glimpse", thresholds[0], dup)]
-    runs += [("tight_all_tracks", "tight", thresholds[0], 0.0)] if dup > 0 else []
-    runs += [(f"tight_{t:g}", "tight", t, dup) for t in thresholds[1:]]
+    runs = [("tight", "tight", "visible", thresholds[0], dup), ("glimpse", "glimpse", "visible", thresholds[0], dup),
+            ("tight_alpha", "tight", "alpha", thresholds[0], dup), ("tight_raw", "tight", "alpha", thresholds[0], 0.0)]
+    runs += [(f"tight_{t:g}", "tight", "visible", t, dup) for t in thresholds[1:]]
     exported, by_threshold = {}, {}
-    for name, box, threshold, duplicate_iou in runs:
+    for name, box, masks, threshold, duplicate_iou in runs:
         folder = out / f"tracks_{name}"
         code = track.main([str(written["videos"]), "--checkpoint", args.checkpoint, "--out", str(folder), "--box", box,
-                           "--window", str(window), "--device", args.device, "--seed", str(args.seed), ffr,
-                           "--z-pres-threshold", str(threshold), "--duplicate-iou", str(duplicate_iou),
+                           "--masks", masks, "--window", str(window), "--device", args.device, "--seed", str(args.seed),
+                           ffr, "--z-pres-threshold", str(threshold), "--duplicate-iou", str(duplicate_iou),
                            "--score", str(written["gt"])])
         if code != 0:
             return code
@@ -163,9 +164,8 @@ def compare(args, model, payload, thresholds: list[float], device, out: Path) ->
             overall = json.load(f)["overall"]
         if threshold == thresholds[0]:
             exported[name] = overall
-        if box == "tight" and duplicate_iou == dup:
+        if box == "tight" and masks == "visible":
             by_threshold[f"{threshold:g}"] = overall["mota"]
-    exported.setdefault("tight_all_tracks", exported["tight"])       # --duplicate-iou 0: the same export
 
     result = {
         "checkpoint": os.path.abspath(args.checkpoint), "step": int(payload.get("step", 0)), "preset": args.preset,
