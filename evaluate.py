@@ -14,10 +14,10 @@ sprite scenes drawn with seed 10000 for every run (`test_scene_seed`), Grand Cen
 of frames, or non-overlapping sequences of a folder of frames; data flags left out default to the
 training run's as its checkpoint records them (see `resolve_data`). The second form is an alias of
 `track.py` (whole videos in windows with the state handed across; see its docstring). Bad input (a missing or
-foreign checkpoint, missing data, a non-empty --out without --overwrite) prints one line and exits with status 2,
-writing nothing. The first form writes everything into a temporary folder beside --out and moves it into place
-at the end, so --out never holds a mix of two runs or a half-written file (an existing one is replaced whole
-with --overwrite).
+foreign checkpoint, missing data, a non-empty --out without --overwrite, an --out holding an input) prints one
+line and exits with status 2, writing nothing. The first form writes everything into a temporary folder beside
+--out and moves it into place at the end, so --out never holds a mix of two runs or a half-written file (an
+existing one is replaced whole with --overwrite); Ctrl-C or SIGTERM exits 130 and leaves nothing.
 
 Conventions:
 
@@ -91,7 +91,8 @@ from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_ta
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import discard_work, pick_device, seed_arg, seed_everything, tau_at, unique_names, work_folder
+from utils import (discard_work, input_inside, pick_device, seed_arg, seed_everything, sigterm_as_interrupt, tau_at,
+                   unique_names, work_folder)
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
@@ -584,6 +585,8 @@ def summary_table(report: dict) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Evaluate a trained SCALOR checkpoint (metrics and exports).",
+                                epilog="Also: evaluate.py --aggregate REPORT.json [REPORT.json ...] prints the mean "
+                                       "± std of every number over several runs (e.g. training seeds).",
                                 allow_abbrev=False)   # `--trac` must not stand for the --track alias main() dispatches
     p.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
     p.add_argument("--dataset", choices=DATASET_KINDS, default=None,
@@ -674,10 +677,14 @@ def check_ocrb(args, dataset, seq_len: int) -> None:
 
 def check_out(args) -> None:
     """EvalError unless --out can be written: a folder that does not exist yet, an empty folder, or
-    (--overwrite) any folder."""
+    (--overwrite) any folder that holds none of the inputs (checkpoint, data folder)."""
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise EvalError(f"--out '{out}' is a file, not a folder: pass another --out")
+    inside = input_inside(out, [args.checkpoint, getattr(args, "data_dir", None)])
+    if inside is not None:
+        raise EvalError(f"--out '{out}' holds the input '{inside}', which writing the outputs would replace: "
+                        f"pass an --out outside the inputs")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise EvalError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or another --out")
 
@@ -719,6 +726,15 @@ def aggregate_main(argv) -> int:
     if missing:
         print(f"evaluate.py: error: no report '{missing[0]}': pass report.json files written by evaluate.py", file=sys.stderr)
         return 2
+    for path in args.aggregate:
+        try:
+            with open(path) as f:
+                if not isinstance(json.load(f), dict):
+                    raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            print(f"evaluate.py: error: '{path}' is not a report.json ({one_line(e)}): pass report.json files "
+                  f"written by evaluate.py", file=sys.stderr)
+            return 2
     try:
         print(aggregate_table(args.aggregate))
     except (json.JSONDecodeError, AttributeError) as e:
@@ -754,9 +770,14 @@ def main(argv=None) -> int:
         return 2
     args.out = work          # everything is written here, then moved into place whole
     try:
-        tally = run(model, dataset, num, args, step, tau, device)
-        report = write_outputs(tally, args, cfg, step, tau)
-        move_into_place(work, out)
+        with sigterm_as_interrupt():
+            tally = run(model, dataset, num, args, step, tau, device)
+            report = write_outputs(tally, args, cfg, step, tau)
+            move_into_place(work, out)
+    except KeyboardInterrupt as e:
+        discard_work(work, made)
+        print(f"evaluate.py: interrupted ({e or 'SIGINT'}): nothing written to --out '{out}'", file=sys.stderr)
+        return 130
     except (DataError, OSError) as e:   # a frame found corrupt while reading it (setup checks headers only), a full disk
         discard_work(work, made)
         text = str(e) if isinstance(e, DataError) else \

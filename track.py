@@ -2,7 +2,7 @@
 
 Usage:
 
-    python track.py VIDEO [VIDEO ...] --checkpoint CKPT --out DIR [--window N] [--box tight|glimpse]
+    python track.py VIDEO [VIDEO ...] --checkpoint CKPT --out DIR [--overwrite] [--window N] [--box tight|glimpse]
                     [--z-pres-threshold P] [--[no-]first-frame-rejection] [--duplicate-iou T]
                     [--masks visible|alpha] [--video-out mp4|gif]
                     [--crop X,Y,W,H] [--score GT_DIR] [--device auto|cpu|cuda] [--seed S]
@@ -36,6 +36,8 @@ Written per video <name> (names from the folder or file, made unique) into --out
 - `<name>.txt`: MOTChallenge lines `frame,id,x,y,w,h,conf,-1,-1,-1`, frame 1..N over the whole
   video, (x, y, w, h) in the video's pixels, conf = z_pres. The box is the tight box of the
   object's mask (whole pixels, `--box tight`, the default) or its glimpse box z_where (`--box glimpse`).
+  Ids count 1, 2, ... in order of first appearance (`renumbered`: the model numbers every object it
+  draws, those below the threshold too).
 - `<name>_masks.json`: {"video", "width", "height", "num_frames", "frames": [{"frame": t, "masks":
   [RLE], "ids": [id]}]}, frame t 0-based (= MOT frame - 1), each mask a (height, width) mask of the
   video frame run-length encoded as `evaluate.rle_encode` (the entries of evaluate.py's predictions.json).
@@ -45,21 +47,25 @@ Written per video <name> (names from the folder or file, made unique) into --out
   frame and those of them that continue a track of the frame before; `score.json` with --score.
 
 When 10 or more detections follow the videos' first frames and fewer than utils.LOW_TRACKED_SHARE of
-them continue a track, a notice says that the model finds its objects anew in every frame.
+them continue a track, a notice says that the model finds its objects anew in every frame; a video
+file that ends well before the frame count its header announces (cut off) is named in a notice.
 
 --score GT_DIR reads MOTChallenge ground-truth files `<name>.txt` from GT_DIR (lines whose 7th value
 is 0 are ignored, as MOTChallenge marks them) and the written tracks back, and computes MOTA, MOTP,
-IDF1, id switches, ... with motmetrics, matching boxes at IoU >= 0.5 (evaluate.iou_matrix_distance).
+IDF1, id switches, ... with motmetrics, matching boxes at IoU >= 0.5 (evaluate.iou_matrix_distance);
+a ground-truth video without a track file counts as no detections (with a notice), none at all is an error.
 
-Bad input (a missing or foreign checkpoint, an unreadable video, an empty folder) prints one line
-naming the problem and the fix and exits with status 2 before anything is written; an error met
-while tracking (a frame corrupt inside) exits 2 too and leaves no --out behind: everything is
-written into a temporary sibling folder that is renamed to --out at the end.
+Bad input (a missing or foreign checkpoint, an unreadable video, an empty folder, a non-empty --out
+without --overwrite, an --out holding an input) prints one line naming the problem and the fix and
+exits with status 2 before anything is written; an error met while tracking (a frame corrupt inside)
+exits 2 too, and Ctrl-C or SIGTERM exits 130, both leaving no --out behind: everything is written
+into a temporary sibling folder that replaces --out, whole, at the end.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -78,16 +84,17 @@ from common import ConfigError
 from data import (DataError, check_frames, check_same_size, frame_files, list_folder, load_rgb, natural_key, one_line,
                   resize_frame)
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
-                      iou_matrix_distance, load_model, prediction_entries, summarize, write_tracks)
+                      iou_matrix_distance, load_model, move_into_place, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
 from modules import spatial_transform
-from utils import (LOW_TRACKED_SHARE, discard_work, pick_device, seed_arg, seed_everything, tau_at, unique_names,
-                   work_folder)
+from utils import (LOW_TRACKED_SHARE, discard_work, input_inside, pick_device, seed_arg, seed_everything,
+                   sigterm_as_interrupt, tau_at, unique_names, work_folder)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
 DEFAULT_OUT_FPS = 10.0      # --video-out frame rate for folders of frames
 VIDEO_MIN_SIDE = 256        # --video-out upscales (nearest) small videos to at least this many pixels a side
+CUT_OFF_SHARE = 0.9         # a video file decoding to fewer than this share of the frames its header announces is named
 DUPLICATE_IOU = 0.5         # --duplicate-iou: mask IoU from which a younger track is a duplicate of an older one
 MASK_READINGS = ("visible", "alpha")   # --masks: the pixels where each object shows, or its own alpha > 0.5
 
@@ -312,6 +319,14 @@ def visible_objects(record, objects: Objects, region: Region, width: int, height
                    invisible=objects.invisible + int((~keep).sum()))
 
 
+def renumbered(objects: Objects, numbers: dict) -> Objects:
+    """The objects with the ids written: the model numbers every object it draws, those below the z_pres
+    threshold too, so a video's written ids are 1, 2, ... in order of first appearance (`numbers`, kept
+    across the video's frames, maps the model's ids to them)."""
+    ids = [numbers.setdefault(i, len(numbers) + 1) for i in objects.ids.tolist()]
+    return dataclasses.replace(objects, ids=np.array(ids, dtype=np.int64))
+
+
 def boxed(objects: Objects, box: str) -> Objects:
     """The objects without masks, their xywh the chosen box: 'tight' (of the mask) or 'glimpse'."""
     xywh = objects.tight if box == "tight" else objects.xywh
@@ -465,6 +480,7 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
         video = VideoWriter(os.path.join(out_dir, f"{name}.{opts.video_out}"), opts.video_out, source.width,
                             source.height, source.fps or DEFAULT_OUT_FPS)
     duplicates = DuplicateFilter(opts.duplicate_iou)
+    numbers = {}                    # the model's object id -> the id written: 1, 2, ... by first appearance
     images = ((image if video is not None else None, resize_frame(image, region.box, cfg.img_h, cfg.img_w))
               for image in source.read())          # the full-size frame is kept for --video-out only
     try:
@@ -474,6 +490,7 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
                 objects = duplicates(objects)
                 if opts.masks == "visible":
                     objects = visible_objects(record, objects, region, source.width, source.height)
+                objects = renumbered(objects, numbers)
                 masks.add(len(frames), objects)
                 frames.append(boxed(objects, opts.box))
                 if video is not None:
@@ -487,8 +504,19 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
     ids = sorted({int(i) for f in frames for i in f.ids})
     detections = [len(f.ids) for f in frames]
     return {"source": str(source.path), "width": source.width, "height": source.height, "frames": len(frames),
+            "frames_announced": source.num_frames if source.frames is None else None,
             "detections": sum(detections), "objects": len(ids), "detections_after_first_frame": sum(detections[1:]),
             "continued_detections": continued_detections(frames)}
+
+
+def cut_off_notice(video: dict) -> str | None:
+    """A notice when a video file ended well before the frame count its header announces (a file cut
+    off while copying decodes up to the cut without an error)."""
+    announced = video.get("frames_announced")
+    if announced and video["frames"] < CUT_OFF_SHARE * announced:
+        return (f"notice: '{video['source']}' ended after {video['frames']} frames where its header announces about "
+                f"{announced}: the file may be cut off; check it (or re-encode it) and track it again")
+    return None
 
 
 def continued_detections(frames: list) -> int:
@@ -532,7 +560,9 @@ def parse_args(argv):
                    help="a folder of frames, a folder of such folders or of video files, or a video file "
                         f"({' '.join(VIDEO_EXTENSIONS)})")
     p.add_argument("--checkpoint", help="a .pt file written by train.py")
-    p.add_argument("--out", default="tracks", help="output folder (default: tracks)")
+    p.add_argument("--out", default="tracks", help="output folder (default: tracks); written whole at the end, an "
+                   "existing non-empty one is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never one holding the inputs)")
     p.add_argument("--window", type=int, default=None,
                    help="frames per forward; the state is handed from window to window, so this changes "
                         "speed and memory, never the tracks (default: the checkpoint's seq_len)")
@@ -582,15 +612,27 @@ def parse_args(argv):
     return args
 
 
-def check_out(out: str) -> None:
+def check_out(args) -> None:
+    """TrackError unless tracking may write --out: a folder that does not exist yet, an empty one, or
+    (--overwrite) any folder that holds none of the inputs (videos, checkpoint, ground truth)."""
+    out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrackError(f"--out '{out}' is a file, not a folder: pass another --out")
+    inside = input_inside(out, [*args.videos, args.checkpoint, args.score])
+    if inside is not None:
+        raise TrackError(f"--out '{out}' holds the input '{inside}', which writing the tracks would replace: "
+                         f"pass an --out outside the inputs")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise TrackError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or another --out")
 
 
 def prepare(argv):
     """Parse and check everything before anything is written: (args, model, payload, sources, names, device)."""
     args = parse_args(argv)
-    check_out(args.out)
+    if args.videos:
+        check_out(args)
+    elif os.path.isfile(args.out):
+        raise TrackError(f"--out '{args.out}' is a file, not a folder: pass the --out of a track.py run")
     if args.score is not None and not os.path.isdir(args.score):
         raise TrackError(f"--score '{args.score}' is not a folder: pass the folder of ground-truth <name>.txt files")
     if not args.videos:
@@ -641,16 +683,6 @@ def data_notice(payload, args) -> str | None:
     return None
 
 
-def finish_out(tmp: str, out: str) -> None:
-    """Move the finished files from the temporary folder to --out (made if missing)."""
-    if not os.path.exists(out):
-        os.replace(tmp, out)
-        return
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    os.rmdir(tmp)
-
-
 def main(argv=None, prog: str = "track.py") -> int:
     try:
         args, model, payload, sources, names, device = prepare(argv)
@@ -688,16 +720,19 @@ def main(argv=None, prog: str = "track.py") -> int:
     total = sum(known) if all(n is not None for n in known) else None
     start = time.perf_counter()
     try:
-        with tqdm(total=total, unit="frame", desc="track", file=sys.stderr) as bar:
+        with sigterm_as_interrupt(), tqdm(total=total, unit="frame", desc="track", file=sys.stderr) as bar:
             for source, name in zip(sources, names):
                 bar.set_postfix_str(name)
                 summary["videos"][name] = track_video(model, source, name, tmp, args, step, tau, device, bar)
-        seconds = time.perf_counter() - start
-        num_frames = sum(v["frames"] for v in summary["videos"].values())
-        summary["seconds"], summary["frames_per_second"] = seconds, num_frames / max(seconds, 1e-9)
-        with open(os.path.join(tmp, "track.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        finish_out(tmp, out)
+            seconds = time.perf_counter() - start
+            num_frames = sum(v["frames"] for v in summary["videos"].values())
+            summary["seconds"], summary["frames_per_second"] = seconds, num_frames / max(seconds, 1e-9)
+            with open(os.path.join(tmp, "track.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            move_into_place(tmp, out)
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted ({e or 'SIGINT'}): nothing written to --out '{args.out}'", file=sys.stderr)
+        return 130
     except DataError as e:    # a frame found corrupt while reading it (setup checks headers only)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -709,6 +744,9 @@ def main(argv=None, prog: str = "track.py") -> int:
         discard_work(tmp, made)        # gone already once moved into place
     for name, video in summary["videos"].items():
         print(f"{name}: {video['frames']} frames, {video['objects']} objects, {video['detections']} detections")
+    for video in summary["videos"].values():
+        if notice := cut_off_notice(video):
+            print(notice)
     print(f"tracked {num_frames} frames of {len(sources)} videos in {seconds:.1f} s "
           f"({summary['frames_per_second']:.1f} frames/s); wrote {args.out}")
     if notice := tracking_notice(summary["videos"]):
@@ -770,8 +808,9 @@ def score_files(gt_paths: list, pred_paths: list, names: list | None = None) -> 
 
 
 def score_folder(pred_dir: str, gt_dir: str, names: list | None = None) -> dict:
-    """{"overall": metrics, "videos": {name: metrics}} of pred_dir/<name>.txt against gt_dir/<name>.txt,
-    for the given names (default: every .txt in gt_dir)."""
+    """{"overall": metrics, "videos": {name: metrics}, "missing": [name]} of pred_dir/<name>.txt against
+    gt_dir/<name>.txt, for the given names (default: every .txt in gt_dir); a missing track file counts as
+    no detections (listed in "missing"); TrackError if every one is missing."""
     if names is None:
         names = sorted((p[:-4] for p in os.listdir(gt_dir) if p.endswith(".txt")), key=natural_key)
     names = [n for n in names if os.path.isfile(os.path.join(gt_dir, f"{n}.txt"))]
@@ -780,13 +819,21 @@ def score_folder(pred_dir: str, gt_dir: str, names: list | None = None) -> dict:
                          f"tracks in --out are named")
     gt = [os.path.join(gt_dir, f"{n}.txt") for n in names]
     pred = [os.path.join(pred_dir, f"{n}.txt") for n in names]
+    missing = [n for n, p in zip(names, pred) if not os.path.isfile(p)]
+    if len(missing) == len(names):
+        raise TrackError(f"no tracks in '{pred_dir}' are named as the ground truth in '{gt_dir}' "
+                         f"({', '.join(n + '.txt' for n in names[:3])}{', ...' if len(names) > 3 else ''}): "
+                         f"pass the --out of the track.py run that tracked these videos")
     return {"gt_dir": os.path.abspath(gt_dir), "overall": score_files(gt, pred, names),
-            "videos": {n: score_files([g], [p], [n]) for n, g, p in zip(names, gt, pred)}}
+            "videos": {n: score_files([g], [p], [n]) for n, g, p in zip(names, gt, pred)}, "missing": missing}
 
 
 def print_score(score: dict, out: str) -> int:
     from evaluate import json_ready
     m = score["overall"]
+    if score.get("missing"):
+        print(f"notice: no tracks for {len(score['missing'])} of the {len(score['videos'])} ground-truth videos "
+              f"({', '.join(score['missing'][:3])}{', ...' if len(score['missing']) > 3 else ''}): scored as no detections")
     print(f"MOTA {m['mota']:.4f}  MOTP IoU {m['motp_iou']:.4f}  IDF1 {m['idf1']:.4f}  id switches {m['id_switches']}  "
           f"false positives {m['false_positives']}  misses {m['misses']}  ({len(score['videos'])} videos)")
     if os.path.isdir(out):

@@ -14,7 +14,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -130,6 +133,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def input_inside(out: str, inputs: list) -> str | None:
+    """The first of the `inputs` paths that is `out` or lies inside it (an output folder that would
+    replace or mix with what is read), else None."""
+    out = os.path.realpath(out)
+    for path in inputs:
+        if path is not None:
+            real = os.path.realpath(path)
+            if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+                return str(path)
+    return None
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Within: SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a tool's clean-up runs before it stops
+    (the default would end the process at once and leave its work folder behind). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def work_folder(out: str, tag: str = "tmp") -> tuple[str, list[str]]:

@@ -523,6 +523,23 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, checkpoint, capsys, prob
         assert "--seq-len 1 must exceed the checkpoint's observe_frames (1" in err
 
 
+def test_out_holding_an_input_is_refused_and_an_interrupted_run_writes_nothing(tmp_path, checkpoint, capsys,
+                                                                                 monkeypatch):
+    """--out holding the checkpoint is refused even with --overwrite; Ctrl-C or SIGTERM during the run
+    (utils.sigterm_as_interrupt): exit 130, one line, no --out and no work folder left."""
+    assert ev.main(["--checkpoint", checkpoint, "--out", str(tmp_path), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds the input" in err and os.path.exists(checkpoint)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("SIGTERM")
+    monkeypatch.setattr(ev, "run", stopped)
+    out = tmp_path / "new" / "eval"
+    assert ev.main(["--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"evaluate.py: interrupted (SIGTERM): nothing written to --out '{out}'"
+    assert not (tmp_path / "new").exists()
+
+
 def test_duplicates_count_each_extra_copy_of_an_object_once():
     def box(x, y, w=8, h=8):
         m = np.zeros((32, 32), dtype=bool)

@@ -240,3 +240,8 @@ def test_aggregate_reports_mean_and_std(tmp_path, capsys):
     assert line.split()[1:] == ["92.0000", f"{math.sqrt(8):.4f}", "2"]
     assert ev.main(["--aggregate", str(tmp_path / "missing.json")]) == 2
     assert "no report" in capsys.readouterr().err
+    for bad in ('{"step": 5,', "[1, 2]"):                                   # not JSON; not a report
+        (tmp_path / "bad.json").write_text(bad)
+        assert ev.main(["--aggregate", paths[0], str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"'{tmp_path / 'bad.json'}' is not a report.json" in err

@@ -2,6 +2,8 @@
 the video's pixels, read back and scored; bad input refused before anything is written."""
 import json
 import os
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -415,6 +417,89 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
     if problem == "garbage_video":                                        # ffmpeg's reason, not its banner
         assert "ffmpeg version" not in err and "Invalid data" in err
     assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_out_holding_an_input_or_not_empty_is_refused_and_overwrite_replaces_it(tmp_path, checkpoint, capsys):
+    """An --out that holds a video, the checkpoint or the ground truth is refused even with --overwrite (its
+    files would be replaced); a non-empty --out needs --overwrite, which replaces it whole."""
+    frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "data" / "frames", 1)
+    before = sorted(p.name for p in (frames / "000000").iterdir())
+    base = ["--checkpoint", checkpoint, "--device", "cpu"]
+    for out in (tmp_path / "data", frames, tmp_path):                       # holds the video; holds the checkpoint
+        assert track.main([str(frames), *base, "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds the input" in err and "pass an --out outside the inputs" in err
+    assert sorted(p.name for p in (frames / "000000").iterdir()) == before
+    out = tmp_path / "tracks"
+    out.mkdir()
+    (out / "old.gif").write_text("a file of an earlier run")
+    assert track.main([str(frames), *base, "--out", str(out)]) == 2
+    assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
+    assert track.main([str(frames), *base, "--out", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["000000.txt", "000000_masks.json", "track.json"] and not leftovers(tmp_path)
+
+
+def test_written_ids_count_from_one_in_order_of_first_appearance(tmp_path, checkpoint):
+    """The model numbers every object it draws; the files number the written ones 1, 2, ... (the masks
+    file too), in order of first appearance."""
+    frames = write_to_disk(make_sprites("easy", seq_len=6, num_sequences=1, seed=4), tmp_path / "frames", 1)
+    out = tmp_path / "tracks"
+    assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu",
+                       "--z-pres-threshold", "0.05"]) == 0
+    first_seen = []
+    for line in read_lines(out / "000000.txt"):
+        if int(line[1]) not in first_seen:
+            first_seen.append(int(line[1]))
+    assert len(first_seen) > 3 and first_seen == list(range(1, len(first_seen) + 1))
+    with open(out / "000000_masks.json") as f:
+        assert {i for e in json.load(f)["frames"] for i in e["ids"]} == set(first_seen)
+
+
+def test_interrupted_tracking_writes_nothing(tmp_path, checkpoint, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM (utils.sigterm_as_interrupt) while tracking: exit 130, one line, no --out, no work folder."""
+    frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "frames", 1)
+
+    def stopped(model, source, name, out_dir, *rest):
+        (Path(out_dir) / f"{name}.txt").write_text("half")
+        raise KeyboardInterrupt("SIGTERM")
+    monkeypatch.setattr(track, "track_video", stopped)
+    out = tmp_path / "a" / "tracks"
+    assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"track.py: interrupted (SIGTERM): nothing written to --out '{out}'"
+    assert not (tmp_path / "a").exists()
+
+
+def test_sigterm_raises_keyboard_interrupt_inside_only():
+    import signal
+    from utils import sigterm_as_interrupt
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)                                                  # the handler runs before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_scoring_needs_tracks_named_as_the_ground_truth(tmp_path, capsys):
+    gt, tracks = tmp_path / "gt", tmp_path / "tracks"
+    gt.mkdir(), tracks.mkdir()
+    for name in ("a", "b"):
+        (gt / f"{name}.txt").write_text("1,1,0,0,4,4,1,-1,-1,-1\n")
+    (tracks / "other.txt").write_text("1,1,0,0,4,4,1,-1,-1,-1\n")
+    assert track.main(["--score", str(gt), "--out", str(tracks)]) == 2
+    assert "no tracks in" in capsys.readouterr().err
+    (tracks / "a.txt").write_text("1,1,0,0,4,4,1,-1,-1,-1\n")
+    assert track.main(["--score", str(gt), "--out", str(tracks)]) == 0
+    out = capsys.readouterr().out
+    assert "notice: no tracks for 1 of the 2 ground-truth videos (b): scored as no detections" in out
+    assert "MOTA 0.5000" in out
+
+
+def test_a_video_file_ending_early_is_named():
+    video = {"source": "cut.mp4", "frames": 17, "frames_announced": 40}
+    assert track.cut_off_notice(video).startswith("notice: 'cut.mp4' ended after 17 frames where its header announces about 40")
+    assert track.cut_off_notice(dict(video, frames=37)) is None              # within 10% of the header's count
+    assert track.cut_off_notice(dict(video, frames_announced=None)) is None  # a folder of frames
 
 
 def test_a_frame_corrupt_inside_leaves_no_out(tmp_path, checkpoint, capsys):
