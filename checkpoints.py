@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,8 @@ def save_checkpoint(path: str, model=None, optimizer=None, step: int = 0, cfg: C
             os.remove(tmp)
         detail = one_line(e, 200)
         raise SaveError(f"cannot write checkpoint '{os.path.basename(path)}' in '{folder}': disk full / not "
-                        f"writable ({type(e).__name__}: {detail}); the previous checkpoint is intact: free space "
-                        f"or fix the folder, then resume") from e
+                        f"writable ({type(e).__name__}: {detail}); any previous checkpoint is intact: free space "
+                        f"or fix the folder, then resume (or, if none was written, start again)") from e
 
 
 _np_core = getattr(np, "_core", None) or np.core
@@ -137,8 +138,7 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
                                   f"file written by train.py") from None
         raise CheckpointError(f"'{path}' is not a readable SCALOR checkpoint ({type(e).__name__}); "
                               f"pass a .pt file written by train.py") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"'{path}' is not a SCALOR checkpoint (no 'format' tag); pass a .pt file written by train.py")
+    check_format(payload, path)
     problems = [key for key, ok in (("config", isinstance(payload.get("config"), dict)),
                                     ("model", isinstance(payload.get("model"), dict) and all(
                                         isinstance(k, str) and torch.is_tensor(v)
@@ -164,6 +164,43 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     return payload
 
 
+def check_format(payload, path: str) -> None:
+    """CheckpointError unless `payload` is a dict with this code's format tag: a file of another
+    program has no tag, one of another version of this code another tag."""
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(f"'{path}' is not a SCALOR checkpoint (no 'format' tag); pass a .pt file written by train.py")
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"'{path}' was written by another version of this code (checkpoint format "
+                              f"{one_line(repr(payload['format']), 60)}; this code reads format {CHECKPOINT_FORMAT!r}): "
+                              f"pass a checkpoint written by this version's train.py, or use the version that wrote it")
+
+
+def state_mismatch(own: dict, state: dict) -> tuple[list, list, list]:
+    """The keys of `state` (a checkpoint's weights) that do not fit `own` (the model's state_dict):
+    (missing from the checkpoint, unexpected in it, of another shape)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+    return missing, unexpected, reshaped
+
+
+def mismatch_message(path: str, own: dict, state: dict) -> str:
+    """One line naming the first two keys of each kind of mismatch (state_mismatch) and the fix."""
+    missing, unexpected, reshaped = state_mismatch(own, state)
+
+    def first(keys, shapes=False):
+        named = [f"'{k}'" + (f" (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})" if shapes else "")
+                 for k in keys[:2]]
+        return ", ".join(named) + (", ..." if len(keys) > 2 else "")
+
+    parts = [f"{what} ({len(keys)}): {first(keys, what == 'keys of another shape')}"
+             for keys, what in ((missing, "missing keys"), (unexpected, "unexpected keys"),
+                                (reshaped, "keys of another shape"))
+             if keys]
+    return (f"'{path}' holds the weights of another architecture ({'; '.join(parts)}): it was written by another "
+            f"model or version of this code; pass a checkpoint written by this code's train.py, or train anew")
+
+
 def load_model_state(model, payload: dict, path: str = "checkpoint", allow_partial: bool = False) -> None:
     """Load weights strictly: a config or key mismatch names what differs; never a silent partial load.
     CheckpointError (one line) when the weights do not fit the model."""
@@ -173,16 +210,17 @@ def load_model_state(model, payload: dict, path: str = "checkpoint", allow_parti
         listed = ", ".join(f"{k}: model {a!r} vs checkpoint {b!r}" for k, (a, b) in sorted(arch.items()))
         raise CheckpointError(f"{path} was trained with another config ({listed}); "
                               f"use its config or pass --allow-partial-load")
-    state = payload["model"]
-    mismatched = []
+    state, own = payload["model"], model.state_dict()
+    missing, unexpected, mismatched = state_mismatch(own, state)
+    if not allow_partial and (missing or unexpected or mismatched):
+        raise CheckpointError(mismatch_message(path, own, state))
     if allow_partial:   # load what fits: tensors of another shape stay as initialised
-        own = model.state_dict()
-        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         state = {k: v for k, v in state.items() if k not in mismatched}
     try:
         result = model.load_state_dict(state, strict=not allow_partial)
-    except RuntimeError as err:   # missing or unexpected keys, wrong shapes (even a partial load)
-        raise CheckpointError(f"{path} does not fit this model: {one_line(err, 300)}") from None
+    except RuntimeError as err:   # keys and shapes fit: e.g. a tensor that cannot be copied
+        raise CheckpointError(f"'{path}' does not load into this model ({type(err).__name__}): pass a checkpoint "
+                              f"written by this code's train.py, or train anew") from None
     if allow_partial and (result.missing_keys or result.unexpected_keys or mismatched):
         print(f"partial load from {path}: {len(mismatched)} tensors of another shape and "
               f"{len(result.missing_keys) - len(mismatched)} missing keys left as initialised, "
@@ -387,11 +425,12 @@ class FolderLock:
         self.release()
 
 
-def make_folders(folders) -> list:
+def make_folders(folders) -> tuple[list, list]:
     """Create the (folder, flag) folders and check each before the first step: locked against a
     second train.py, writable (a probe file created, written, synced and removed), and without the
-    temporary checkpoint files a killed run left behind (removed under the lock). Returns the locks;
-    ConfigError with one line otherwise, after removing the folders created here."""
+    temporary checkpoint files a killed run left behind (removed under the lock). Returns the locks
+    and the folders created here (parents first); ConfigError with one line otherwise, after
+    removing the folders created here."""
     created, locks = [], []
     try:
         for folder, flag in folders:
@@ -427,7 +466,7 @@ def make_folders(folders) -> list:
             except OSError as err:
                 raise ConfigError(f"cannot write to '{folder}' ({flag}): disk full / not writable "
                                   f"({err.strerror or err}): {where}") from None
-        return [lock for _, lock in locks]
+        return [lock for _, lock in locks], created
     except ConfigError:
         for _, lock in locks:
             lock.release()
@@ -462,14 +501,14 @@ def check_branch(ckpt_dir: Path, resumed_step: int | None) -> None:
                           f"continue from the newest (--resume auto), or pass another --ckpt-dir for this branch")
 
 
-def claim_folders(ckpt_dir: Path, summary_dir: Path, ddp: Dist = Dist()) -> list:
+def claim_folders(ckpt_dir: Path, summary_dir: Path, ddp: Dist = Dist()) -> tuple[list, list]:
     """Rank 0 makes, locks and checks the run's folders and removes stale temporary files
     (make_folders, remove_stale_temporaries); every process raises the same ConfigError if that
-    fails, so none is left waiting. Returns rank 0's locks (none elsewhere)."""
-    locks, error = [], None
+    fails, so none is left waiting. Returns rank 0's locks and the folders it created (none elsewhere)."""
+    locks, created, error = [], [], None
     if ddp.main:   # only rank 0 writes
         try:
-            locks = make_folders(((ckpt_dir, "--ckpt-dir"), (summary_dir, "--summary-dir")))
+            locks, created = make_folders(((ckpt_dir, "--ckpt-dir"), (summary_dir, "--summary-dir")))
             remove_stale_temporaries(ckpt_dir)
         except ConfigError as err:
             error = str(err)
@@ -478,7 +517,26 @@ def claim_folders(ckpt_dir: Path, summary_dir: Path, ddp: Dist = Dist()) -> list
         for lock in locks:
             lock.release()
         raise ConfigError(error)
-    return locks
+    return locks, created
+
+
+def remove_unsaved_run(created: list, ckpt_dir: Path, summary_dir: Path) -> list:
+    """After a run stopped on an error: if `ckpt_dir` holds no checkpoint, remove the folders this
+    run created (`created`, parents first): the checkpoint and summary folders with what the run
+    wrote in them, the others if left empty. Folders that existed before are kept. Returns the
+    outermost folders removed."""
+    if list_checkpoints(ckpt_dir):
+        return []
+    for path in reversed(created):
+        if path in (ckpt_dir, summary_dir):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                path.rmdir()
+            except OSError:   # not empty: something else lives there
+                pass
+    removed = [path for path in created if not path.exists()]
+    return [path for path in removed if path.parent not in removed]
 
 
 def open_loss_log(summary_dir: Path, start_step: int, resumed: bool):

@@ -91,9 +91,15 @@ def frame_files(folder: Path) -> list[Path]:
 
 
 def no_frames_error(folder: Path, where: str = "") -> DataError:
-    if not list_folder(folder):
+    entries = list_folder(folder)
+    if not entries:
         return DataError(f"data folder '{folder}' is empty: put frames (.png/.jpg/.jpeg) in it "
                          f"or pass --data-dir with a folder of frames")
+    videos = [p for p in sorted(entries, key=lambda p: natural_key(p.name)) if p.is_dir() and frame_files(p)]
+    if videos:   # only Grand Central reads the folder itself: FrameFolder reads these as videos
+        return DataError(f"no frames in '{folder}' itself, but its subfolders hold frames ('{videos[0].name}'"
+                         f"{', ...' if len(videos) > 1 else ''}): Grand Central reads one folder of numbered frames; "
+                         f"pass --dataset frames to read each subfolder as a video, or --data-dir one of them")
     return DataError(f"no frames (.png/.jpg/.jpeg) in '{folder}'{where}: "
                      f"pass --data-dir with a folder of frames")
 
@@ -293,9 +299,9 @@ class GrandCentral(Dataset):
         split = "train" if self.train else "test"
         need = self.seq_len * self.frame_skip + (0 if self.train else self.seq_len - 1)
         raise DataError(f"'{self.folder}' holds {num_frames} frames, {len(self.paths)} in the {split} "
-                        f"split, but one {split} sequence needs {need} there (seq_len {self.seq_len}, "
-                        f"frame skip {self.frame_skip}, counted as the reference does): add frames "
-                        f"or lower seq_len/frame skip")
+                        f"split, but one {split} sequence needs {need} there (--seq-len {self.seq_len}, "
+                        f"--frame-skip {self.frame_skip}, counted as the reference does): add frames "
+                        f"or lower --seq-len or --frame-skip")
 
     def __len__(self) -> int:
         return self.num_data * NUM_GC_CROPS
@@ -379,8 +385,8 @@ class FrameFolder(Dataset):
             longest = max(len(paths) for paths in self.videos)
             span = (seq_len - 1) * frame_skip + 1
             raise DataError(f"'{self.folder}' holds at most {longest} frames per video but one sequence "
-                            f"needs {span} (seq_len {seq_len}, frame skip {frame_skip}): add frames "
-                            f"or lower seq_len/frame skip")
+                            f"needs {span} (--seq-len {seq_len}, --frame-skip {frame_skip}): add frames "
+                            f"or lower --seq-len or --frame-skip")
 
     def check_video(self, video_folder: Path, paths: list[Path], skip_bad_frames: bool) -> list[Path]:
         paths, sizes, num_skipped = check_frames(paths, skip_bad_frames)
@@ -1042,7 +1048,7 @@ def make_loader(dataset, batch_size, shuffle, workers=0, pin_memory=False, drop_
     num_items = len(sampler) if sampler is not None else len(dataset)
     if drop_last and num_items < batch_size:
         raise DataError(f"the dataset gives {num_items} sequences, fewer than one batch of {batch_size}: "
-                        f"add data or lower the batch size")
+                        f"add data or lower --batch-size")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       drop_last=drop_last, generator=torch.Generator().manual_seed(seed),

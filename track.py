@@ -658,18 +658,12 @@ def prepare(argv):
 
 def load_model_checked(args):
     rejection = args.first_frame_rejection
-    try:
-        if rejection is None:
-            try:
-                return load_model(args.checkpoint, "cpu", first_frame_rejection=True)
-            except ConfigError:       # the checkpoint has rejection off: first-frame rejection needs it
-                return load_model(args.checkpoint, "cpu")
-        return load_model(args.checkpoint, "cpu", first_frame_rejection=rejection)
-    except CheckpointError as e:
-        message = str(e)
-        if "does not fit" in message:
-            message += " (a checkpoint of another architecture or version: pass one written by this train.py)"
-        raise CheckpointError(message) from None
+    if rejection is None:
+        try:
+            return load_model(args.checkpoint, "cpu", first_frame_rejection=True)
+        except ConfigError:           # the checkpoint has rejection off: first-frame rejection needs it
+            return load_model(args.checkpoint, "cpu")
+    return load_model(args.checkpoint, "cpu", first_frame_rejection=rejection)
 
 
 def data_notice(payload, args) -> str | None:

@@ -27,7 +27,8 @@ run code is refused. A fresh start (no checkpoint resumed) starts losses.jsonl a
 Exit codes: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 too many non-finite steps
 in a row (after a checkpoint of the last good state: the newest whose weights have not diverged);
 2 bad input (data, config, checkpoint, an unwritable or locked folder; a one-line message on
-stderr, nothing written) or a checkpoint that could not be written (disk full).
+stderr, nothing written) or a checkpoint that could not be written (disk full). A run stopped by an
+error before its first checkpoint removes the folders it made (folders that existed are kept).
 
 Modules: checkpoints.py (checkpoint files, resume, run folders, loss log), distributed.py
 (torchrun), data.py (datasets, `build_dataset`), engine.py (one training step).
@@ -54,9 +55,9 @@ from tqdm import tqdm
 
 import utils
 import viz
-from checkpoints import (CheckpointError, Progress, SaveError, check_branch, claim_folders, load_training_state,
-                         open_loss_log, read_checkpoint, resume_path, rng_state, take_snapshot, weights_sane,
-                         write_checkpoint)
+from checkpoints import (CheckpointError, Progress, SaveError, check_branch, claim_folders, list_checkpoints,
+                         load_training_state, open_loss_log, read_checkpoint, remove_unsaved_run, resume_path,
+                         rng_state, take_snapshot, weights_sane, write_checkpoint)
 from common import RECIPES, Config, ConfigError, check_flags_at_least, flag_help, small_config
 from data import (DATASET_KINDS, SPRITE_PRESETS, DataError, SpriteSpec, build_dataset, dataset_kind, estimate_background,
                   iterate, make_loader)
@@ -259,6 +260,7 @@ class Run:
     resumed: bool
     ddp: Dist = Dist()
     locks: list = dataclasses.field(default_factory=list)   # FolderLocks held until the run ends
+    created: list = dataclasses.field(default_factory=list)   # folders this process made for the run
     speed: SpeedOptions = dataclasses.field(default_factory=SpeedOptions)   # resolved for the device
     batches_per_epoch: int = 1   # global batches of batch_size * processes sequences in one epoch
 
@@ -267,6 +269,14 @@ class Run:
             lock.release()
         self.locks = []
 
+    def discard_if_unsaved(self) -> None:
+        """After an error: remove the run's folders if this process made them and no checkpoint was
+        written (call with the folders still locked, the logs closed)."""
+        removed = remove_unsaved_run(self.created, self.ckpt_dir, self.summary_dir)
+        if removed:
+            print(f"notice: the run stopped before its first checkpoint: removed the folders it made "
+                  f"({', '.join(str(p) for p in removed)})")
+
 
 def setup(args, ddp: Dist = Dist()) -> Run:
     check_run_args(args)
@@ -274,6 +284,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
         raise ConfigError("--cuda-graph works in single-process runs only: drop it under torchrun")
     device = pick_device(args.device, ddp, small=args.small or args.recipe is not None or args.resume is not None)
     kind = dataset_kind(args.dataset, args.data_dir)
+    if args.preset is not None and kind != "sprites":
+        print(f"notice: --preset applies only to the built-in sprite scenes; ignored with --data-dir '{args.data_dir}'")
     named = args.resume not in (None, "auto")          # --resume FILE: read first, its preset names the run
     path = Path(args.resume) if named else None
     payload = read_checkpoint(str(path)) if named else None
@@ -302,7 +314,7 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     batches_per_epoch = TrainOrder(len(dataset), cfg, 0, 0, ddp).batches_per_epoch()
     if batches_per_epoch < 1:   # now, before anything is written
         raise DataError(f"the dataset gives {len(dataset)} sequences, fewer than one batch of "
-                        f"{cfg.batch_size * ddp.world}: add data or lower the batch size")
+                        f"{cfg.batch_size * ddp.world}: add data or lower --batch-size")
 
     seed_everything(cfg.seed)
     model = SCALOR(cfg).to(device)
@@ -326,11 +338,11 @@ def setup(args, ddp: Dist = Dist()) -> Run:
         start = dataclasses.replace(start, epoch=start.epoch + 1, batch_index=0)
     total_steps = args.epochs * batches_per_epoch if args.epochs else (args.steps or 100000)
     nothing_to_do = start.step >= total_steps             # main() says so; no folder is made for it
-    locks = [] if nothing_to_do else claim_folders(ckpt_dir, summary_dir, ddp)   # made, locked, writable: the last check
+    locks, created = ([], []) if nothing_to_do else claim_folders(ckpt_dir, summary_dir, ddp)   # the last check
     return Run(cfg=cfg, device=device, model=model, optimizer=optimizer, dataset=dataset, data_desc=data_desc,
                start=start, total_steps=total_steps, ckpt_dir=ckpt_dir, summary_dir=summary_dir,
                keep_checkpoints=args.keep_checkpoints, resumed=payload is not None, ddp=ddp, locks=locks,
-               speed=speed, batches_per_epoch=batches_per_epoch)
+               created=created, speed=speed, batches_per_epoch=batches_per_epoch)
 
 
 def sprite_flags(args, kind: str, payload) -> tuple[str, int | None]:
@@ -600,8 +612,13 @@ def train(run: Run, args) -> int:
 
 
 def last_line(err: Exception) -> str:
+    """The error's last line: a loader worker's error re-raised in the main process ends with the
+    worker's traceback, whose last line is 'data.DataError: <message>' (the prefix is dropped)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return lines[-1].removeprefix(prefix) if len(lines) > 1 else lines[-1]
 
 
 def main(argv=None) -> int:
@@ -613,21 +630,28 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {last_line(err)}", file=sys.stderr)
         return 2
+    finished = False
     try:
         if run.start.step >= run.total_steps:
             print(f"checkpoint is at step {run.start.step}, the run ends at step {run.total_steps}: nothing to do")
             return 0
-        return train(run, args)
+        code = train(run, args)
+        finished = True
+        return code
     except (DataError, SaveError) as err:   # e.g. a corrupt frame met during training, a full disk
         print(f"error: {last_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
             raise
-        print(f"error: writing the run's logs failed ({err.strerror}): disk full / not writable; the last "
-              f"checkpoint in '{run.ckpt_dir}' is intact: free space, then resume with --resume auto", file=sys.stderr)
+        then = (f"the last checkpoint in '{run.ckpt_dir}' is intact: free space, then resume with --resume auto"
+                if list_checkpoints(run.ckpt_dir) else "no checkpoint was written yet: free space, then start again")
+        print(f"error: writing the run's logs failed ({err.strerror}): disk full / not writable; {then}",
+              file=sys.stderr)
         return 2
     finally:
+        if not finished:   # stopped on an error: a run with no checkpoint leaves no folders behind
+            run.discard_if_unsaved()
         run.release()
         shutdown(ddp)
 

@@ -257,8 +257,24 @@ def test_jpeg_frames_and_truncated_jpeg(tmp_path):
 def test_too_few_frames(tmp_path):
     folder = write_frames(tmp_path / "few", ["a1.png", "a2.png", "a3.png"])
     with pytest.raises(DataError, match=r"holds at most 3 frames per video but one sequence needs 5 "
-                                        r"\(seq_len 3, frame skip 2\)"):
+                                        r"\(--seq-len 3, --frame-skip 2\): add frames or lower --seq-len or --frame-skip"):
         FrameFolder(folder, 4, 4, seq_len=3, frame_skip=2)
+    numbered = write_frames(tmp_path / "numbered", [f"{n}.png" for n in range(12)])
+    with pytest.raises(DataError, match=r"one train sequence needs 16 there \(--seq-len 2, --frame-skip 8, counted as "
+                                        r"the reference does\): add frames or lower --seq-len or --frame-skip"):
+        GrandCentral(numbered, seq_len=2, crop_size=10)
+
+
+def test_grand_central_on_a_folder_of_frame_folders_names_the_fix(tmp_path):
+    for video in ("b", "a"):
+        write_frames(tmp_path / "videos" / video, [f"frame_{n:03d}.png" for n in range(3)])
+    (tmp_path / "videos" / "notes").mkdir()              # a folder without frames is not named
+    with pytest.raises(DataError, match=re.escape(
+            f"no frames in '{tmp_path / 'videos'}' itself, but its subfolders hold frames ('a', ...): Grand Central "
+            f"reads one folder of numbered frames; pass --dataset frames to read each subfolder as a video, "
+            f"or --data-dir one of them")):
+        GrandCentral(tmp_path / "videos")
+    assert len(FrameFolder(tmp_path / "videos", 4, 4, seq_len=2)) == 4    # what the fix reads
 
 
 # ---- MovingSprites --------------------------------------------------------------------------------------

@@ -162,7 +162,8 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_no_tempora
     assert train.main(TINY + run_dirs(tmp_path)) == 2
     line = one_error_line(capsys)
     assert "disk full / not writable" in line and str(tmp_path / "checkpoints") in line, line
-    assert list((tmp_path / "checkpoints").iterdir()) == []                 # no .tmp-*.pt, no checkpoint
+    # no .tmp-*.pt, no checkpoint: the folders this run made are removed (the first checkpoint failed)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "summary").exists()
 
 
 def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
@@ -181,10 +182,16 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
         def __getattr__(self, name):
             return getattr(self.f, name)
     monkeypatch.setattr(train, "open_loss_log", lambda *args: FullDisk(real_open(*args)))
-    assert train.main(TINY + run_dirs(tmp_path, "--steps", "3")) == 2
+    assert train.main(TINY + run_dirs(tmp_path, "--steps", "3", "--save-freq", "1")) == 2
     line = one_error_line(capsys)
     assert "disk full / not writable" in line and "--resume auto" in line, line
     assert [r["step"] for r in losses(tmp_path)] == [1]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000001.pt"]
+    # before the first checkpoint: nothing to resume, the run says so and leaves no folders
+    assert train.main(TINY + run_dirs(tmp_path / "fresh", "--steps", "3")) == 2
+    line = one_error_line(capsys)
+    assert "no checkpoint was written yet: free space, then start again" in line, line
+    assert not (tmp_path / "fresh").exists()
 
 
 # ---- 4: unwritable folders are found before the first step ---------------------------------------------
@@ -442,3 +449,102 @@ def test_a_checkpoint_missing_its_parts_is_one_line(damage, tmp_path, tiny_cfg, 
     assert not (tmp_path / "runs").exists()
     assert ev.main(["--checkpoint", str(tmp_path / "damaged.pt"), "--out", str(tmp_path / "out")]) == 2
     assert "is a damaged SCALOR checkpoint" in one_error_line(capsys)
+
+
+# ---- 14: a checkpoint of another version, weights of another architecture -----------------------------------
+
+def refused_by_train_and_evaluate(name: str, tmp_path: Path, monkeypatch, capsys) -> list:
+    """The one-line errors of train.py --resume and evaluate.py --checkpoint on the file `name` in
+    `tmp_path`; both exit 2 and write nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main(TINY + ["--run-name", "other", "--resume", name]) == 2
+    lines = [one_error_line(capsys)]
+    assert ev.main(["--checkpoint", name, "--out", str(tmp_path / "out")]) == 2
+    lines.append(one_error_line(capsys))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+    return lines
+
+
+def test_a_checkpoint_of_another_format_version_says_so(tmp_path, tiny_cfg, monkeypatch, capsys):
+    payload = {"format": 99, "config": tiny_cfg.to_dict(), "step": 3, "model": SCALOR(tiny_cfg).state_dict()}
+    torch.save(payload, tmp_path / "v99.pt")
+    for line in refused_by_train_and_evaluate("v99.pt", tmp_path, monkeypatch, capsys):
+        assert ("'v99.pt' was written by another version of this code (checkpoint format 99; this code reads "
+                "format 'scalor-checkpoint-v1'): pass a checkpoint written by this version's train.py") in line, line
+        assert "no 'format' tag" not in line
+    del payload["format"]
+    torch.save(payload, tmp_path / "untagged.pt")
+    for line in refused_by_train_and_evaluate("untagged.pt", tmp_path, monkeypatch, capsys):
+        assert "'untagged.pt' is not a SCALOR checkpoint (no 'format' tag)" in line, line
+
+
+FIX = "it was written by another model or version of this code; pass a checkpoint written by this code's train.py, or train anew"
+
+
+@pytest.mark.parametrize("change, words", [
+    ("renamed", "(missing keys (3): 'image_enc.image_enc.enc.0.weight', 'image_enc.image_enc.enc.0.bias', ...; "
+                "unexpected keys (3): 'old.image_enc.image_enc.enc.0.weight', 'old.image_enc.image_enc.enc.0.bias', ...)"),
+    ("reshaped", "(keys of another shape (1): 'image_enc.image_enc.enc.0.bias' (checkpoint [3, 1, 7], model [16]))"),
+])
+def test_weights_of_another_architecture_name_the_keys_and_the_fix(change, words, tmp_path, tiny_cfg, monkeypatch,
+                                                                  capsys):
+    state = SCALOR(tiny_cfg).state_dict()
+    if change == "renamed":
+        for key in list(state)[:3]:
+            state["old." + key] = state.pop(key)
+    else:
+        state["image_enc.image_enc.enc.0.bias"] = torch.zeros(3, 1, 7)
+    save_checkpoint(str(tmp_path / "other.pt"), model_state=state, step=3, cfg=tiny_cfg)
+    for line in refused_by_train_and_evaluate("other.pt", tmp_path, monkeypatch, capsys):
+        assert f"'other.pt' holds the weights of another architecture {words}: {FIX}" in line, line
+
+
+# ---- 15: a run stopped by an error before its first checkpoint leaves no folders it made ---------------------
+
+def corrupt_inside(path: Path) -> None:
+    """Scramble a PNG's pixel data, keeping its header and end marker: found only when decoded."""
+    data = bytearray(path.read_bytes())
+    data[200:len(data) - 100] = bytes(len(data) - 300)
+    path.write_bytes(bytes(data))
+
+
+MIDBAD = ["--dataset", "frames", "--data-dir", "midbad", "--run-name", "t_midbad", "--steps", "30"]
+
+
+def test_a_corrupt_frame_before_the_first_checkpoint_removes_the_new_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    corrupt_inside(write_frames(tmp_path / "midbad", [f"f{n}.png" for n in range(12)]) / "f5.png")
+    assert train.main(TINY + MIDBAD) == 2
+    out = capsys.readouterr()
+    errors = [line for line in out.err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "f5.png' is truncated or corrupt" in errors[0], out.err
+    assert "the run stopped before its first checkpoint: removed the folders it made (runs)" in out.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["midbad"]
+
+
+def test_a_corrupt_frame_in_a_run_folder_that_existed_keeps_that_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    corrupt_inside(write_frames(tmp_path / "midbad", [f"f{n}.png" for n in range(12)]) / "f5.png")
+    summary = tmp_path / "runs" / "t_midbad" / "summary"
+    summary.mkdir(parents=True)
+    (summary / "notes.txt").write_text("mine")
+    assert train.main(TINY + MIDBAD) == 2
+    assert (summary / "notes.txt").read_text() == "mine" and (summary / "losses.jsonl").exists()
+    assert sorted(p.name for p in (tmp_path / "runs" / "t_midbad").iterdir()) == ["summary"]   # checkpoints/ was new
+
+
+def test_an_error_after_a_checkpoint_keeps_the_run_folder(tmp_path, monkeypatch, capsys):
+    real = train.batches
+
+    def fail_after_one(*args, **kwargs):   # the second batch meets a corrupt frame
+        source = real(*args, **kwargs)
+        yield next(source)
+        source.close()
+        raise train.DataError("frame 'f5.png' is truncated or corrupt (test)")
+    monkeypatch.setattr(train, "batches", fail_after_one)
+    monkeypatch.chdir(tmp_path)
+    assert train.main(TINY + ["--run-name", "kept", "--save-freq", "1", "--steps", "5"]) == 2
+    assert "f5.png' is truncated or corrupt" in one_error_line(capsys)
+    run = tmp_path / "runs" / "kept"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt_00000001.pt"]
+    assert [r["step"] for r in losses(run)] == [1]

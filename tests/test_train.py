@@ -266,6 +266,7 @@ def bad_input_cases(tmp_path, short_run):
     (truncated / "f2.png").write_bytes(data[:len(data) // 2])
     write_frames(tmp_path / "mixed", [(64, 64)] * 3 + [(48, 64)] * 3)
     write_frames(tmp_path / "few", [(64, 64)] * 2)
+    write_frames(tmp_path / "videos" / "a", [(64, 64)] * 4)
     frames = ["--dataset", "frames", "--data-dir"]
     ckpt = str(short_run / "checkpoints" / "ckpt_00000004.pt")
     return {
@@ -274,7 +275,11 @@ def bad_input_cases(tmp_path, short_run):
         "no frames of a known type": (["--data-dir", str(tmp_path / "texts")], "no frames (.png/.jpg/.jpeg)"),
         "truncated frame": (frames + [str(truncated)], "f2.png' is truncated"),
         "mixed frame sizes": (frames + [str(tmp_path / "mixed")], "have mixed sizes"),
-        "fewer frames than a sequence": (frames + [str(tmp_path / "few")], "one sequence needs 3"),
+        "fewer frames than a sequence": (frames + [str(tmp_path / "few")], "one sequence needs 3 (--seq-len 3, "
+                                          "--frame-skip 1): add frames or lower --seq-len or --frame-skip"),
+        "grandcentral on folders of frames": (["--dataset", "grandcentral", "--data-dir", str(tmp_path / "videos")],
+                                              "but its subfolders hold frames ('a'): Grand Central reads one folder "
+                                              "of numbered frames; pass --dataset frames to read each subfolder as a video"),
         "image not divisible by the grid": (["--img-h", "100"], "img_h"),
         "cap above the cells": (["--max-num-obj", "17"], "exceeds the 16 cells"),
         "observe_frames >= seq_len": (["--observe-frames", "3"], "observe_frames=3"),
@@ -286,7 +291,8 @@ def bad_input_cases(tmp_path, short_run):
 
 
 @pytest.mark.parametrize("case", ["missing data dir", "empty data dir", "no frames of a known type", "truncated frame",
-                                  "mixed frame sizes", "fewer frames than a sequence", "image not divisible by the grid",
+                                  "mixed frame sizes", "fewer frames than a sequence",
+                                  "grandcentral on folders of frames", "image not divisible by the grid",
                                   "cap above the cells", "observe_frames >= seq_len", "not a checkpoint",
                                   "checkpoint of another config", "a zero logging interval",
                                   "a file as the checkpoint folder"])
@@ -552,7 +558,8 @@ def test_a_frame_found_corrupt_mid_run_ends_the_run_with_workers(tmp_path, capsy
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "f5.png' is truncated or corrupt" in done.stderr.strip().splitlines()[-1]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: frame '{folder / 'f5.png'}' is truncated or corrupt")
+    assert not (tmp_path / "run").exists()      # made by this run, which wrote no checkpoint: removed
 
 
 def test_numbered_frames_are_read_as_grand_central_with_a_notice(tmp_path, capsys):
@@ -588,3 +595,20 @@ def test_resume_with_another_batch_size_keeps_the_data_position(short_run, tmp_p
     args = train.build_parser().parse_args(TINY + run_dirs(tmp_path, "--resume", ckpt, "--batch-size", "4"))
     run = train.setup(args)
     assert (run.start.step, run.start.epoch, run.start.batch_index) == (2, 0, 1)
+
+
+@pytest.mark.parametrize("dataset", ["frames", "grandcentral", None])
+def test_a_preset_given_with_a_data_dir_is_ignored_with_a_notice(dataset, tmp_path, capsys):
+    folder = write_frames(tmp_path / "numbered", [(96, 64)] * 12)   # 3:2, as Grand Central's crops need
+    for n in range(12):
+        (folder / f"f{n}.png").rename(folder / f"{n:04d}.png")
+    chosen = ["--dataset", dataset] if dataset else []
+    flags = TINY + run_dirs(tmp_path / "run", "--data-dir", str(folder), *chosen, "--frame-skip", "1",
+                            "--train-station-cropping-origin", "32", "--steps", "1")
+    notice = f"notice: --preset applies only to the built-in sprite scenes; ignored with --data-dir '{folder}'"
+    assert train.main(flags + ["--preset", "spmot"]) == 0
+    assert notice in capsys.readouterr().out
+    assert train.main(flags + ["--resume", "auto", "--steps", "2"]) == 0   # not given: no notice
+    assert "--preset" not in capsys.readouterr().out
+    assert train.main(TINY + run_dirs(tmp_path / "sprites", "--preset", "spmot", "--steps", "1")) == 0
+    assert "--preset applies only" not in capsys.readouterr().out
