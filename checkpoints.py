@@ -494,11 +494,12 @@ def check_branch(ckpt_dir: Path, resumed_step: int | None) -> None:
     found = list_checkpoints(ckpt_dir)
     if resumed_step is None and found:
         raise ConfigError(f"'{ckpt_dir}' already holds checkpoints: pass --resume auto to continue that run, "
-                          f"or another --run-name / --ckpt-dir")
+                          f"or another --run-name (or both --ckpt-dir and --summary-dir: the loss log starts anew)")
     newer = [p for p in found if resumed_step is not None and checkpoint_step(p) > resumed_step]
     if newer:
         raise ConfigError(f"'{ckpt_dir}' holds checkpoints newer than step {resumed_step} ({newer[-1].name}): "
-                          f"continue from the newest (--resume auto), or pass another --ckpt-dir for this branch")
+                          f"continue from the newest (--resume auto), or pass another --run-name for this branch (or both "
+                          f"--ckpt-dir and --summary-dir: the loss log is cut back to the resumed step)")
 
 
 def claim_folders(ckpt_dir: Path, summary_dir: Path, ddp: Dist = Dist()) -> tuple[list, list]:

@@ -776,7 +776,7 @@ def main(argv=None) -> int:
             move_into_place(work, out)
     except KeyboardInterrupt as e:
         discard_work(work, made)
-        print(f"evaluate.py: interrupted ({e or 'SIGINT'}): nothing written to --out '{out}'", file=sys.stderr)
+        print(f"evaluate.py: interrupted ({e.args[0] if e.args else 'SIGINT'}): nothing written to --out '{out}'", file=sys.stderr)
         return 130
     except (DataError, OSError) as e:   # a frame found corrupt while reading it (setup checks headers only), a full disk
         discard_work(work, made)

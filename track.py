@@ -725,7 +725,7 @@ def main(argv=None, prog: str = "track.py") -> int:
                 json.dump(summary, f, indent=2)
             move_into_place(tmp, out)
     except KeyboardInterrupt as e:
-        print(f"{prog}: interrupted ({e or 'SIGINT'}): nothing written to --out '{args.out}'", file=sys.stderr)
+        print(f"{prog}: interrupted ({e.args[0] if e.args else 'SIGINT'}): nothing written to --out '{args.out}'", file=sys.stderr)
         return 130
     except DataError as e:    # a frame found corrupt while reading it (setup checks headers only)
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-bad-frames", action="store_true", help="drop unreadable frames instead of failing")
     run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
                      help="data-loader worker processes [4, at most the CPU count]")
-    run.add_argument("--run-name", metavar="NAME", help="run folder runs/<name> [the dataset's name]")
+    run.add_argument("--run-name", metavar="NAME", help="run folder runs/<name> [sprites-<preset>, grandcentral or the data folder's name; "
+                     "-small added with --small]")
     run.add_argument("--ckpt-dir", metavar="DIR", help="checkpoint folder [runs/<name>/checkpoints]")
     run.add_argument("--summary-dir", metavar="DIR", help="TensorBoard folder [runs/<name>/summary]")
     length = run.add_mutually_exclusive_group()

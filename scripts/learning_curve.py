@@ -8,12 +8,14 @@ given minutes of wall-clock training.
 The run's minutes are read from its `summary/losses.jsonl` (each step's wall-clock time, counted from
 the first logged step); for each minute the newest `ckpt_<step>.pt` saved by then is evaluated with the
 evaluate.py flags after `--`, its report written to OUT/min_<M>/, and one table printed (also
-OUT/curve.json).
+OUT/curve.json). OUT is written whole at the end (a non-empty one is refused unless --overwrite, which
+replaces it); a failed evaluation leaves nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evaluate  # noqa: E402
 from checkpoints import list_checkpoints  # noqa: E402
+from utils import discard_work, work_folder  # noqa: E402
 
 
 class CurveError(Exception):
@@ -76,19 +79,37 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description="evaluate.py on a run's checkpoints at given minutes of training.")
+    p = argparse.ArgumentParser(description="evaluate.py on a run's checkpoints at given minutes of training.",
+                                usage="%(prog)s RUN --out OUT [--minutes 1,2,4,8] [--overwrite] [-- EVALUATE-FLAGS ...]",
+                                epilog="Flags after -- go to every evaluate.py call (e.g. -- --preset spmot --protocol ocrb).")
     p.add_argument("run", help="the run folder (holding checkpoints/ and summary/)")
-    p.add_argument("--minutes", default="1,2,4,8", help="comma-separated minutes of training")
+    p.add_argument("--minutes", default="1,2,4,8", help="comma-separated minutes of training (default 1,2,4,8)")
     p.add_argument("--out", required=True, help="folder for min_<M>/report.json and curve.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
     try:
         minutes = parse_minutes(args.minutes)
         minutes_of, checkpoints = read_run(Path(args.run))
+        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+            raise CurveError(f"--out '{args.out}' exists and is not empty: pass --overwrite to replace it, or another --out")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise CurveError(f"--out '{args.out}' is a file, not a folder: pass another --out")
     except CurveError as e:
         print(f"learning_curve.py: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    work, made = work_folder(args.out)
+    try:
+        code = evaluate_minutes(Path(work), minutes, minutes_of, checkpoints, extra)
+        if code == 0:
+            evaluate.move_into_place(work, args.out)
+        return code
+    finally:
+        discard_work(work, made)     # gone already once moved into place
+
+
+def evaluate_minutes(out: Path, minutes: list, minutes_of: dict, checkpoints: list, extra: list) -> int:
+    """evaluate.py at each minute into out/min_<M>/, then out/curve.json and the table; evaluate.py's
+    exit status if one fails."""
     rows = []
     for minute in minutes:
         path = checkpoint_at(checkpoints, minutes_of, minute)
@@ -96,7 +117,7 @@ def main(argv=None) -> int:
             print(f"notice: no checkpoint saved by minute {minute:g}", file=sys.stderr)
             continue
         folder = out / f"min_{minute:g}"
-        code = evaluate.main(["--checkpoint", str(path), "--out", str(folder), "--overwrite", *extra])
+        code = evaluate.main(["--checkpoint", str(path), "--out", str(folder), *extra])
         if code:
             return code
         report = json.loads((folder / "report.json").read_text())

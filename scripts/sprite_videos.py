@@ -1,12 +1,14 @@
 """Sprite videos with ground truth on disk, for track.py: frames as PNGs, ground truth as MOTChallenge files.
 
-    python scripts/sprite_videos.py OUT [--preset easy] [--num 4] [--length 60] [--size H W] [--seed S]
+    python scripts/sprite_videos.py OUT [--preset easy] [--num 4] [--length 60] [--size H W] [--seed S] [--overwrite]
     python scripts/sprite_videos.py --demo          # the demo/ folder of the README (40 frames, 64x64)
 
 OUT/videos/<name>/0000.png ... (one folder per video, the layout data.write_to_disk writes) and
 OUT/gt/<name>.txt (`frame,id,x,y,w,h,1,-1,-1,-1`, frame 1-based, the tight box of each object's
 visible pixels, objects with at least evaluate.MIN_GT_AREA visible pixels, as evaluate.py counts
 them). Score tracks of them with `python track.py OUT/videos --checkpoint CKPT --out DIR --score OUT/gt`.
+OUT is written whole at the end (a non-empty one is refused unless --overwrite, which replaces it); bad
+arguments print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import make_sprites, write_to_disk  # noqa: E402
-from evaluate import TEST_SEED, ground_truth_frames  # noqa: E402
+from data import DataError, make_sprites, write_to_disk  # noqa: E402
+from evaluate import TEST_SEED, ground_truth_frames, move_into_place  # noqa: E402
 from track import ground_truth_file  # noqa: E402
+from utils import discard_work, work_folder  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED + 666, index=3)
@@ -67,15 +70,41 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=60, help="frames per video")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the preset's")
     p.add_argument("--seed", type=int, default=TEST_SEED + 666)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     args = p.parse_args(argv)
     if args.demo:
         print(f"wrote {write_demo()}")
         return 0
     if args.out is None:
         p.error("pass OUT or --demo")
-    written = write_sprite_videos(args.out, args.preset, args.num, args.length, args.size, args.seed)
-    print(f"wrote {len(written['names'])} videos to {written['videos']} and their ground truth to {written['gt']}")
+    if problem := out_problem(args):
+        print(f"sprite_videos.py: error: {problem}", file=sys.stderr)
+        return 2
+    work, made = work_folder(args.out)
+    try:
+        written = write_sprite_videos(work, args.preset, args.num, args.length, args.size, args.seed)
+        move_into_place(work, args.out)
+    except DataError as e:                 # an unknown preset, a size the preset cannot draw
+        discard_work(work, made)
+        print(f"sprite_videos.py: error: {e}", file=sys.stderr)
+        return 2
+    except BaseException:
+        discard_work(work, made)
+        raise
+    out = Path(args.out)
+    print(f"wrote {len(written['names'])} videos to {out / 'videos'} and their ground truth to {out / 'gt'}")
     return 0
+
+
+def out_problem(args) -> str | None:
+    """What is wrong with the arguments for writing OUT, in one line naming the fix; None if nothing."""
+    if args.num < 1 or args.length < 1:
+        return f"--num ({args.num}) and --length ({args.length}) must be positive"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"OUT '{args.out}' is a file, not a folder: pass another OUT"
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        return f"OUT '{args.out}' exists and is not empty: pass --overwrite to replace it, or another OUT"
+    return None
 
 
 if __name__ == "__main__":

@@ -51,3 +51,26 @@ def test_bad_input_is_one_line_exit_2_with_nothing_written(tmp_path, capsys, cas
     assert main([str(run), "--minutes", minutes, "--out", str(tmp_path / "curve")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not (tmp_path / "curve").exists()
+
+
+def test_out_is_written_whole_and_a_failed_evaluation_leaves_the_old_one(tmp_path, checkpoint, capsys):
+    """A run of one checkpoint (step 1234) at minute 1: OUT/min_1/report.json and curve.json; a non-empty
+    OUT needs --overwrite; an evaluation that fails (a bad evaluate.py flag) leaves the old OUT as it was
+    and no work folder."""
+    import shutil
+    run = tmp_path / "run"
+    (run / "summary").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "summary" / "losses.jsonl").write_text('{"step": 1234, "loss": 1.0, "skipped": false, "time": 5.0}\n')
+    shutil.copy(checkpoint, run / "checkpoints" / "ckpt_00001234.pt")
+    out = tmp_path / "curve"
+    flags = [str(run), "--minutes", "1", "--out", str(out)]
+    evaluate_flags = ["--", "--num-sequences", "2", "--batch-size", "2", "--device", "cpu"]
+    assert main(flags + evaluate_flags) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["curve.json", "min_1"]
+    assert [row["step"] for row in json.loads((out / "curve.json").read_text())] == [1234]
+    assert main(flags + evaluate_flags) == 2
+    assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
+    assert main(flags + ["--overwrite", "--", "--bogus-flag"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["curve.json", "min_1"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -527,6 +527,23 @@ def test_a_frame_corrupt_inside_leaves_no_out(tmp_path, checkpoint, capsys):
     assert os.listdir(out) == ["mine.txt"] and not leftovers(tmp_path)
 
 
+def test_sprite_videos_script_writes_out_whole_and_refuses_bad_arguments(tmp_path, capsys):
+    from scripts.sprite_videos import main as sprite_videos
+    out = tmp_path / "sv"
+    assert sprite_videos([str(out), "--num", "2", "--length", "3"]) == 0
+    assert sprite_videos([str(out), "--num", "1", "--length", "2"]) == 2
+    assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
+    assert sprite_videos([str(out), "--num", "1", "--length", "2", "--overwrite"]) == 0  # replaced whole
+    assert os.listdir(out / "videos") == ["000000"] and len(os.listdir(out / "videos" / "000000")) == 2
+    assert os.listdir(out / "gt") == ["000000.txt"]
+    for flags, message in ((["--preset", "nope"], "unknown sprite preset 'nope'"),
+                           (["--num", "0"], "must be positive")):
+        assert sprite_videos([str(tmp_path / "bad"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sprite_videos.py: error: ") and err.count("\n") == 1 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sv"]
+
+
 def test_read_mot_and_score_known_answers(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     gt.mkdir()
