@@ -91,7 +91,7 @@ from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_ta
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import (discard_work, input_inside, pick_device, seed_arg, seed_everything, sigterm_as_interrupt, tau_at,
+from utils import (discard_work, out_folder_problem, pick_device, seed_arg, seed_everything, sigterm_as_interrupt, tau_at,
                    unique_names, work_folder)
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
@@ -676,17 +676,11 @@ def check_ocrb(args, dataset, seq_len: int) -> None:
 
 
 def check_out(args) -> None:
-    """EvalError unless --out can be written: a folder that does not exist yet, an empty folder, or
-    (--overwrite) any folder that holds none of the inputs (checkpoint, data folder)."""
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise EvalError(f"--out '{out}' is a file, not a folder: pass another --out")
-    inside = input_inside(out, [args.checkpoint, getattr(args, "data_dir", None)])
-    if inside is not None:
-        raise EvalError(f"--out '{out}' holds the input '{inside}', which writing the outputs would replace: "
-                        f"pass an --out outside the inputs")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise EvalError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or another --out")
+    """EvalError unless --out can be written (utils.out_folder_problem): a folder that does not exist yet,
+    an empty folder, or (--overwrite) any folder that holds none of the inputs (checkpoint, data folder)."""
+    problem = out_folder_problem(args.out, args.overwrite, [args.checkpoint, getattr(args, "data_dir", None)])
+    if problem:
+        raise EvalError(problem)
 
 
 def move_into_place(work: str, out: str) -> None:

@@ -87,7 +87,7 @@ from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_obj
                       iou_matrix_distance, load_model, move_into_place, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
 from modules import spatial_transform
-from utils import (LOW_TRACKED_SHARE, discard_work, input_inside, pick_device, seed_arg, seed_everything,
+from utils import (LOW_TRACKED_SHARE, discard_work, out_folder_problem, pick_device, seed_arg, seed_everything,
                    sigterm_as_interrupt, tau_at, unique_names, work_folder)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
@@ -613,17 +613,12 @@ def parse_args(argv):
 
 
 def check_out(args) -> None:
-    """TrackError unless tracking may write --out: a folder that does not exist yet, an empty one, or
-    (--overwrite) any folder that holds none of the inputs (videos, checkpoint, ground truth)."""
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise TrackError(f"--out '{out}' is a file, not a folder: pass another --out")
-    inside = input_inside(out, [*args.videos, args.checkpoint, args.score])
-    if inside is not None:
-        raise TrackError(f"--out '{out}' holds the input '{inside}', which writing the tracks would replace: "
-                         f"pass an --out outside the inputs")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise TrackError(f"--out '{out}' exists and is not empty: pass --overwrite to replace it, or another --out")
+    """TrackError unless tracking may write --out (utils.out_folder_problem): a folder that does not exist
+    yet, an empty one, or (--overwrite) any folder that holds none of the inputs (videos, checkpoint,
+    ground truth)."""
+    problem = out_folder_problem(args.out, args.overwrite, [*args.videos, args.checkpoint, args.score])
+    if problem:
+        raise TrackError(problem)
 
 
 def prepare(argv):

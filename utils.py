@@ -147,6 +147,21 @@ def input_inside(out: str, inputs: list) -> str | None:
     return None
 
 
+def out_folder_problem(out: str, overwrite: bool, inputs: list = (), name: str = "--out") -> str | None:
+    """What forbids writing the output folder `out` whole (a tool's work folder moved into place at the
+    end), on one line naming the fix; None if nothing: `out` must not be a file nor hold an input, and
+    a non-empty folder is replaced only with --overwrite. `name`: how the command line calls it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"{name} '{out}' is a file, not a folder: pass another {name}"
+    inside = input_inside(out, list(inputs))
+    if inside is not None:
+        return (f"{name} '{out}' holds the input '{inside}', which writing the outputs would replace: "
+                f"pass an {name} outside the inputs")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        return f"{name} '{out}' exists and is not empty: pass --overwrite to replace it, or another {name}"
+    return None
+
+
 @contextmanager
 def sigterm_as_interrupt():
     """Within: SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a tool's clean-up runs before it stops

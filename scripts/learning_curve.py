@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evaluate  # noqa: E402
 from checkpoints import list_checkpoints  # noqa: E402
-from utils import discard_work, work_folder  # noqa: E402
+from utils import discard_work, out_folder_problem, work_folder  # noqa: E402
 
 
 class CurveError(Exception):
@@ -90,10 +89,8 @@ def main(argv=None) -> int:
     try:
         minutes = parse_minutes(args.minutes)
         minutes_of, checkpoints = read_run(Path(args.run))
-        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-            raise CurveError(f"--out '{args.out}' exists and is not empty: pass --overwrite to replace it, or another --out")
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise CurveError(f"--out '{args.out}' is a file, not a folder: pass another --out")
+        if problem := out_folder_problem(args.out, args.overwrite, [args.run]):
+            raise CurveError(problem)
     except CurveError as e:
         print(f"learning_curve.py: error: {e}", file=sys.stderr)
         return 2

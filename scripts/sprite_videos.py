@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DataError, make_sprites, write_to_disk  # noqa: E402
 from evaluate import TEST_SEED, ground_truth_frames, move_into_place  # noqa: E402
 from track import ground_truth_file  # noqa: E402
-from utils import discard_work, work_folder  # noqa: E402
+from utils import discard_work, out_folder_problem, work_folder  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED + 666, index=3)
@@ -100,11 +100,7 @@ def out_problem(args) -> str | None:
     """What is wrong with the arguments for writing OUT, in one line naming the fix; None if nothing."""
     if args.num < 1 or args.length < 1:
         return f"--num ({args.num}) and --length ({args.length}) must be positive"
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return f"OUT '{args.out}' is a file, not a folder: pass another OUT"
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        return f"OUT '{args.out}' exists and is not empty: pass --overwrite to replace it, or another OUT"
-    return None
+    return out_folder_problem(args.out, args.overwrite, name="OUT")
 
 
 if __name__ == "__main__":
