@@ -522,11 +522,13 @@ def claim_folders(ckpt_dir: Path, summary_dir: Path, ddp: Dist = Dist()) -> tupl
 
 
 def remove_unsaved_run(created: list, ckpt_dir: Path, summary_dir: Path) -> list:
-    """After a run stopped on an error: if `ckpt_dir` holds no checkpoint, remove the folders this
-    run created (`created`, parents first): the checkpoint and summary folders with what the run
-    wrote in them, the others if left empty. Folders that existed before are kept. Returns the
-    outermost folders removed."""
-    if list_checkpoints(ckpt_dir):
+    """After a run stopped on an error: if `ckpt_dir` holds no checkpoint and no step was logged
+    (summary/losses.jsonl empty: the logs of steps done explain the failure and stay), remove the
+    folders this run created (`created`, parents first): the checkpoint and summary folders with what
+    the run wrote in them, the others if left empty. Folders that existed before are kept. Returns
+    the outermost folders removed."""
+    log = summary_dir / "losses.jsonl"
+    if list_checkpoints(ckpt_dir) or (log.exists() and log.stat().st_size > 0):
         return []
     for path in reversed(created):
         if path in (ckpt_dir, summary_dir):

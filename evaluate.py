@@ -685,7 +685,7 @@ def check_out(args) -> None:
 
 def move_into_place(work: str, out: str) -> None:
     """Replace `out` by the finished folder `work` (an existing `out` is renamed away first, then removed)."""
-    out = os.path.abspath(out)
+    out = os.path.realpath(out)     # a link to a folder: that folder is replaced, as work_folder places `work`
     old = None
     if os.path.isdir(out):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
@@ -693,7 +693,7 @@ def move_into_place(work: str, out: str) -> None:
         os.rename(out, old)
     try:
         os.rename(work, out)
-    except OSError:
+    except BaseException:
         if old is not None:
             os.rename(old, out)
         raise
@@ -767,7 +767,7 @@ def main(argv=None) -> int:
         with sigterm_as_interrupt():
             tally = run(model, dataset, num, args, step, tau, device)
             report = write_outputs(tally, args, cfg, step, tau)
-            move_into_place(work, out)
+        move_into_place(work, out)
     except KeyboardInterrupt as e:
         discard_work(work, made)
         print(f"evaluate.py: interrupted ({e.args[0] if e.args else 'SIGINT'}): nothing written to --out '{out}'", file=sys.stderr)

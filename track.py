@@ -583,8 +583,9 @@ def parse_args(argv):
     p.add_argument("--masks", choices=MASK_READINGS, default="visible",
                    help="not in the reference: the masks (and tight boxes) written: 'visible', the pixels where "
                         "each object shows in the model's composite, as evaluate.py --protocol ocrb reads them "
-                        "(disjoint; a second track gets none of its object's pixels; default), or 'alpha', the "
-                        "object's own decoded alpha > 0.5 (whole shapes, overlapping)")
+                        "(disjoint; a second track gets none of its object's pixels, and an object left with fewer "
+                        "than 5 pixels is not written, whatever --box; default), or 'alpha', the object's own decoded "
+                        "alpha > 0.5 (whole shapes, overlapping)")
     p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
                    help="also write each video with id-coloured boxes (H.264 .mp4 or .gif)")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H",
@@ -718,7 +719,7 @@ def main(argv=None, prog: str = "track.py") -> int:
             summary["seconds"], summary["frames_per_second"] = seconds, num_frames / max(seconds, 1e-9)
             with open(os.path.join(tmp, "track.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-            move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except KeyboardInterrupt as e:
         print(f"{prog}: interrupted ({e.args[0] if e.args else 'SIGINT'}): nothing written to --out '{args.out}'", file=sys.stderr)
         return 130
@@ -852,6 +853,7 @@ def evaluate_alias(argv: list) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", default="0")
     p.add_argument("--skip-bad-frames", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None)
     try:
         a, rest = p.parse_known_args(argv)
@@ -862,7 +864,7 @@ def evaluate_alias(argv: list) -> int:
               f"(see python track.py --help)", file=sys.stderr)
         return 2
     flags = [a.data_dir, "--checkpoint", a.checkpoint, "--out", a.out, "--device", a.device, "--seed", a.seed]
-    flags += ["--skip-bad-frames"] * a.skip_bad_frames + ["--video-out", "gif"] * (a.gif > 0)
+    flags += ["--skip-bad-frames"] * a.skip_bad_frames + ["--overwrite"] * a.overwrite + ["--video-out", "gif"] * (a.gif > 0)
     if a.first_frame_rejection is not None:
         flags.append("--first-frame-rejection" if a.first_frame_rejection else "--no-first-frame-rejection")
     return main(flags, prog="evaluate.py")

@@ -28,7 +28,8 @@ Exit codes: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 too many
 in a row (after a checkpoint of the last good state: the newest whose weights have not diverged);
 2 bad input (data, config, checkpoint, an unwritable or locked folder; a one-line message on
 stderr, nothing written) or a checkpoint that could not be written (disk full). A run stopped by an
-error before its first checkpoint removes the folders it made (folders that existed are kept).
+error before its first checkpoint and first logged step removes the folders it made (folders that
+existed are kept).
 
 Modules: checkpoints.py (checkpoint files, resume, run folders, loss log), distributed.py
 (torchrun), data.py (datasets, `build_dataset`), engine.py (one training step).
@@ -285,8 +286,8 @@ def setup(args, ddp: Dist = Dist()) -> Run:
         raise ConfigError("--cuda-graph works in single-process runs only: drop it under torchrun")
     device = pick_device(args.device, ddp, small=args.small or args.recipe is not None or args.resume is not None)
     kind = dataset_kind(args.dataset, args.data_dir)
-    if args.preset is not None and kind != "sprites":
-        print(f"notice: --preset applies only to the built-in sprite scenes; ignored with --data-dir '{args.data_dir}'")
+    if args.preset is not None and kind != "sprites" and ddp.main:
+        print(f"notice: --preset applies only to the built-in sprite scenes; ignored with --dataset {kind}")
     named = args.resume not in (None, "auto")          # --resume FILE: read first, its preset names the run
     path = Path(args.resume) if named else None
     payload = read_checkpoint(str(path)) if named else None

@@ -153,6 +153,8 @@ def out_folder_problem(out: str, overwrite: bool, inputs: list = (), name: str =
     a non-empty folder is replaced only with --overwrite. `name`: how the command line calls it."""
     if os.path.exists(out) and not os.path.isdir(out):
         return f"{name} '{out}' is a file, not a folder: pass another {name}"
+    if input_inside(out, [os.getcwd()]) is not None:
+        return f"{name} '{out}' holds the current folder, which writing the outputs would replace: pass another {name}"
     inside = input_inside(out, list(inputs))
     if inside is not None:
         return (f"{name} '{out}' holds the input '{inside}', which writing the outputs would replace: "
@@ -184,7 +186,7 @@ def work_folder(out: str, tag: str = "tmp") -> tuple[str, list[str]]:
     """A new temporary folder `.<name>.<tag>-XXXX` beside `out` (the same file system, so the finished
     folder or its files can be renamed into place), and the folders made above it because they were
     missing, for discard_work. If it cannot be made, nothing is left behind."""
-    out = os.path.abspath(out)
+    out = os.path.realpath(out)         # a link to a folder: the work goes beside that folder
     parent = os.path.dirname(out)
     made = missing_parents(out)
     try:

@@ -36,7 +36,7 @@ def parse_minutes(text: str) -> list[float]:
         raise CurveError(f"--minutes '{text}' must be comma-separated numbers, e.g. 1,2,4,8") from None
     if not all(m > 0 for m in minutes):
         raise CurveError(f"--minutes '{text}': each must be positive")
-    return minutes
+    return list(dict.fromkeys(minutes))         # each minute once
 
 
 def read_run(run: Path) -> tuple[dict[int, float], list[Path]]:
@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     try:
         minutes = parse_minutes(args.minutes)
         minutes_of, checkpoints = read_run(Path(args.run))
-        if problem := out_folder_problem(args.out, args.overwrite, [args.run]):
+        data_dir = extra[extra.index("--data-dir") + 1] if "--data-dir" in extra[:-1] else None
+        if problem := out_folder_problem(args.out, args.overwrite, [args.run, data_dir]):
             raise CurveError(problem)
     except CurveError as e:
         print(f"learning_curve.py: error: {e}", file=sys.stderr)

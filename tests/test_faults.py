@@ -162,8 +162,8 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_no_tempora
     assert train.main(TINY + run_dirs(tmp_path)) == 2
     line = one_error_line(capsys)
     assert "disk full / not writable" in line and str(tmp_path / "checkpoints") in line, line
-    # no .tmp-*.pt, no checkpoint: the folders this run made are removed (the first checkpoint failed)
-    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "summary").exists()
+    assert list((tmp_path / "checkpoints").iterdir()) == []                 # no .tmp-*.pt, no checkpoint
+    assert losses(tmp_path)                          # the steps logged before it stay: they explain the failure
 
 
 def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
@@ -187,11 +187,11 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
     assert "disk full / not writable" in line and "--resume auto" in line, line
     assert [r["step"] for r in losses(tmp_path)] == [1]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000001.pt"]
-    # before the first checkpoint: nothing to resume, the run says so and leaves no folders
+    # before the first checkpoint: nothing to resume, the run says so; the step it logged stays
     assert train.main(TINY + run_dirs(tmp_path / "fresh", "--steps", "3")) == 2
     line = one_error_line(capsys)
     assert "no checkpoint was written yet: free space, then start again" in line, line
-    assert not (tmp_path / "fresh").exists()
+    assert [r["step"] for r in losses(tmp_path / "fresh")] == [1]
 
 
 # ---- 4: unwritable folders are found before the first step ---------------------------------------------

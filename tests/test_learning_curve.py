@@ -53,6 +53,11 @@ def test_bad_input_is_one_line_exit_2_with_nothing_written(tmp_path, capsys, cas
     assert message in err and "\n" not in err and not (tmp_path / "curve").exists()
 
 
+def test_each_minute_is_evaluated_once():
+    from scripts.learning_curve import parse_minutes
+    assert parse_minutes("1,2,1.0,4") == [1.0, 2.0, 4.0]
+
+
 def test_out_is_written_whole_and_a_failed_evaluation_leaves_the_old_one(tmp_path, checkpoint, capsys):
     """A run of one checkpoint (step 1234) at minute 1: OUT/min_1/report.json and curve.json; a non-empty
     OUT needs --overwrite; an evaluation that fails (a bad evaluate.py flag) leaves the old OUT as it was

@@ -419,7 +419,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
     assert not out.exists() and not leftovers(tmp_path)
 
 
-def test_out_holding_an_input_or_not_empty_is_refused_and_overwrite_replaces_it(tmp_path, checkpoint, capsys):
+def test_out_holding_an_input_or_not_empty_is_refused_and_overwrite_replaces_it(tmp_path, checkpoint, capsys,
+                                                                                  monkeypatch):
     """An --out that holds a video, the checkpoint or the ground truth is refused even with --overwrite (its
     files would be replaced); a non-empty --out needs --overwrite, which replaces it whole."""
     frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "data" / "frames", 1)
@@ -430,6 +431,12 @@ def test_out_holding_an_input_or_not_empty_is_refused_and_overwrite_replaces_it(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "holds the input" in err and "pass an --out outside the inputs" in err
     assert sorted(p.name for p in (frames / "000000").iterdir()) == before
+    here = tmp_path / "here"                                                # --out . would replace the shell's folder
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", str(tmp_path)):
+        assert track.main([str(frames), *base, "--out", out, "--overwrite"]) == 2
+    assert "--out '.' holds the current folder" in capsys.readouterr().err and here.exists()
     out = tmp_path / "tracks"
     out.mkdir()
     (out / "old.gif").write_text("a file of an earlier run")
@@ -523,7 +530,8 @@ def test_a_frame_corrupt_inside_leaves_no_out(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "new").exists()
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"]) == 2
+    assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu", "--overwrite"]) == 2
+    assert "0003.png' is truncated or corrupt" in capsys.readouterr().err.strip().splitlines()[-1]
     assert os.listdir(out) == ["mine.txt"] and not leftovers(tmp_path)
 
 
