@@ -720,18 +720,20 @@ def aggregate_main(argv) -> int:
     if missing:
         print(f"evaluate.py: error: no report '{missing[0]}': pass report.json files written by evaluate.py", file=sys.stderr)
         return 2
+    reports = []
     for path in args.aggregate:
         try:
             with open(path) as f:
-                if not isinstance(json.load(f), dict):
-                    raise ValueError("not a JSON object")
+                reports.append(json.load(f))
+            if not isinstance(reports[-1], dict):
+                raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as e:
             print(f"evaluate.py: error: '{path}' is not a report.json ({one_line(e)}): pass report.json files "
                   f"written by evaluate.py", file=sys.stderr)
             return 2
     try:
-        print(aggregate_table(args.aggregate))
-    except (json.JSONDecodeError, AttributeError) as e:
+        print(aggregate_table(reports))
+    except AttributeError as e:
         print(f"evaluate.py: error: a report is not a report.json ({e})", file=sys.stderr)
         return 2
     return 0

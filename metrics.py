@@ -30,7 +30,6 @@ Sequences", JMLR 22(183), 2021; repository ecker-lab/object-centric-representati
 """
 from __future__ import annotations
 
-import json
 import math
 
 import motmetrics as mm
@@ -428,17 +427,13 @@ def aggregate_reports(reports: list) -> dict:
                    "n": len(v)} for name, v in values.items()}
 
 
-def aggregate_table(paths: list) -> str:
-    """The mean +- std table of the report.json files at `paths`."""
-    reports = []
-    for path in paths:
-        with open(path) as f:
-            reports.append(json.load(f))
+def aggregate_table(reports: list) -> str:
+    """The mean +- std table of report.json contents (dicts, one per run)."""
     stats = aggregate_reports(reports)
     if not stats:
         return "no numbers in the reports"
     width = max(len(name) for name in stats)
-    lines = [f"{'metric':<{width}}  {'mean':>12}  {'std':>10}  n   ({len(paths)} reports)"]
+    lines = [f"{'metric':<{width}}  {'mean':>12}  {'std':>10}  n   ({len(reports)} reports)"]
     for name, s in stats.items():
         std = "n/a" if not math.isfinite(s["std"]) else f"{s['std']:.4f}"
         lines.append(f"{name:<{width}}  {s['mean']:>12.4f}  {std:>10}  {s['n']}")

@@ -292,8 +292,8 @@ def visible_objects(record, objects: Objects, region: Region, width: int, height
     n = len(objects.ids)
     if n == 0:
         return objects
-    rows = [int(torch.nonzero(record.ids[0] == i)[0]) for i in objects.ids.tolist()]
-    index = torch.tensor(rows, device=record.ids.device)
+    wanted = torch.as_tensor(objects.ids, device=record.ids.device)
+    index = torch.nonzero(wanted[:, None] == record.ids[0][None, :])[:, 1]      # (n,) their rows, in order
     alpha_sum = torch.zeros(region.h, region.w, device=record.ids.device)     # sum of alpha * z_pres
     weight_sum, best = torch.zeros_like(alpha_sum), torch.zeros_like(alpha_sum)
     owner = torch.full_like(alpha_sum, -1, dtype=torch.long)                  # -1: the background

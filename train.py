@@ -272,8 +272,8 @@ class Run:
         self.locks = []
 
     def discard_if_unsaved(self) -> None:
-        """After an error: remove the run's folders if this process made them and no checkpoint was
-        written (call with the folders still locked, the logs closed)."""
+        """After an error: remove the run's folders if this process made them and neither a checkpoint
+        nor a step's loss line was written (call with the folders still locked, the logs closed)."""
         removed = remove_unsaved_run(self.created, self.ckpt_dir, self.summary_dir)
         if removed:
             print(f"notice: the run stopped before its first checkpoint: removed the folders it made "
@@ -652,7 +652,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     finally:
-        if not finished:   # stopped on an error: a run with no checkpoint leaves no folders behind
+        if not finished:   # stopped on an error: a run that saved and logged nothing leaves no folders behind
             run.discard_if_unsaved()
         run.release()
         shutdown(ddp)
