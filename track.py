@@ -26,10 +26,13 @@ mask has at least evaluate.MIN_GT_AREA (5) pixels, masks placed at the video's o
 the video's pixels, as the ground truth of a video does. A second track of an object (its mask
 overlapping an older track's at IoU >= --duplicate-iou, 0.5, in most frames both were in) is left
 out (`DuplicateFilter`; not in the reference). The masks written are then, by default (`--masks
-visible`, not in the reference), the pixels where each kept object shows in the model's composite, as
-evaluate.py's OCRB protocol reads a model (`visible_objects`): masks do not overlap, an object partly
-hidden has only its visible pixels (as the ground truth of a video has), and an object left with fewer
-than 5 pixels is not written; `--masks alpha` writes each object's own thresholded alpha instead.
+visible`, not in the reference), the pixels where each kept object shows (`visible_objects`): the
+pixels the model's composite gives to the objects, as evaluate.py's OCRB protocol reads a model, each
+to the object in front, unless its decoded colour there is far from the frame's and another object
+whose mask covers the pixel matches it (a glimpse reaching over a neighbour of another colour). Masks
+do not overlap, an object partly hidden has only its visible pixels (as the ground truth of a video
+has), and an object left with fewer than 5 pixels is not written; `--masks alpha` writes each
+object's own thresholded alpha instead.
 
 Written per video <name> (names from the folder or file, made unique) into --out:
 
@@ -77,6 +80,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -96,6 +100,7 @@ DEFAULT_OUT_FPS = 10.0      # --video-out frame rate for folders of frames
 VIDEO_MIN_SIDE = 256        # --video-out upscales (nearest) small videos to at least this many pixels a side
 CUT_OFF_SHARE = 0.9         # a video file decoding to fewer than this share of the frames its header announces is named
 DUPLICATE_IOU = 0.5         # --duplicate-iou: mask IoU from which a younger track is a duplicate of an older one
+COLOUR_MARGIN = 0.5         # --masks visible: a colour error (squared RGB distance) within this of the best counts as a match
 MASK_READINGS = ("visible", "alpha")   # --masks: the pixels where each object shows, or its own alpha > 0.5
 
 
@@ -276,42 +281,72 @@ def video_objects(record, region: Region, width: int, height: int, pres_threshol
                    conf=np.concatenate([p.conf for p in parts]), invisible=sum(p.invisible for p in parts))
 
 
-def visible_objects(record, objects: Objects, region: Region, width: int, height: int,
+def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Region, width: int, height: int,
                     min_area: int = MIN_GT_AREA) -> Objects:
-    """`--masks visible` (not in the reference): the objects' masks become the pixels where each shows
-    in the model's composite, read as evaluate.py's OCRB protocol reads a model (`metrics.argmax_masks`):
-    a pixel belongs to the object of the largest importance w = alpha * z_pres * sigmoid(-z_depth) when
-    that object's share alpha_map * w / sum(w) exceeds the background's 1 - alpha_map, where
-    alpha_map = min(1, sum of alpha * z_pres), sums over `objects` (a frame's predictions, second
-    tracks left out already). So masks do not overlap, the covered part of an object belongs to the one
-    in front, and a second track cannot hold its object's pixels. Objects left with fewer than
-    `min_area` pixels are left out. record: FrameRecord of batch 1; objects: from `video_objects`.
+    """`--masks visible` (not in the reference): the objects' masks become the pixels where each shows.
 
-    Alphas are placed for at most PLACED_PIXELS pixels at a time (objects in chunks); the result is
-    that of one pass (ties go to the earlier object, as in argmax_masks)."""
+    Which pixels show an object is read as evaluate.py's OCRB protocol reads a model (`metrics.argmax_masks`):
+    a pixel shows an object when the share alpha_map * w_max / sum(w) of the object of the largest importance
+    w = alpha * z_pres * sigmoid(-z_depth) exceeds the background's 1 - alpha_map, where alpha_map = min(1,
+    sum of alpha * z_pres), sums over `objects` (a frame's predictions, second tracks left out already).
+    Which object it shows: of the objects whose own mask (alpha > 0.5) covers the pixel, the one in front
+    (largest w) among those whose decoded colour there is within COLOUR_MARGIN (squared RGB distance) of
+    the colour that matches the frame best; a pixel no mask covers goes to the largest w. So masks do not
+    overlap, the covered part of an object belongs to the one in front, a second track cannot hold its
+    object's pixels, and where a glimpse in front reaches over a neighbour of another colour, the
+    neighbour keeps the pixels that show it. Objects left with fewer than `min_area` pixels are left out.
+    record: FrameRecord of batch 1; objects: from `video_objects`; frame: (3, img_h, img_w) the model's
+    input, the region resized (sampled bilinearly back to the region's pixels here).
+
+    Alphas are placed for at most PLACED_PIXELS pixels at a time (objects in chunks, twice: the best colour
+    match first); the result is that of one pass (ties go to the earlier object, as in argmax_masks)."""
     n = len(objects.ids)
     if n == 0:
         return objects
-    wanted = torch.as_tensor(objects.ids, device=record.ids.device)
+    device = record.ids.device
+    wanted = torch.as_tensor(objects.ids, device=device)
     index = torch.nonzero(wanted[:, None] == record.ids[0][None, :])[:, 1]      # (n,) their rows, in order
-    alpha_sum = torch.zeros(region.h, region.w, device=record.ids.device)     # sum of alpha * z_pres
-    weight_sum, best = torch.zeros_like(alpha_sum), torch.zeros_like(alpha_sum)
-    owner = torch.full_like(alpha_sum, -1, dtype=torch.long)                  # -1: the background
+    seen = F.interpolate(frame[None].float().to(device), size=(region.h, region.w), mode="bilinear",
+                         align_corners=False)[0]                               # (3, h, w)
     per = max(1, PLACED_PIXELS // (region.w * region.h))
-    for start in range(0, n, per):
-        part = index[start:start + per]
-        alpha = spatial_transform(record.alpha_glimpse[0, part].float(), record.z_where[0, part].float(),
-                                  (len(part), 1, region.h, region.w), inverse=True)[:, 0]    # (k, h, w)
+    chunks = [index[start:start + per] for start in range(0, n, per)]
+
+    def placed(part):
+        """alpha, importance w and squared colour error of the objects `part`, each (k, h, w)."""
+        size = (len(part), 1, region.h, region.w)
+        z_where = record.z_where[0, part].float()
+        alpha = spatial_transform(record.alpha_glimpse[0, part].float(), z_where, size, inverse=True)[:, 0]
+        colour = spatial_transform(record.glimpse[0, part].float(), z_where, (len(part), 3, region.h, region.w),
+                                   inverse=True)                                # (k, 3, h, w)
         pres = record.z_pres[0, part].float()[:, None, None]
         weight = alpha * pres * torch.sigmoid(-record.z_depth[0, part].float())[:, None, None]
-        alpha_sum += (alpha * pres).sum(0)
+        return alpha, weight, ((colour - seen) ** 2).sum(1)
+
+    alpha_sum = torch.zeros(region.h, region.w, device=device)                 # sum of alpha * z_pres
+    weight_sum, best = torch.zeros_like(alpha_sum), torch.zeros_like(alpha_sum)
+    match = torch.full_like(alpha_sum, float("inf"))                            # best colour error under a mask
+    owner = torch.full_like(alpha_sum, -1, dtype=torch.long)                  # largest w; -1: none
+    start = 0
+    for part in chunks:
+        alpha, weight, error = placed(part)
+        alpha_sum += (alpha * record.z_pres[0, part].float()[:, None, None]).sum(0)
         weight_sum += weight.sum(0)
         top, top_index = weight.max(0)
         better = top > best
         best, owner = torch.where(better, top, best), torch.where(better, top_index + start, owner)
+        match = torch.minimum(match, torch.where(alpha > 0.5, error, float("inf")).min(0).values)
+        start += len(part)
     alpha_map = alpha_sum.clamp(max=1)
     shown = alpha_map * best / weight_sum.clamp_min(1e-12) > 1 - alpha_map   # ties: the background
-    owner = torch.where(shown, owner, -1).cpu().numpy()
+    front, front_owner, start = torch.zeros_like(alpha_sum), owner.clone(), 0
+    for part in chunks:                                                        # the front one among good matches
+        alpha, weight, error = placed(part)
+        good = (alpha > 0.5) & (error <= match + COLOUR_MARGIN)
+        top, top_index = torch.where(good, weight, -1.0).max(0)
+        better = top > front
+        front, front_owner = torch.where(better, top, front), torch.where(better, top_index + start, front_owner)
+        start += len(part)
+    owner = torch.where(shown, torch.where(torch.isfinite(match), front_owner, owner), -1).cpu().numpy()
     masks = np.zeros((n, height, width), dtype=bool)
     masks[:, region.y:region.y + region.h, region.x:region.x + region.w] = owner[None] == np.arange(n)[:, None, None]
     keep = masks.sum(axis=(1, 2)) >= min_area
@@ -485,11 +520,12 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
               for image in source.read())          # the full-size frame is kept for --video-out only
     try:
         with torch.no_grad():
-            for (image, _), record in run_windows(model, images, opts.window, step, tau, device, frame=lambda i: i[1]):
+            for (image, frame), record in run_windows(model, images, opts.window, step, tau, device,
+                                                      frame=lambda i: i[1]):
                 objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
                 objects = duplicates(objects)
                 if opts.masks == "visible":
-                    objects = visible_objects(record, objects, region, source.width, source.height)
+                    objects = visible_objects(record, objects, frame, region, source.width, source.height)
                 objects = renumbered(objects, numbers)
                 masks.add(len(frames), objects)
                 frames.append(boxed(objects, opts.box))
@@ -582,10 +618,12 @@ def parse_args(argv):
                         f"were in (objects that cross overlap briefly; default {DUPLICATE_IOU}; 0 keeps all)")
     p.add_argument("--masks", choices=MASK_READINGS, default="visible",
                    help="not in the reference: the masks (and tight boxes) written: 'visible', the pixels where "
-                        "each object shows in the model's composite, as evaluate.py --protocol ocrb reads them "
-                        "(disjoint; a second track gets none of its object's pixels, and an object left with fewer "
-                        "than 5 pixels is not written, whatever --box; default), or 'alpha', the object's own decoded "
-                        "alpha > 0.5 (whole shapes, overlapping)")
+                        "each object shows: the model's composite, as evaluate.py --protocol ocrb reads it, each "
+                        "pixel to the object in front unless its decoded colour there is far from the frame's and "
+                        "another object's mask covering the pixel matches it (disjoint; a second track gets none "
+                        "of its object's pixels, and an object left with fewer than 5 pixels is not written, "
+                        "whatever --box; default), or 'alpha', the object's own decoded alpha > 0.5 (whole "
+                        "shapes, overlapping)")
     p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
                    help="also write each video with id-coloured boxes (H.264 .mp4 or .gif)")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H",

@@ -79,7 +79,8 @@ class OracleSCALOR:
                 z_where[0, r] = torch.tensor([w / W, h / H, (x + w / 2) / W * 2 - 1, (y + h / 2) / H * 2 - 1])
                 z_pres[0, r], ids[0, r] = 1.0, numbering[key]
             records.append(SimpleNamespace(z_where=z_where, z_pres=z_pres, ids=ids, z_depth=torch.zeros(1, R),
-                                           alpha_glimpse=torch.ones(1, R, 1, 8, 8)))
+                                           alpha_glimpse=torch.ones(1, R, 1, 8, 8),
+                                           glimpse=torch.full((1, R, 3, 8, 8), 0.5)))      # one colour: no say
         new_state = SimpleNamespace(frames_seen=start + seq.shape[1], numbering=numbering, next_id=next_id)
         return SimpleNamespace(records=records, state=new_state)
 
@@ -256,12 +257,15 @@ def test_video_objects_map_boxes_and_masks_to_the_video_and_crop():
     assert chunked.ids.tolist() == [4, 5] and np.array_equal(chunked.masks, low.masks)
 
 
-def box_record(objects, size=20):
+def box_record(objects, size=20, colours=None):
     """A FrameRecord of batch 1 whose objects fill their boxes with a constant alpha: objects
-    [(id, (x, y, w, h), alpha, z_pres, z_depth)]; a 32x32 glimpse places exactly on whole pixels."""
+    [(id, (x, y, w, h), alpha, z_pres, z_depth)], colours [(r, g, b)] per object (default all grey); a
+    32x32 glimpse places exactly on whole pixels."""
     z_where = torch.tensor([[[w / size, h / size, (x + w / 2) / size * 2 - 1, (y + h / 2) / size * 2 - 1]
                              for _, (x, y, w, h), _, _, _ in objects]])
+    colours = torch.tensor(colours or [(0.5, 0.5, 0.5)] * len(objects))
     return SimpleNamespace(z_where=z_where, ids=torch.tensor([[o[0] for o in objects]]),
+                           glimpse=colours.reshape(1, -1, 3, 1, 1).expand(-1, -1, 3, 32, 32),
                            alpha_glimpse=torch.tensor([o[2] for o in objects]).reshape(1, -1, 1, 1, 1).expand(-1, -1, 1, 32, 32),
                            z_pres=torch.tensor([[o[3] for o in objects]]), z_depth=torch.tensor([[o[4] for o in objects]]))
 
@@ -270,7 +274,8 @@ def test_visible_masks_give_each_pixel_to_the_object_in_front():
     """--masks visible on a known frame (20x20): B (in front) covers the right third of A, so A keeps
     x 2..7 and B all of its box; D, behind B and inside it, shows nowhere and is left out; C (alpha 0.6,
     z_pres 0.7: alpha_map 0.42 < the background's 0.58) is left out; E alone at z_pres 0.6 shows. The
-    same with one object placed at a time, and inside a crop of a larger video."""
+    same with one object placed at a time, and inside a crop of a larger video. Every object has the
+    frame's colour, so colour has no say here."""
     record = box_record([(1, (2, 2, 10, 10), 1.0, 1.0, 2.0),       # A, far
                          (2, (8, 2, 10, 10), 1.0, 1.0, -2.0),      # B, near
                          (3, (2, 14, 5, 5), 0.6, 0.7, 0.0),        # C
@@ -279,22 +284,50 @@ def test_visible_masks_give_each_pixel_to_the_object_in_front():
     region = track.Region(0, 0, 20, 20)
     alpha = track.video_objects(record, region, 20, 20, 0.5)
     assert alpha.ids.tolist() == [1, 2, 3, 4, 5] and alpha.masks.sum() == 100 + 100 + 25 + 16 + 25   # overlapping
-    visible = track.visible_objects(record, alpha, region, 20, 20)
+    frame = torch.full((3, 20, 20), 0.5)
+    visible = track.visible_objects(record, alpha, frame, region, 20, 20)
     assert visible.ids.tolist() == [1, 2, 5] and visible.invisible == 2
     assert visible.tight.tolist() == [[2, 2, 6, 10], [8, 2, 10, 10], [13, 14, 5, 5]]
     assert visible.masks.sum(axis=(1, 2)).tolist() == [60, 100, 25] and visible.masks.sum(axis=0).max() == 1
     old = track.PLACED_PIXELS
     try:
         track.PLACED_PIXELS = 1                                             # one object placed at a time
-        chunked = track.visible_objects(record, alpha, region, 20, 20)
+        chunked = track.visible_objects(record, alpha, frame, region, 20, 20)
     finally:
         track.PLACED_PIXELS = old
     assert chunked.ids.tolist() == [1, 2, 5] and np.array_equal(chunked.masks, visible.masks)
     crop = track.Region(7, 3, 20, 20)                                       # the model's frame at (7, 3) of 40x30
-    inside = track.visible_objects(record, track.video_objects(record, crop, 40, 30, 0.5), crop, 40, 30)
+    inside = track.visible_objects(record, track.video_objects(record, crop, 40, 30, 0.5), frame, crop, 40, 30)
     assert inside.masks.shape == (3, 30, 40) and np.array_equal(inside.masks[:, 3:23, 7:27], visible.masks)
     assert track.visible_objects(record, alpha.__class__(ids=np.zeros(0, np.int64), xywh=np.zeros((0, 4)),
-                                 masks=np.zeros((0, 20, 20), bool)), region, 20, 20).ids.tolist() == []
+                                 masks=np.zeros((0, 20, 20), bool)), frame, region, 20, 20).ids.tolist() == []
+
+
+def test_visible_masks_give_a_neighbour_of_another_colour_the_pixels_that_show_it():
+    """A glimpse in front that reaches over a neighbour (B, near, decoded blue over x 6..17) does not take
+    the neighbour's pixels where the frame shows the neighbour's colour (red over x 2..9, A's decoded
+    colour): A keeps x 2..9. When the front glimpse's colour there is within COLOUR_MARGIN of the best
+    match (B decoded dark red, squared distance 0.06), the one in front keeps the overlap, as in the
+    composite. The same with one object placed at a time."""
+    boxes = [(1, (2, 2, 8, 10), 1.0, 1.0, 2.0), (2, (6, 2, 12, 10), 1.0, 1.0, -2.0)]     # A far, B near
+    frame = torch.zeros(3, 20, 20)
+    frame[0, 2:12, 2:10] = 1.0                                               # A's red sprite
+    frame[2, 2:12, 10:18] = 1.0                                              # B's blue sprite
+    region = track.Region(0, 0, 20, 20)
+    for colour_b, a_columns in (((0.0, 0.0, 1.0), (2, 10)), ((0.8, 0.1, 0.1), (2, 6))):
+        record = box_record(boxes, colours=[(1.0, 0.0, 0.0), colour_b])
+        objects = track.video_objects(record, region, 20, 20, 0.5)
+        for placed in (track.PLACED_PIXELS, 1):
+            old = track.PLACED_PIXELS
+            try:
+                track.PLACED_PIXELS = placed
+                visible = track.visible_objects(record, objects, frame, region, 20, 20)
+            finally:
+                track.PLACED_PIXELS = old
+            assert visible.ids.tolist() == [1, 2]
+            x0, x1 = a_columns
+            assert visible.tight.tolist() == [[x0, 2, x1 - x0, 10], [x1, 2, 18 - x1, 10]]
+            assert visible.masks.sum(axis=0).max() == 1
 
 
 # ------------------------------------------------------------------------------------------------
