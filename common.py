@@ -335,7 +335,7 @@ def sprites_config(background: bool = False, **changes) -> Config:
     (`data.estimate_background`: a mostly black background) unless --phase-no-background or
     --no-phase-no-background is given. Where there is a background, train.py asks for
     `background=True`, which adds SPRITES_BACKGROUND. first_frame_rejection stays off in training, as measured;
-    switch it on at evaluation (`evaluate.py --first-frame-rejection`)."""
+    track.py and evaluate.py switch it on at inference by default."""
     base = dict(batch_size=64, lr=3e-4, tau_ep=4000.0, z_pres_anneal_end_value=1e-9, bg_what_dim=64,
                 using_bg_sbd=False)
     if background:

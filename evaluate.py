@@ -6,6 +6,7 @@ Usage:
                        [--preset easy] [--frame-skip N] [--num-sequences N] [--batch-size B]
                        [--nll-samples K] [--out DIR] [--device auto|cpu|cuda] [--gif N] [--seed S]
                        [--workers W] [--protocol default|ocrb] [--ocrb-start-frame N]
+                       [--[no-]first-frame-rejection]     # default on, as track.py infers
     python evaluate.py --aggregate eval_seed1/report.json eval_seed2/report.json ...
     python evaluate.py --track --data-dir FRAMES --checkpoint CKPT --out DIR [--gif N]   # = track.py FRAMES ...
 
@@ -619,7 +620,8 @@ def parse_args(argv):
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None,
                    help="reject first-frame proposals explained by kept proposals of larger z_pres, an inference rule "
                         "without parameters that the reference lacks (no duplicates born in the first frame; "
-                        "default: the checkpoint's first_frame_rejection)")
+                        "default: on, as in track.py, unless the checkpoint has phase_rejection off; "
+                        "--no-first-frame-rejection infers as the reference does)")
     p.add_argument("--protocol", choices=("default", "ocrb"), default="default",
                    help="ocrb: also score tracking as the object-centric representation benchmark does (argmax masks, "
                         "mask IoU >= 0.5, masks of > 5 pixels, frames from --ocrb-start-frame on, pooled over all "
@@ -645,12 +647,22 @@ def load_model(path: str, device, **changes) -> tuple:
     return fast.apply(model.to(device).eval(), fast.SpeedOptions()), payload   # Triton convs, decoder reuse
 
 
+def load_model_for_inference(path: str, device, first_frame_rejection: bool | None = None) -> tuple:
+    """load_model with first-frame rejection as given, or (None) on wherever the checkpoint has the
+    rejection phase it extends (phase_rejection), as track.py and evaluate.py infer by default."""
+    if first_frame_rejection is None:
+        try:
+            return load_model(path, device, first_frame_rejection=True)
+        except ConfigError:           # the checkpoint has rejection off: first-frame rejection needs it
+            return load_model(path, device)
+    return load_model(path, device, first_frame_rejection=first_frame_rejection)
+
+
 def prepare(argv):
     """Parse, load and check everything before anything is written: (args, model, step, dataset, num, device)."""
     args = parse_args(argv)
     device = pick_device(args.device)
-    changes = {} if args.first_frame_rejection is None else {"first_frame_rejection": args.first_frame_rejection}
-    model, payload = load_model(args.checkpoint, device, **changes)
+    model, payload = load_model_for_inference(args.checkpoint, device, args.first_frame_rejection)
     if args.seq_len is not None and args.seq_len <= model.cfg.observe_frames:
         raise EvalError(f"--seq-len {args.seq_len} must exceed the checkpoint's observe_frames "
                         f"({model.cfg.observe_frames}: the frames that generation observes before it predicts)")

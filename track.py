@@ -88,7 +88,7 @@ from common import ConfigError
 from data import (DataError, check_frames, check_same_size, frame_files, list_folder, load_rgb, natural_key, one_line,
                   resize_frame)
 from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
-                      iou_matrix_distance, load_model, move_into_place, prediction_entries, summarize, write_tracks)
+                      iou_matrix_distance, load_model_for_inference, move_into_place, prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
 from modules import spatial_transform
 from utils import (LOW_TRACKED_SHARE, discard_work, out_folder_problem, pick_device, seed_arg, seed_everything,
@@ -691,13 +691,7 @@ def prepare(argv):
 
 
 def load_model_checked(args):
-    rejection = args.first_frame_rejection
-    if rejection is None:
-        try:
-            return load_model(args.checkpoint, "cpu", first_frame_rejection=True)
-        except ConfigError:           # the checkpoint has rejection off: first-frame rejection needs it
-            return load_model(args.checkpoint, "cpu")
-    return load_model(args.checkpoint, "cpu", first_frame_rejection=rejection)
+    return load_model_for_inference(args.checkpoint, "cpu", args.first_frame_rejection)
 
 
 def data_notice(payload, args) -> str | None:

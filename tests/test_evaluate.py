@@ -453,17 +453,19 @@ def test_track_mode_bad_frames_and_out_folder(tmp_path, checkpoint, capsys):
 
 
 def test_first_frame_rejection_switched_at_evaluation(tmp_path, checkpoint):
-    """An inference rule without parameters: the checkpoint's value unless the flag is given."""
+    """An inference rule without parameters: on by default, as track.py infers (the checkpoint was trained
+    without it), off with --no-first-frame-rejection (the reference's inference); the same weights."""
     _, default, *_ = ev.prepare(["--checkpoint", checkpoint, "--device", "cpu"])
-    _, on, *_ = ev.prepare(["--checkpoint", checkpoint, "--device", "cpu", "--first-frame-rejection"])
-    assert default.cfg.first_frame_rejection is False and on.cfg.first_frame_rejection is True
-    assert on.cfg.replace(first_frame_rejection=False) == default.cfg
-    assert all(torch.equal(a, b) for a, b in zip(on.state_dict().values(), default.state_dict().values()))
-    out = str(tmp_path / "eval")
-    assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "1", "--out", out, "--device", "cpu",
-                    "--first-frame-rejection"]) == 0
-    with open(os.path.join(out, "report.json")) as f:
-        assert json.load(f)["first_frame_rejection"] is True
+    _, off, *_ = ev.prepare(["--checkpoint", checkpoint, "--device", "cpu", "--no-first-frame-rejection"])
+    assert ev.read_checkpoint(checkpoint)["config"].first_frame_rejection is False
+    assert default.cfg.first_frame_rejection is True and off.cfg.first_frame_rejection is False
+    assert default.cfg.replace(first_frame_rejection=False) == off.cfg
+    assert all(torch.equal(a, b) for a, b in zip(off.state_dict().values(), default.state_dict().values()))
+    for flags, expected in (([], True), (["--no-first-frame-rejection"], False)):
+        out = str(tmp_path / f"eval{expected}")
+        assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "1", "--out", out, "--device", "cpu"] + flags) == 0
+        with open(os.path.join(out, "report.json")) as f:
+            assert json.load(f)["first_frame_rejection"] is expected
 
 
 def test_first_frame_rejection_needs_rejection(tmp_path, tiny_cfg, capsys):
@@ -475,6 +477,9 @@ def test_first_frame_rejection_needs_rejection(tmp_path, tiny_cfg, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "first_frame_rejection" in err and "phase_rejection" in err
     assert not out.exists()
+    assert ev.main(["--checkpoint", path, "--num-sequences", "1", "--out", str(out), "--device", "cpu"]) == 0
+    with open(out / "report.json") as f:
+        assert json.load(f)["first_frame_rejection"] is False         # the default where it cannot apply
 
 
 def data_flags(**given):
