@@ -26,13 +26,13 @@ mask has at least evaluate.MIN_GT_AREA (5) pixels, masks placed at the video's o
 the video's pixels, as the ground truth of a video does. A second track of an object (its mask
 overlapping an older track's at IoU >= --duplicate-iou, 0.5, in most frames both were in) is left
 out (`DuplicateFilter`; not in the reference). The masks written are then, by default (`--masks
-visible`, not in the reference), the pixels where each kept object shows (`visible_objects`): the
-pixels the model's composite gives to the objects, as evaluate.py's OCRB protocol reads a model, each
-to the object in front, unless its decoded colour there is far from the frame's and another object
-whose mask covers the pixel matches it (a glimpse reaching over a neighbour of another colour). Masks
-do not overlap, an object partly hidden has only its visible pixels (as the ground truth of a video
-has), and an object left with fewer than 5 pixels is not written; `--masks alpha` writes each
-object's own thresholded alpha instead.
+visible`, not in the reference), the pixels where each kept object shows (`visible_objects`): each
+pixel the model's composite gives to the objects, as evaluate.py's OCRB protocol reads a model, goes
+to the object in front among those whose own mask covers it and whose decoded colour there is near
+the best match with the frame (so a glimpse reaching over a neighbour of another colour does not take
+its pixels). Masks do not overlap, an object partly hidden has only its visible pixels (as the ground
+truth of a video has), and an object left with fewer than 5 pixels is not written; `--masks alpha`
+writes each object's own thresholded alpha instead.
 
 Written per video <name> (names from the folder or file, made unique) into --out:
 
@@ -87,8 +87,9 @@ from tqdm import tqdm
 from common import ConfigError
 from data import (DataError, check_frames, check_same_size, frame_files, list_folder, load_rgb, natural_key, one_line,
                   resize_frame)
-from evaluate import (MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects, frame_predictions,
-                      iou_matrix_distance, load_model_for_inference, move_into_place, prediction_entries, summarize, write_tracks)
+from evaluate import (MASK_THRESHOLD, MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects,
+                      frame_predictions, iou_matrix_distance, load_model_for_inference, move_into_place,
+                      prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
 from modules import spatial_transform
 from utils import (LOW_TRACKED_SHARE, discard_work, out_folder_problem, pick_device, seed_arg, seed_everything,
@@ -289,17 +290,19 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
     a pixel shows an object when the share alpha_map * w_max / sum(w) of the object of the largest importance
     w = alpha * z_pres * sigmoid(-z_depth) exceeds the background's 1 - alpha_map, where alpha_map = min(1,
     sum of alpha * z_pres), sums over `objects` (a frame's predictions, second tracks left out already).
-    Which object it shows: of the objects whose own mask (alpha > 0.5) covers the pixel, the one in front
-    (largest w) among those whose decoded colour there is within COLOUR_MARGIN (squared RGB distance) of
-    the colour that matches the frame best; a pixel no mask covers goes to the largest w. So masks do not
-    overlap, the covered part of an object belongs to the one in front, a second track cannot hold its
-    object's pixels, and where a glimpse in front reaches over a neighbour of another colour, the
+    Which object it shows: of the objects whose own mask (alpha > MASK_THRESHOLD) covers the pixel, the one
+    in front (largest w) among those whose decoded colour there is within COLOUR_MARGIN (squared RGB
+    distance) of the colour that matches the frame best; a pixel no mask covers goes to the largest w. So
+    masks do not overlap, the covered part of an object belongs to the one in front, a second track cannot
+    hold its object's pixels, and where a glimpse in front reaches over a neighbour of another colour, the
     neighbour keeps the pixels that show it. Objects left with fewer than `min_area` pixels are left out.
     record: FrameRecord of batch 1; objects: from `video_objects`; frame: (3, img_h, img_w) the model's
-    input, the region resized (sampled bilinearly back to the region's pixels here).
+    input, the region resized (sampled bilinearly back to the region's pixels here, as data.resize_frame
+    samples: half-pixel centres).
 
-    Alphas are placed for at most PLACED_PIXELS pixels at a time (objects in chunks, twice: the best colour
-    match first); the result is that of one pass (ties go to the earlier object, as in argmax_masks)."""
+    Alphas and colours (4 values a pixel) are placed for at most PLACED_PIXELS values at a time (objects in
+    chunks, read in two passes: the best colour match first); the result is that of one pass (ties go to
+    the earlier object, as in argmax_masks)."""
     n = len(objects.ids)
     if n == 0:
         return objects
@@ -308,44 +311,46 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
     index = torch.nonzero(wanted[:, None] == record.ids[0][None, :])[:, 1]      # (n,) their rows, in order
     seen = F.interpolate(frame[None].float().to(device), size=(region.h, region.w), mode="bilinear",
                          align_corners=False)[0]                               # (3, h, w)
-    per = max(1, PLACED_PIXELS // (region.w * region.h))
-    chunks = [index[start:start + per] for start in range(0, n, per)]
+    per = max(1, PLACED_PIXELS // (4 * region.w * region.h))
+    chunks = [(start, index[start:start + per]) for start in range(0, n, per)]
+    kept = {}                                                                   # one chunk: placed once, read twice
 
-    def placed(part):
-        """alpha, importance w and squared colour error of the objects `part`, each (k, h, w)."""
-        size = (len(part), 1, region.h, region.w)
-        z_where = record.z_where[0, part].float()
-        alpha = spatial_transform(record.alpha_glimpse[0, part].float(), z_where, size, inverse=True)[:, 0]
+    def placed(start, part):
+        """alpha * z_pres, the mask alpha > MASK_THRESHOLD, importance w and squared colour error of the
+        objects `part`, each (k, h, w)."""
+        if start in kept:
+            return kept[start]
+        z_where, pres = record.z_where[0, part].float(), record.z_pres[0, part].float()
+        alpha = spatial_transform(record.alpha_glimpse[0, part].float(), z_where, (len(part), 1, region.h, region.w),
+                                  inverse=True)[:, 0]
         colour = spatial_transform(record.glimpse[0, part].float(), z_where, (len(part), 3, region.h, region.w),
                                    inverse=True)                                # (k, 3, h, w)
-        pres = record.z_pres[0, part].float()[:, None, None]
-        weight = alpha * pres * torch.sigmoid(-record.z_depth[0, part].float())[:, None, None]
-        return alpha, weight, ((colour - seen) ** 2).sum(1)
+        weight = alpha * (pres * torch.sigmoid(-record.z_depth[0, part].float()))[:, None, None]
+        result = alpha * pres[:, None, None], alpha > MASK_THRESHOLD, weight, colour.sub_(seen).square_().sum(1)
+        if len(chunks) == 1:
+            kept[start] = result
+        return result
 
     alpha_sum = torch.zeros(region.h, region.w, device=device)                 # sum of alpha * z_pres
     weight_sum, best = torch.zeros_like(alpha_sum), torch.zeros_like(alpha_sum)
     match = torch.full_like(alpha_sum, float("inf"))                            # best colour error under a mask
     owner = torch.full_like(alpha_sum, -1, dtype=torch.long)                  # largest w; -1: none
-    start = 0
-    for part in chunks:
-        alpha, weight, error = placed(part)
-        alpha_sum += (alpha * record.z_pres[0, part].float()[:, None, None]).sum(0)
+    for start, part in chunks:
+        alpha_pres, covered, weight, error = placed(start, part)
+        alpha_sum += alpha_pres.sum(0)
         weight_sum += weight.sum(0)
         top, top_index = weight.max(0)
         better = top > best
         best, owner = torch.where(better, top, best), torch.where(better, top_index + start, owner)
-        match = torch.minimum(match, torch.where(alpha > 0.5, error, float("inf")).min(0).values)
-        start += len(part)
+        match = torch.minimum(match, torch.where(covered, error, float("inf")).min(0).values)
     alpha_map = alpha_sum.clamp(max=1)
     shown = alpha_map * best / weight_sum.clamp_min(1e-12) > 1 - alpha_map   # ties: the background
-    front, front_owner, start = torch.zeros_like(alpha_sum), owner.clone(), 0
-    for part in chunks:                                                        # the front one among good matches
-        alpha, weight, error = placed(part)
-        good = (alpha > 0.5) & (error <= match + COLOUR_MARGIN)
-        top, top_index = torch.where(good, weight, -1.0).max(0)
+    front, front_owner = torch.full_like(alpha_sum, -1.0), owner.clone()
+    for start, part in chunks:                                                 # the front one among good matches
+        _, covered, weight, error = placed(start, part)
+        top, top_index = torch.where(covered & (error <= match + COLOUR_MARGIN), weight, -2.0).max(0)
         better = top > front
         front, front_owner = torch.where(better, top, front), torch.where(better, top_index + start, front_owner)
-        start += len(part)
     owner = torch.where(shown, torch.where(torch.isfinite(match), front_owner, owner), -1).cpu().numpy()
     masks = np.zeros((n, height, width), dtype=bool)
     masks[:, region.y:region.y + region.h, region.x:region.x + region.w] = owner[None] == np.arange(n)[:, None, None]
@@ -618,12 +623,11 @@ def parse_args(argv):
                         f"were in (objects that cross overlap briefly; default {DUPLICATE_IOU}; 0 keeps all)")
     p.add_argument("--masks", choices=MASK_READINGS, default="visible",
                    help="not in the reference: the masks (and tight boxes) written: 'visible', the pixels where "
-                        "each object shows: the model's composite, as evaluate.py --protocol ocrb reads it, each "
-                        "pixel to the object in front unless its decoded colour there is far from the frame's and "
-                        "another object's mask covering the pixel matches it (disjoint; a second track gets none "
-                        "of its object's pixels, and an object left with fewer than 5 pixels is not written, "
-                        "whatever --box; default), or 'alpha', the object's own decoded alpha > 0.5 (whole "
-                        "shapes, overlapping)")
+                        "each object shows: a pixel of the model's composite (as evaluate.py --protocol ocrb reads "
+                        "it) goes to the object in front among those whose own mask covers it and whose decoded "
+                        "colour there is near the best match with the frame (disjoint; a second track gets none of "
+                        "its object's pixels, and an object left with fewer than 5 pixels is not written, whatever "
+                        "--box; default), or 'alpha', the object's own decoded alpha > 0.5 (whole shapes, overlapping)")
     p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
                    help="also write each video with id-coloured boxes (H.264 .mp4 or .gif)")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H",

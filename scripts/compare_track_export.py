@@ -85,8 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--window", type=int, default=None, help="track.py --window (default: the checkpoint's seq_len)")
     p.add_argument("--seed", type=seed_arg, default=0, help="sampling seed (track.py --seed)")
-    p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=True,
-                   help="for every run here (default on, track.py's default)")
+    p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None,
+                   help="for every run here (default: on unless the checkpoint has phase_rejection off, as track.py "
+                        "and evaluate.py infer)")
     p.add_argument("--thresholds", default="0.5",
                    help="comma-separated track.py --z-pres-threshold values to export (tight boxes) and score; "
                         "the first is also used for the glimpse-box export (the internal scoring uses 0.5)")
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     try:
         thresholds = check_args(args)
         device = pick_device(args.device)
-        model, payload = ev.load_model(args.checkpoint, device, first_frame_rejection=args.first_frame_rejection)
+        model, payload = ev.load_model_for_inference(args.checkpoint, device, args.first_frame_rejection)
     except (CheckpointError, ConfigError, DataError, ev.EvalError) as e:
         print(f"compare_track_export.py: error: {e}", file=sys.stderr)
         return 2
@@ -145,7 +146,7 @@ def compare(args, model, payload, thresholds: list[float], device, out: Path) ->
     data = written["data"]
     truths = [ev.ground_truth_frames(data.ground_truth(i)) for i in range(args.num)]
 
-    ffr = "--first-frame-rejection" if args.first_frame_rejection else "--no-first-frame-rejection"
+    ffr = "--first-frame-rejection" if cfg.first_frame_rejection else "--no-first-frame-rejection"
     # (name, box, masks, z_pres threshold, duplicate IoU)
     dup = args.duplicate_iou
     runs = [("tight", "tight", "visible", thresholds[0], dup), ("glimpse", "glimpse", "visible", thresholds[0], dup),
@@ -170,7 +171,7 @@ def compare(args, model, payload, thresholds: list[float], device, out: Path) ->
     result = {
         "checkpoint": os.path.abspath(args.checkpoint), "step": int(payload.get("step", 0)), "preset": args.preset,
         "videos": args.num, "length": args.length, "image_size": [cfg.img_h, cfg.img_w], "window": window,
-        "seq_len": cfg.seq_len, "first_frame_rejection": args.first_frame_rejection,
+        "seq_len": cfg.seq_len, "first_frame_rejection": cfg.first_frame_rejection,
         "export_mota": {name: m["mota"] for name, m in exported.items()},
         "export_id_switches": {name: m["id_switches"] for name, m in exported.items()},
         "export_false_positives": {name: m["false_positives"] for name, m in exported.items()},

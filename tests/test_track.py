@@ -270,7 +270,7 @@ def box_record(objects, size=20, colours=None):
                            z_pres=torch.tensor([[o[3] for o in objects]]), z_depth=torch.tensor([[o[4] for o in objects]]))
 
 
-def test_visible_masks_give_each_pixel_to_the_object_in_front():
+def test_visible_masks_give_each_pixel_to_the_object_in_front(monkeypatch):
     """--masks visible on a known frame (20x20): B (in front) covers the right third of A, so A keeps
     x 2..7 and B all of its box; D, behind B and inside it, shows nowhere and is left out; C (alpha 0.6,
     z_pres 0.7: alpha_map 0.42 < the background's 0.58) is left out; E alone at z_pres 0.6 shows. The
@@ -289,12 +289,9 @@ def test_visible_masks_give_each_pixel_to_the_object_in_front():
     assert visible.ids.tolist() == [1, 2, 5] and visible.invisible == 2
     assert visible.tight.tolist() == [[2, 2, 6, 10], [8, 2, 10, 10], [13, 14, 5, 5]]
     assert visible.masks.sum(axis=(1, 2)).tolist() == [60, 100, 25] and visible.masks.sum(axis=0).max() == 1
-    old = track.PLACED_PIXELS
-    try:
-        track.PLACED_PIXELS = 1                                             # one object placed at a time
+    with monkeypatch.context() as m:
+        m.setattr(track, "PLACED_PIXELS", 1)                                # one object placed at a time
         chunked = track.visible_objects(record, alpha, frame, region, 20, 20)
-    finally:
-        track.PLACED_PIXELS = old
     assert chunked.ids.tolist() == [1, 2, 5] and np.array_equal(chunked.masks, visible.masks)
     crop = track.Region(7, 3, 20, 20)                                       # the model's frame at (7, 3) of 40x30
     inside = track.visible_objects(record, track.video_objects(record, crop, 40, 30, 0.5), frame, crop, 40, 30)
@@ -303,12 +300,13 @@ def test_visible_masks_give_each_pixel_to_the_object_in_front():
                                  masks=np.zeros((0, 20, 20), bool)), frame, region, 20, 20).ids.tolist() == []
 
 
-def test_visible_masks_give_a_neighbour_of_another_colour_the_pixels_that_show_it():
+def test_visible_masks_give_a_neighbour_of_another_colour_the_pixels_that_show_it(monkeypatch):
     """A glimpse in front that reaches over a neighbour (B, near, decoded blue over x 6..17) does not take
     the neighbour's pixels where the frame shows the neighbour's colour (red over x 2..9, A's decoded
     colour): A keeps x 2..9. When the front glimpse's colour there is within COLOUR_MARGIN of the best
     match (B decoded dark red, squared distance 0.06), the one in front keeps the overlap, as in the
-    composite. The same with one object placed at a time."""
+    composite. The same with one object placed at a time, and on a region twice the model's input (the
+    frame sampled up with half-pixel centres, as data.resize_frame samples down: the edge stays at x 20)."""
     boxes = [(1, (2, 2, 8, 10), 1.0, 1.0, 2.0), (2, (6, 2, 12, 10), 1.0, 1.0, -2.0)]     # A far, B near
     frame = torch.zeros(3, 20, 20)
     frame[0, 2:12, 2:10] = 1.0                                               # A's red sprite
@@ -317,17 +315,16 @@ def test_visible_masks_give_a_neighbour_of_another_colour_the_pixels_that_show_i
     for colour_b, a_columns in (((0.0, 0.0, 1.0), (2, 10)), ((0.8, 0.1, 0.1), (2, 6))):
         record = box_record(boxes, colours=[(1.0, 0.0, 0.0), colour_b])
         objects = track.video_objects(record, region, 20, 20, 0.5)
+        x0, x1 = a_columns
         for placed in (track.PLACED_PIXELS, 1):
-            old = track.PLACED_PIXELS
-            try:
-                track.PLACED_PIXELS = placed
-                visible = track.visible_objects(record, objects, frame, region, 20, 20)
-            finally:
-                track.PLACED_PIXELS = old
+            monkeypatch.setattr(track, "PLACED_PIXELS", placed)
+            visible = track.visible_objects(record, objects, frame, region, 20, 20)
             assert visible.ids.tolist() == [1, 2]
-            x0, x1 = a_columns
             assert visible.tight.tolist() == [[x0, 2, x1 - x0, 10], [x1, 2, 18 - x1, 10]]
             assert visible.masks.sum(axis=0).max() == 1
+        large = track.Region(0, 0, 40, 40)
+        visible = track.visible_objects(record, track.video_objects(record, large, 40, 40, 0.5), frame, large, 40, 40)
+        assert visible.tight.tolist() == [[2 * x0, 4, 2 * (x1 - x0), 20], [2 * x1, 4, 2 * (18 - x1), 20]]
 
 
 # ------------------------------------------------------------------------------------------------
