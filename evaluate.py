@@ -70,9 +70,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,8 +90,8 @@ from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_ta
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import (discard_work, out_folder_problem, pick_device, seed_arg, seed_everything, sigterm_as_interrupt, tau_at,
-                   unique_names, work_folder)
+from utils import (discard_work, interrupted_message, move_into_place, out_folder_problem, pick_device, seed_arg,
+                   seed_everything, sigterm_as_interrupt, tau_at, unique_names, work_folder)
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
 PRES_THRESHOLD = 0.5       # an object is predicted where z_pres > this
@@ -695,24 +693,6 @@ def check_out(args) -> None:
         raise EvalError(problem)
 
 
-def move_into_place(work: str, out: str) -> None:
-    """Replace `out` by the finished folder `work` (an existing `out` is renamed away first, then removed)."""
-    out = os.path.realpath(out)     # a link to a folder: that folder is replaced, as work_folder places `work`
-    old = None
-    if os.path.isdir(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(work, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_outputs(tally: Tally, args, cfg, step: int, tau: float) -> dict | None:
     """predictions.json and report.json into args.out; returns the report."""
     with open(os.path.join(args.out, "predictions.json"), "w") as f:
@@ -784,7 +764,7 @@ def main(argv=None) -> int:
         move_into_place(work, out)
     except KeyboardInterrupt as e:
         discard_work(work, made)
-        print(f"evaluate.py: interrupted ({e.args[0] if e.args else 'SIGINT'}): nothing written to --out '{out}'", file=sys.stderr)
+        print(interrupted_message("evaluate.py", e, out), file=sys.stderr)
         return 130
     except (DataError, OSError) as e:   # a frame found corrupt while reading it (setup checks headers only), a full disk
         discard_work(work, made)

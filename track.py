@@ -88,12 +88,12 @@ from common import ConfigError
 from data import (DataError, check_frames, check_same_size, frame_files, list_folder, load_rgb, natural_key, one_line,
                   resize_frame)
 from evaluate import (MASK_THRESHOLD, MIN_GT_AREA, PRES_THRESHOLD, Objects, accumulate, draw_objects,
-                      frame_predictions, iou_matrix_distance, load_model_for_inference, move_into_place,
+                      frame_predictions, iou_matrix_distance, load_model_for_inference,
                       prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
 from modules import spatial_transform
-from utils import (LOW_TRACKED_SHARE, discard_work, out_folder_problem, pick_device, seed_arg, seed_everything,
-                   sigterm_as_interrupt, tau_at, unique_names, work_folder)
+from utils import (LOW_TRACKED_SHARE, discard_work, interrupted_message, move_into_place, out_folder_problem, pick_device,
+                   seed_arg, seed_everything, sigterm_as_interrupt, tau_at, unique_names, work_folder)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
@@ -757,7 +757,7 @@ def main(argv=None, prog: str = "track.py") -> int:
                 json.dump(summary, f, indent=2)
         move_into_place(tmp, out)
     except KeyboardInterrupt as e:
-        print(f"{prog}: interrupted ({e.args[0] if e.args else 'SIGINT'}): nothing written to --out '{args.out}'", file=sys.stderr)
+        print(interrupted_message(prog, e, args.out), file=sys.stderr)
         return 130
     except DataError as e:    # a frame found corrupt while reading it (setup checks headers only)
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -199,6 +199,29 @@ def work_folder(out: str, tag: str = "tmp") -> tuple[str, list[str]]:
     return path, made
 
 
+def move_into_place(work: str, out: str) -> None:
+    """Replace `out` by the finished folder `work` (an existing `out` is renamed away first, then removed)."""
+    out = os.path.realpath(out)     # a link to a folder: that folder is replaced, as work_folder places `work`
+    old = None
+    if os.path.isdir(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(work, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def interrupted_message(prog: str, err: KeyboardInterrupt, out: str) -> str:
+    """The line a tool prints when Ctrl-C (or SIGTERM, sigterm_as_interrupt) stopped it before `out` was written."""
+    return f"{prog}: interrupted ({err.args[0] if err.args else 'SIGINT'}): nothing written to --out '{out}'"
+
+
 def missing_parents(out: str) -> list[str]:
     """The folders above `out` that do not exist yet, outermost first."""
     missing, parent = [], os.path.dirname(os.path.abspath(out))

@@ -39,7 +39,7 @@ from common import ConfigError  # noqa: E402
 import track  # noqa: E402
 from data import DataError, check_preset, load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
-from utils import discard_work, pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
+from utils import discard_work, move_into_place, pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
 
 SCENE_SEED = 20_000
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         work, made = work_folder(args.out, "compare")
         code = compare(args, model, payload, thresholds, device, Path(work))
         if code == 0:
-            ev.move_into_place(work, args.out)
+            move_into_place(work, args.out)
         return code
     except OSError as e:
         print(f"compare_track_export.py: error: cannot write --out '{args.out}' ({e.strerror or e}): pass another "

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evaluate  # noqa: E402
 from checkpoints import list_checkpoints  # noqa: E402
-from utils import discard_work, out_folder_problem, work_folder  # noqa: E402
+from utils import discard_work, move_into_place, out_folder_problem, work_folder  # noqa: E402
 
 
 class CurveError(Exception):
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     try:
         code = evaluate_minutes(Path(work), minutes, minutes_of, checkpoints, extra)
         if code == 0:
-            evaluate.move_into_place(work, args.out)
+            move_into_place(work, args.out)
         return code
     finally:
         discard_work(work, made)     # gone already once moved into place

@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import DataError, make_sprites, write_to_disk  # noqa: E402
-from evaluate import TEST_SEED, ground_truth_frames, move_into_place  # noqa: E402
+from evaluate import TEST_SEED, ground_truth_frames  # noqa: E402
 from track import ground_truth_file  # noqa: E402
-from utils import discard_work, out_folder_problem, work_folder  # noqa: E402
+from utils import discard_work, move_into_place, out_folder_problem, work_folder  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED + 666, index=3)
