@@ -30,7 +30,9 @@ visible`, not in the reference), the pixels where each kept object shows (`visib
 pixel the model's composite gives to the objects, as evaluate.py's OCRB protocol reads a model, goes
 to the object in front among those whose own mask covers it and whose decoded colour there is near
 the best match with the frame (so a glimpse reaching over a neighbour of another colour does not take
-its pixels). Masks do not overlap, an object partly hidden has only its visible pixels (as the ground
+its pixels); where two masks overlap at IoU >= --duplicate-iou, the overlap goes to the object that
+showed more of it in the frame before (so a track that slides onto its occluder does not take turns
+with it). Masks do not overlap, an object partly hidden has only its visible pixels (as the ground
 truth of a video has), and an object left with fewer than 5 pixels is not written; `--masks alpha`
 writes each object's own thresholded alpha instead.
 
@@ -282,8 +284,37 @@ def video_objects(record, region: Region, width: int, height: int, pres_threshol
                    conf=np.concatenate([p.conf for p in parts]), invisible=sum(p.invisible for p in parts))
 
 
+def yielded_overlaps(objects: Objects, previous: Objects | None, region: Region, shared_iou: float) -> dict:
+    """`--masks visible` (not in the reference): which object keeps the overlap of two tracks over one object.
+
+    A track of a hidden object can slide onto the object in front of it: for a few frames two tracks then
+    cover one object, and the one in front changes from frame to frame. Of two objects whose masks overlap
+    at IoU >= shared_iou (`--duplicate-iou`; 0: never), the one that showed fewer of the overlap's pixels in
+    the previous frame (`previous`: that frame's visible objects, the model's ids) yields the overlap: its
+    mask does not cover it. Equal counts (neither shown, say) leave the overlap to the other rules.
+    Returns {object index: (region.h, region.w) bool, the pixels it yields}."""
+    if previous is None or shared_iou <= 0 or len(objects.ids) < 2:
+        return {}
+    shown_before = dict(zip(previous.ids.tolist(), previous.masks))
+    boxes, areas = objects.tight.astype(int), objects.masks.sum(axis=(1, 2))
+    ids = objects.ids.tolist()
+    yielded = {}
+    for i in range(len(ids)):
+        for k in range(i + 1, len(ids)):
+            if mask_overlap(objects, boxes, areas, i, k) < shared_iou:
+                continue
+            overlap = objects.masks[i] & objects.masks[k]                       # (height, width)
+            held = [int((shown_before[j] & overlap).sum()) if j in shown_before else 0 for j in (ids[i], ids[k])]
+            if held[0] != held[1]:
+                loser = k if held[0] > held[1] else i
+                pixels = overlap[region.y:region.y + region.h, region.x:region.x + region.w]
+                yielded[loser] = yielded[loser] | pixels if loser in yielded else pixels
+    return yielded
+
+
 def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Region, width: int, height: int,
-                    min_area: int = MIN_GT_AREA) -> Objects:
+                    min_area: int = MIN_GT_AREA, previous: Objects | None = None,
+                    shared_iou: float = DUPLICATE_IOU) -> Objects:
     """`--masks visible` (not in the reference): the objects' masks become the pixels where each shows.
 
     Which pixels show an object is read as evaluate.py's OCRB protocol reads a model (`metrics.argmax_masks`):
@@ -295,7 +326,9 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
     distance) of the colour that matches the frame best; a pixel no mask covers goes to the largest w. So
     masks do not overlap, the covered part of an object belongs to the one in front, a second track cannot
     hold its object's pixels, and where a glimpse in front reaches over a neighbour of another colour, the
-    neighbour keeps the pixels that show it. Objects left with fewer than `min_area` pixels are left out.
+    neighbour keeps the pixels that show it. Where two tracks cover one object, the one that showed it in the
+    previous frame keeps it (`yielded_overlaps`; `previous` None: the first frame). Objects left with fewer
+    than `min_area` pixels are left out.
     record: FrameRecord of batch 1; objects: from `video_objects`; frame: (3, img_h, img_w) the model's
     input, the region resized (sampled bilinearly back to the region's pixels here, as data.resize_frame
     samples: half-pixel centres).
@@ -314,6 +347,8 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
     per = max(1, PLACED_PIXELS // (4 * region.w * region.h))
     chunks = [(start, index[start:start + per]) for start in range(0, n, per)]
     kept = {}                                                                   # one chunk: placed once, read twice
+    yielded = {j: torch.as_tensor(pixels, device=device)
+               for j, pixels in yielded_overlaps(objects, previous, region, shared_iou).items()}
 
     def placed(start, part):
         """alpha * z_pres, the mask alpha > MASK_THRESHOLD, importance w and squared colour error of the
@@ -326,7 +361,11 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
         colour = spatial_transform(record.glimpse[0, part].float(), z_where, (len(part), 3, region.h, region.w),
                                    inverse=True)                                # (k, 3, h, w)
         weight = alpha * (pres * torch.sigmoid(-record.z_depth[0, part].float()))[:, None, None]
-        result = alpha * pres[:, None, None], alpha > MASK_THRESHOLD, weight, colour.sub_(seen).square_().sum(1)
+        covered = alpha > MASK_THRESHOLD
+        for j in range(start, start + len(part)):
+            if j in yielded:
+                covered[j - start] &= ~yielded[j]
+        result = alpha * pres[:, None, None], covered, weight, colour.sub_(seen).square_().sum(1)
         if len(chunks) == 1:
             kept[start] = result
         return result
@@ -521,6 +560,7 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
                             source.height, source.fps or DEFAULT_OUT_FPS)
     duplicates = DuplicateFilter(opts.duplicate_iou)
     numbers = {}                    # the model's object id -> the id written: 1, 2, ... by first appearance
+    shown = None                    # the previous frame's visible objects (--masks visible), the model's ids
     images = ((image if video is not None else None, resize_frame(image, region.box, cfg.img_h, cfg.img_w))
               for image in source.read())          # the full-size frame is kept for --video-out only
     try:
@@ -530,7 +570,8 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
                 objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
                 objects = duplicates(objects)
                 if opts.masks == "visible":
-                    objects = visible_objects(record, objects, frame, region, source.width, source.height)
+                    objects = shown = visible_objects(record, objects, frame, region, source.width, source.height,
+                                                      previous=shown, shared_iou=opts.duplicate_iou)
                 objects = renumbered(objects, numbers)
                 masks.add(len(frames), objects)
                 frames.append(boxed(objects, opts.box))
@@ -620,12 +661,15 @@ def parse_args(argv):
     p.add_argument("--duplicate-iou", type=float, default=DUPLICATE_IOU,
                    help="not in the reference: leave out a second track of one object: in a frame where its mask "
                         "overlaps an older track's at IoU >= this, as it did in most of the frames both "
-                        f"were in (objects that cross overlap briefly; default {DUPLICATE_IOU}; 0 keeps all)")
+                        f"were in (objects that cross overlap briefly; default {DUPLICATE_IOU}; 0 keeps all); "
+                        "with --masks visible, of two masks overlapping so in one frame, the object that showed "
+                        "more of the overlap in the frame before keeps it")
     p.add_argument("--masks", choices=MASK_READINGS, default="visible",
                    help="not in the reference: the masks (and tight boxes) written: 'visible', the pixels where "
                         "each object shows: a pixel of the model's composite (as evaluate.py --protocol ocrb reads "
                         "it) goes to the object in front among those whose own mask covers it and whose decoded "
-                        "colour there is near the best match with the frame (disjoint; a second track gets none of "
+                        "colour there is near the best match with the frame, and where two tracks cover one "
+                        "object, to the one that showed it before (disjoint; a second track gets none of "
                         "its object's pixels, and an object left with fewer than 5 pixels is not written, whatever "
                         "--box; default), or 'alpha', the object's own decoded alpha > 0.5 (whole shapes, overlapping)")
     p.add_argument("--video-out", choices=("mp4", "gif"), default=None,
