@@ -31,10 +31,10 @@ pixel the model's composite gives to the objects, as evaluate.py's OCRB protocol
 to the object in front among those whose own mask covers it and whose decoded colour there is near
 the best match with the frame (so a glimpse reaching over a neighbour of another colour does not take
 its pixels); where two masks overlap at IoU >= --duplicate-iou, the overlap goes to the object that
-showed more of it in the frame before (so a track that slides onto its occluder does not take turns
-with it). Masks do not overlap, an object partly hidden has only its visible pixels (as the ground
-truth of a video has), and an object left with fewer than 5 pixels is not written; `--masks alpha`
-writes each object's own thresholded alpha instead.
+showed more of it in the frame before, where that one's colour matches too (so a track that slides
+onto its occluder does not take turns with it). Masks do not overlap, an object partly hidden has
+only its visible pixels (as the ground truth of a video has), and an object left with fewer than 5
+pixels is not written; `--masks alpha` writes each object's own thresholded alpha instead.
 
 Written per video <name> (names from the folder or file, made unique) into --out:
 
@@ -284,32 +284,35 @@ def video_objects(record, region: Region, width: int, height: int, pres_threshol
                    conf=np.concatenate([p.conf for p in parts]), invisible=sum(p.invisible for p in parts))
 
 
-def yielded_overlaps(objects: Objects, previous: Objects | None, region: Region, shared_iou: float) -> dict:
-    """`--masks visible` (not in the reference): which object keeps the overlap of two tracks over one object.
+def yielded_overlaps(objects: Objects, previous: Objects | None, region: Region, shared_iou: float) -> list:
+    """`--masks visible` (not in the reference): which track keeps the overlap of two tracks over one object.
 
     A track of a hidden object can slide onto the object in front of it: for a few frames two tracks then
     cover one object, and the one in front changes from frame to frame. Of two objects whose masks overlap
-    at IoU >= shared_iou (`--duplicate-iou`; 0: never), the one that showed fewer of the overlap's pixels in
-    the previous frame (`previous`: that frame's visible objects, the model's ids) yields the overlap: its
-    mask does not cover it. Equal counts (neither shown, say) leave the overlap to the other rules.
-    Returns {object index: (region.h, region.w) bool, the pixels it yields}."""
+    at IoU >= shared_iou (`--duplicate-iou`; 0: never), the one that showed more of the overlap's pixels in
+    the previous frame (`previous`: that frame's visible objects, the model's ids) keeps it; equal counts
+    (neither shown, say) leave it to the other rules. Returns [(index of the one that yields, index of the
+    one that keeps it, (region.h, region.w) bool: the overlap)]; `visible_objects` decides where its
+    colour allows."""
     if previous is None or shared_iou <= 0 or len(objects.ids) < 2:
-        return {}
+        return []
     shown_before = dict(zip(previous.ids.tolist(), previous.masks))
     boxes, areas = objects.tight.astype(int), objects.masks.sum(axis=(1, 2))
     ids = objects.ids.tolist()
-    yielded = {}
+    yields = []
     for i in range(len(ids)):
         for k in range(i + 1, len(ids)):
             if mask_overlap(objects, boxes, areas, i, k) < shared_iou:
                 continue
-            overlap = objects.masks[i] & objects.masks[k]                       # (height, width)
-            held = [int((shown_before[j] & overlap).sum()) if j in shown_before else 0 for j in (ids[i], ids[k])]
+            x0, y0, x1, y1 = box_overlap(boxes, i, k)                          # masks meet inside it only
+            overlap = objects.masks[i, y0:y1, x0:x1] & objects.masks[k, y0:y1, x0:x1]
+            held = [int((shown_before[j][y0:y1, x0:x1] & overlap).sum()) if j in shown_before else 0
+                    for j in (ids[i], ids[k])]
             if held[0] != held[1]:
-                loser = k if held[0] > held[1] else i
-                pixels = overlap[region.y:region.y + region.h, region.x:region.x + region.w]
-                yielded[loser] = yielded[loser] | pixels if loser in yielded else pixels
-    return yielded
+                pixels = np.zeros((region.h, region.w), dtype=bool)
+                pixels[y0 - region.y:y1 - region.y, x0 - region.x:x1 - region.x] = overlap
+                yields.append((k, i, pixels) if held[0] > held[1] else (i, k, pixels))
+    return yields
 
 
 def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Region, width: int, height: int,
@@ -326,9 +329,9 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
     distance) of the colour that matches the frame best; a pixel no mask covers goes to the largest w. So
     masks do not overlap, the covered part of an object belongs to the one in front, a second track cannot
     hold its object's pixels, and where a glimpse in front reaches over a neighbour of another colour, the
-    neighbour keeps the pixels that show it. Where two tracks cover one object, the one that showed it in the
-    previous frame keeps it (`yielded_overlaps`; `previous` None: the first frame). Objects left with fewer
-    than `min_area` pixels are left out.
+    neighbour keeps the pixels that show it. Where two tracks cover one object, the one that showed more of
+    it in the previous frame keeps it where its colour is such a match too (`yielded_overlaps`; `previous`
+    None: the first frame). Objects left with fewer than `min_area` pixels are left out.
     record: FrameRecord of batch 1; objects: from `video_objects`; frame: (3, img_h, img_w) the model's
     input, the region resized (sampled bilinearly back to the region's pixels here, as data.resize_frame
     samples: half-pixel centres).
@@ -347,8 +350,10 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
     per = max(1, PLACED_PIXELS // (4 * region.w * region.h))
     chunks = [(start, index[start:start + per]) for start in range(0, n, per)]
     kept = {}                                                                   # one chunk: placed once, read twice
-    yielded = {j: torch.as_tensor(pixels, device=device)
-               for j, pixels in yielded_overlaps(objects, previous, region, shared_iou).items()}
+    yields = [(loser, keeper, torch.as_tensor(pixels, device=device))
+              for loser, keeper, pixels in yielded_overlaps(objects, previous, region, shared_iou)]
+    keepers = {keeper for _, keeper, _ in yields}
+    keeper_error = {}                                                           # keeper -> its colour error (h, w)
 
     def placed(start, part):
         """alpha * z_pres, the mask alpha > MASK_THRESHOLD, importance w and squared colour error of the
@@ -361,11 +366,7 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
         colour = spatial_transform(record.glimpse[0, part].float(), z_where, (len(part), 3, region.h, region.w),
                                    inverse=True)                                # (k, 3, h, w)
         weight = alpha * (pres * torch.sigmoid(-record.z_depth[0, part].float()))[:, None, None]
-        covered = alpha > MASK_THRESHOLD
-        for j in range(start, start + len(part)):
-            if j in yielded:
-                covered[j - start] &= ~yielded[j]
-        result = alpha * pres[:, None, None], covered, weight, colour.sub_(seen).square_().sum(1)
+        result = alpha * pres[:, None, None], alpha > MASK_THRESHOLD, weight, colour.sub_(seen).square_().sum(1)
         if len(chunks) == 1:
             kept[start] = result
         return result
@@ -382,12 +383,20 @@ def visible_objects(record, objects: Objects, frame: torch.Tensor, region: Regio
         better = top > best
         best, owner = torch.where(better, top, best), torch.where(better, top_index + start, owner)
         match = torch.minimum(match, torch.where(covered, error, float("inf")).min(0).values)
+        keeper_error.update({j: error[j - start].clone() for j in keepers if start <= j < start + len(part)})
     alpha_map = alpha_sum.clamp(max=1)
     shown = alpha_map * best / weight_sum.clamp_min(1e-12) > 1 - alpha_map   # ties: the background
     front, front_owner = torch.full_like(alpha_sum, -1.0), owner.clone()
+    yielded = {}                                                                # object -> pixels it yields (h, w)
+    for loser, keeper, pixels in yields:                                       # where the keeper's colour matches
+        pixels = pixels & (keeper_error[keeper] <= match + COLOUR_MARGIN)
+        yielded[loser] = yielded[loser] | pixels if loser in yielded else pixels
     for start, part in chunks:                                                 # the front one among good matches
         _, covered, weight, error = placed(start, part)
-        top, top_index = torch.where(covered & (error <= match + COLOUR_MARGIN), weight, -2.0).max(0)
+        good = covered & (error <= match + COLOUR_MARGIN)                       # (k, h, w)
+        for j in yielded.keys() & range(start, start + len(part)):
+            good[j - start] &= ~yielded[j]
+        top, top_index = torch.where(good, weight, -2.0).max(0)
         better = top > front
         front, front_owner = torch.where(better, top, front), torch.where(better, top_index + start, front_owner)
     owner = torch.where(shown, torch.where(torch.isfinite(match), front_owner, owner), -1).cpu().numpy()
@@ -413,12 +422,17 @@ def boxed(objects: Objects, box: str) -> Objects:
                    masks=np.zeros((len(objects.ids), 0, 0), dtype=bool), conf=objects.conf)
 
 
+def box_overlap(boxes: np.ndarray, i: int, k: int) -> tuple:
+    """(x0, y0, x1, y1) where boxes i and k (rows x, y, w, h of whole pixels) overlap; empty when x1 <= x0 or y1 <= y0."""
+    x0, y0 = max(boxes[i, 0], boxes[k, 0]), max(boxes[i, 1], boxes[k, 1])
+    return (x0, y0, min(boxes[i, 0] + boxes[i, 2], boxes[k, 0] + boxes[k, 2]),
+            min(boxes[i, 1] + boxes[i, 3], boxes[k, 1] + boxes[k, 3]))
+
+
 def mask_overlap(objects: Objects, boxes: np.ndarray, areas: np.ndarray, i: int, k: int) -> float:
     """Mask IoU of objects i and k, counted on their boxes' overlap only (the masks of a large video are
     not multiplied whole). boxes (n, 4) x, y, w, h whole pixels; areas (n,) mask pixels (> 0)."""
-    x0, y0 = max(boxes[i, 0], boxes[k, 0]), max(boxes[i, 1], boxes[k, 1])
-    x1 = min(boxes[i, 0] + boxes[i, 2], boxes[k, 0] + boxes[k, 2])
-    y1 = min(boxes[i, 1] + boxes[i, 3], boxes[k, 1] + boxes[k, 3])
+    x0, y0, x1, y1 = box_overlap(boxes, i, k)
     if x1 <= x0 or y1 <= y0:
         return 0.0
     inter = np.logical_and(objects.masks[i, y0:y1, x0:x1], objects.masks[k, y0:y1, x0:x1]).sum()
@@ -560,7 +574,7 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
                             source.height, source.fps or DEFAULT_OUT_FPS)
     duplicates = DuplicateFilter(opts.duplicate_iou)
     numbers = {}                    # the model's object id -> the id written: 1, 2, ... by first appearance
-    shown = None                    # the previous frame's visible objects (--masks visible), the model's ids
+    previous = None                 # the previous frame's visible objects (--masks visible), the model's ids
     images = ((image if video is not None else None, resize_frame(image, region.box, cfg.img_h, cfg.img_w))
               for image in source.read())          # the full-size frame is kept for --video-out only
     try:
@@ -570,8 +584,9 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
                 objects = video_objects(record, region, source.width, source.height, opts.z_pres_threshold)
                 objects = duplicates(objects)
                 if opts.masks == "visible":
-                    objects = shown = visible_objects(record, objects, frame, region, source.width, source.height,
-                                                      previous=shown, shared_iou=opts.duplicate_iou)
+                    objects = previous = visible_objects(record, objects, frame, region, source.width,
+                                                         source.height, previous=previous,
+                                                         shared_iou=opts.duplicate_iou)
                 objects = renumbered(objects, numbers)
                 masks.add(len(frames), objects)
                 frames.append(boxed(objects, opts.box))
@@ -663,7 +678,7 @@ def parse_args(argv):
                         "overlaps an older track's at IoU >= this, as it did in most of the frames both "
                         f"were in (objects that cross overlap briefly; default {DUPLICATE_IOU}; 0 keeps all); "
                         "with --masks visible, of two masks overlapping so in one frame, the object that showed "
-                        "more of the overlap in the frame before keeps it")
+                        "more of the overlap in the frame before keeps it where its colour matches (0: never)")
     p.add_argument("--masks", choices=MASK_READINGS, default="visible",
                    help="not in the reference: the masks (and tight boxes) written: 'visible', the pixels where "
                         "each object shows: a pixel of the model's composite (as evaluate.py --protocol ocrb reads "

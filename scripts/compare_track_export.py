@@ -92,7 +92,8 @@ def main(argv=None) -> int:
                    help="comma-separated track.py --z-pres-threshold values to export (tight boxes) and score; "
                         "the first is also used for the glimpse-box export (the internal scoring uses 0.5)")
     p.add_argument("--duplicate-iou", type=float, default=track.DUPLICATE_IOU,
-                   help="track.py --duplicate-iou of the exports (tight_raw keeps every track)")
+                   help="track.py --duplicate-iou of the exports (second tracks, and who keeps an overlap in visible "
+                        "masks; tight_raw keeps every track)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="skip running evaluate.py on its own test set")
     args = p.parse_args(argv)

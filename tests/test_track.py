@@ -333,7 +333,9 @@ def test_visible_masks_leave_two_tracks_overlap_to_the_one_that_showed_it_before
     in the first frame; when the frame before showed A there (a hidden track slid onto its occluder, or the
     other way round), A keeps the overlap x 3..11 and B only x 12. Equal holdings (neither shown before),
     --duplicate-iou 0 and pairs overlapping less (the first test's A and B, IoU 0.25) are left to the other
-    rules. The same with one object placed at a time, and inside a crop of a larger video."""
+    rules; so are pixels where the one shown before does not match the frame's colour (A decoded blue, the
+    frame red over B's box: two objects that really cross). The same with one object placed at a time, and
+    inside a crop of a larger video."""
     record = box_record([(1, (2, 2, 10, 10), 1.0, 1.0, 2.0), (2, (3, 2, 10, 10), 1.0, 1.0, -2.0)])  # A far, B near
     region, frame = track.Region(0, 0, 20, 20), torch.full((3, 20, 20), 0.5)
     objects = track.video_objects(record, region, 20, 20, 0.5)
@@ -363,6 +365,13 @@ def test_visible_masks_leave_two_tracks_overlap_to_the_one_that_showed_it_before
                                   masks=apart_objects.masks[:1])
     assert track.visible_objects(apart, apart_objects, frame, region, 20, 20, previous=whole_a).tight.tolist() == \
         [[2, 2, 6, 10], [8, 2, 10, 10]]
+    crossing = box_record([(1, (2, 2, 10, 10), 1.0, 1.0, 2.0), (2, (3, 2, 10, 10), 1.0, 1.0, -2.0)],
+                          colours=[(0.0, 0.0, 1.0), (1.0, 0.0, 0.0)])
+    red = torch.zeros(3, 20, 20)
+    red[2, 2:12, 2] = 1.0                                                       # A's blue column
+    red[0, 2:12, 3:13] = 1.0                                                    # B's red sprite over the rest
+    assert track.visible_objects(crossing, objects, red, region, 20, 20, previous=a_before).tight.tolist() == \
+        [[2, 2, 1, 10], [3, 2, 10, 10]]
 
 
 # ------------------------------------------------------------------------------------------------
