@@ -328,6 +328,11 @@ def test_visible_masks_give_a_neighbour_of_another_colour_the_pixels_that_show_i
         assert visible.tight.tolist() == [[2 * x0, 4, 2 * (x1 - x0), 20], [2 * x1, 4, 2 * (18 - x1), 20]]
 
 
+def first_object(objects):
+    """The first of `objects` alone: a previous frame that showed only it, whole."""
+    return dataclasses.replace(objects, ids=objects.ids[:1], xywh=objects.xywh[:1], masks=objects.masks[:1])
+
+
 def test_visible_masks_leave_two_tracks_overlap_to_the_one_that_showed_it_before(monkeypatch):
     """Two tracks over one object (masks at IoU 90/110 >= 0.5): B in front takes x 3..12 and A keeps x 2
     in the first frame; when the frame before showed A there (a hidden track slid onto its occluder, or the
@@ -341,7 +346,7 @@ def test_visible_masks_leave_two_tracks_overlap_to_the_one_that_showed_it_before
     objects = track.video_objects(record, region, 20, 20, 0.5)
     first = track.visible_objects(record, objects, frame, region, 20, 20)
     assert first.tight.tolist() == [[2, 2, 1, 10], [3, 2, 10, 10]]
-    a_before = dataclasses.replace(objects, ids=objects.ids[:1], xywh=objects.xywh[:1], masks=objects.masks[:1])
+    a_before = first_object(objects)
     for placed in (track.PLACED_PIXELS, 1):
         monkeypatch.setattr(track, "PLACED_PIXELS", placed)
         kept = track.visible_objects(record, objects, frame, region, 20, 20, previous=a_before)
@@ -356,13 +361,12 @@ def test_visible_masks_leave_two_tracks_overlap_to_the_one_that_showed_it_before
         first.tight.tolist()
     crop = track.Region(7, 3, 20, 20)                                           # the model's frame at (7, 3) of 40x30
     inside = track.video_objects(record, crop, 40, 30, 0.5)
-    before = dataclasses.replace(inside, ids=inside.ids[:1], xywh=inside.xywh[:1], masks=inside.masks[:1])
+    before = first_object(inside)
     moved = track.visible_objects(record, inside, frame, crop, 40, 30, previous=before)
     assert np.array_equal(moved.masks[:, 3:23, 7:27], kept.masks) and moved.masks.sum() == kept.masks.sum()
     apart = box_record([(1, (2, 2, 10, 10), 1.0, 1.0, 2.0), (2, (8, 2, 10, 10), 1.0, 1.0, -2.0)])
     apart_objects = track.video_objects(apart, region, 20, 20, 0.5)
-    whole_a = dataclasses.replace(apart_objects, ids=apart_objects.ids[:1], xywh=apart_objects.xywh[:1],
-                                  masks=apart_objects.masks[:1])
+    whole_a = first_object(apart_objects)
     assert track.visible_objects(apart, apart_objects, frame, region, 20, 20, previous=whole_a).tight.tolist() == \
         [[2, 2, 6, 10], [8, 2, 10, 10]]
     crossing = box_record([(1, (2, 2, 10, 10), 1.0, 1.0, 2.0), (2, (3, 2, 10, 10), 1.0, 1.0, -2.0)],
