@@ -51,8 +51,11 @@ Conventions:
 - `--protocol ocrb` adds `tracking_ocrb`, that benchmark's own protocol (see `metrics.py`): each
   pixel goes to the object (or background) of the largest share of the composite (argmax), masks
   of more than 5 pixels, mask IoU >= 0.5, frames from --ocrb-start-frame (2) on, one accumulator
-  pooled over all sequences, numbers in percent. `--aggregate` prints the mean +- std of every
-  number over several report.json files (the benchmark reports training seeds that way).
+  pooled over all sequences, numbers in percent; `errors` splits its misses and false positives by
+  `metrics.error_kinds` (not in the benchmark): objects merged into one prediction with a neighbour,
+  found inexactly (IoU 0.2-0.5) or unseen; predictions that merge two objects, duplicate one, find
+  one inexactly, or none. `--aggregate` prints the mean +- std of every number over several
+  report.json files (the benchmark reports training seeds that way).
 - Exports (`<seq>`: the sequence's name made file-name safe and unique by `utils.unique_names`):
   `tracks_<seq>.txt` in the MOTChallenge layout `frame,id,x,y,w,h,conf,-1,-1,-1` (frame
   1-based within the sequence, pixels of the model's img_w x img_h frames, conf = z_pres); `predictions.json` =
@@ -562,6 +565,8 @@ def summary_table(report: dict) -> str:
         rows += [(f"OCRB {name} (%, frames {m['start_frame']}+, pooled)", m[key]) for name, key in
                  (("MOTA", "mota"), ("MOTP", "motp"), ("MD", "mostly_detected"), ("MT", "mostly_tracked"),
                   ("match", "match"), ("miss", "miss"), ("ID switches", "id_switches"), ("FPs", "false_positives"))]
+        rows += [(f"OCRB {name} by kind (%)", "  ".join(f"{kind} {share:.1f}" for kind, share in m["errors"][key].items()))
+                 for name, key in (("misses", "miss"), ("FPs", "false_positive"))]
     if report.get("counting"):
         rows += [("count accuracy", report["counting"]["accuracy"]), ("count MAE", report["counting"]["mae"])]
     rows.append(("reconstruction MSE", report["reconstruction"]["mse"]))

@@ -27,10 +27,15 @@ Sequences", JMLR 22(183), 2021; repository ecker-lab/object-centric-representati
   detected (MD): matched by any prediction (MATCH or SWITCH) in >= 80% of them, both in percent of
   the objects; everything in percent;
 - several training seeds: mean +- standard deviation over the runs (the leaderboard).
+
+Not in OCRB: `error_kinds` labels each scored object and prediction (merged with a neighbour into one
+prediction, inexact, unseen; merge, duplicate, inexact, other), and the summary splits the misses and
+false positives by those kinds.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import motmetrics as mm
 import numpy as np
@@ -45,6 +50,9 @@ OCRB_START_FRAME = 2       # eval_mot.py --start_step default: frames 0 and 1 of
 OCRB_MIN_PIXELS = 5        # eval_mot.py --min_num_pix: a mask counts with MORE than this many pixels
 OCRB_BG_IOU = 0.2          # eval_mot.py exclude_bg: predictions with IoU > this with the background are dropped
 LIFESPAN_RATIO = 0.8       # mostly tracked / detected: in >= this fraction of an object's frames
+NEAR_IOU = 0.2             # error kinds: a prediction at this IoU with an object found it, not well enough to match
+MISS_KINDS = ("merged", "inexact", "unseen")                        # see error_kinds
+FALSE_POSITIVE_KINDS = ("merge", "duplicate", "inexact", "other")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,13 +305,14 @@ def argmax_masks(soft, background=None) -> np.ndarray:
     return winner[None] == np.arange(soft.shape[0])[:, None, None]
 
 
-def ocrb_frame(gt_ids, gt_masks, pred_ids, pred_masks, gt_background=None, iou_thresh: float = IOU_THRESHOLD,
+def ocrb_frame(gt_ids, gt_masks, pred_ids, pred_masks, gt_background=None,
                min_pixels: int = OCRB_MIN_PIXELS, bg_iou: float = OCRB_BG_IOU):
-    """One frame as OCRB scores it: (gt ids, prediction ids, distances (n_gt, n_pred)).
+    """The objects and predictions of one frame that OCRB scores: (gt_ids, gt_masks, pred_ids, pred_masks).
 
     Masks with at most `min_pixels` pixels are left out (ground truth and predictions); with a
     ground-truth background mask (`exclude_bg`), predictions whose IoU with it exceeds `bg_iou` are
-    left out too; the distance is 1 - IoU, NaN (never matched) where it exceeds 1 - iou_thresh."""
+    left out too. The distance OCRB matches them by is `mask_iou_distance` (1 - IoU, never matched
+    below IoU 0.5)."""
     gt_masks, pred_masks = np.asarray(gt_masks, dtype=bool), np.asarray(pred_masks, dtype=bool)   # (n, H, W)
     gt_keep = gt_masks.sum(axis=(1, 2)) > min_pixels
     pred_keep = pred_masks.sum(axis=(1, 2)) > min_pixels
@@ -312,10 +321,37 @@ def ocrb_frame(gt_ids, gt_masks, pred_ids, pred_masks, gt_background=None, iou_t
     if gt_background is not None and len(pred_ids) and np.asarray(gt_background).sum() > min_pixels:
         on_background = mask_iou(np.asarray(gt_background, dtype=bool)[None], pred_masks)[0] > bg_iou
         pred_ids, pred_masks = pred_ids[~on_background], pred_masks[~on_background]
-    dist = 1.0 - mask_iou(gt_masks, pred_masks) if len(gt_ids) and len(pred_ids) else \
-        np.ones((len(gt_ids), len(pred_ids)))
-    dist[dist > 1.0 - iou_thresh] = np.nan
-    return gt_ids, pred_ids, dist
+    return gt_ids, gt_masks, pred_ids, pred_masks
+
+
+def error_kinds(gt_masks, pred_masks, iou_thresh: float = IOU_THRESHOLD, near_iou: float = NEAR_IOU) -> tuple:
+    """Why each ground-truth object and each prediction of one frame could go unmatched (not in OCRB):
+    (gt kinds, prediction kinds), lists of MISS_KINDS and FALSE_POSITIVE_KINDS.
+
+    A prediction spans two objects when its IoU with the two together is >= iou_thresh and above its
+    IoU with either alone. An object is 'merged' when a prediction spans it and another object; else
+    'inexact' when a prediction overlaps it at IoU >= near_iou; else 'unseen'. A prediction is a
+    'merge' when it spans two objects; else a 'duplicate' when its IoU with an object is >= iou_thresh
+    (left unmatched, another prediction took that object); else 'inexact' at IoU >= near_iou with an
+    object; else 'other'. gt_masks (n, H, W) are visible masks (they do not overlap), pred_masks (m, H, W)."""
+    n, m = len(gt_masks), len(pred_masks)
+    if n == 0 or m == 0:
+        return ["unseen"] * n, ["other"] * m
+    gt = np.asarray(gt_masks, dtype=bool).reshape(n, -1).astype(np.float64)                     # (n, HW)
+    pred = np.asarray(pred_masks, dtype=bool).reshape(m, -1).astype(np.float64)                 # (m, HW)
+    inter = gt @ pred.T                                                                         # (n, m)
+    gt_area, pred_area = gt.sum(1), pred.sum(1)
+    iou = inter / np.maximum(gt_area[:, None] + pred_area[None] - inter, 1)
+    pair_inter = inter[:, None] + inter[None]                                                   # (n, n, m)
+    pair_iou = pair_inter / np.maximum(gt_area[:, None, None] + gt_area[None, :, None] + pred_area - pair_inter, 1)
+    spans = (pair_iou >= iou_thresh) & (pair_iou > np.maximum(iou[:, None], iou[None])) & \
+        ~np.eye(n, dtype=bool)[:, :, None]                                                      # (n, n, m)
+    merged, merge = spans.any(axis=(1, 2)), spans.any(axis=(0, 1))                              # (n,), (m,)
+    best_for_gt, best_for_pred = iou.max(axis=1), iou.max(axis=0)
+    gt_kinds = ["merged" if merged[i] else "inexact" if best_for_gt[i] >= near_iou else "unseen" for i in range(n)]
+    pred_kinds = ["merge" if merge[j] else "duplicate" if best_for_pred[j] >= iou_thresh else
+                  "inexact" if best_for_pred[j] >= near_iou else "other" for j in range(m)]
+    return gt_kinds, pred_kinds
 
 
 class OcrbAccumulator:
@@ -324,7 +360,8 @@ class OcrbAccumulator:
     add_video(gt_frames, pred_frames): per frame (ids, masks (n, H, W)) or (ids, masks, background
     mask (H, W)) for the ground truth; frames start_frame .. stop_frame - 1 are scored. Ids are
     made unique per video (OCRB numbers them across the test set), so no track continues from one
-    video into the next."""
+    video into the next. Each scored object and prediction also gets its `error_kinds`, which the
+    summary counts for the misses and false positives."""
 
     def __init__(self, start_frame: int = OCRB_START_FRAME, stop_frame: int | None = None,
                  iou_thresh: float = IOU_THRESHOLD, min_pixels: int = OCRB_MIN_PIXELS, exclude_bg: bool = True):
@@ -334,6 +371,7 @@ class OcrbAccumulator:
         self.num_videos = 0
         self.num_frames = 0
         self._keys = {}
+        self.kinds = {}           # (motmetrics frame id, object or prediction key) -> its error kind
 
     def _key(self, video: int, kind: str, obj_id) -> int:
         return self._keys.setdefault((video, kind, int(obj_id)), len(self._keys))
@@ -346,34 +384,43 @@ class OcrbAccumulator:
         for t in range(self.start_frame, stop):
             gt, (pred_ids, pred_masks) = gt_frames[t], pred_frames[t]
             background = gt[2] if len(gt) > 2 and self.exclude_bg else None
-            gt_ids, pred_ids, dist = ocrb_frame(gt[0], gt[1], pred_ids, pred_masks, background,
-                                                self.iou_thresh, self.min_pixels)
-            self.acc.update([self._key(video, "gt", i) for i in gt_ids],
-                            [self._key(video, "pred", i) for i in pred_ids], dist)
+            gt_ids, gt_masks, pred_ids, pred_masks = ocrb_frame(gt[0], gt[1], pred_ids, pred_masks, background,
+                                                                self.min_pixels)
+            gt_keys = [self._key(video, "gt", i) for i in gt_ids]
+            pred_keys = [self._key(video, "pred", i) for i in pred_ids]
+            dist = mask_iou_distance(gt_masks, pred_masks, self.iou_thresh) if len(gt_keys) and len(pred_keys) \
+                else np.ones((len(gt_keys), len(pred_keys)))
+            frame = self.acc.update(gt_keys, pred_keys, dist)
+            gt_kinds, pred_kinds = error_kinds(gt_masks, pred_masks, self.iou_thresh)
+            self.kinds.update({(frame, key): kind for key, kind in zip(gt_keys + pred_keys, gt_kinds + pred_kinds)})
             self.num_frames += 1
         self.num_videos += 1
 
     def summary(self) -> dict:
         """OCRB's numbers (percent) and the counts behind them, pooled over all videos."""
-        return ocrb_summary(self.acc, self.num_videos, self.num_frames, self.start_frame)
+        return ocrb_summary(self.acc, self.num_videos, self.num_frames, self.start_frame, self.kinds)
 
 
-def ocrb_summary(acc, num_videos: int = 0, num_frames: int = 0, start_frame: int = OCRB_START_FRAME) -> dict:
-    """OCRB's metrics of one accumulator (eval_utils.compute_mot_metrics), in percent."""
+def ocrb_summary(acc, num_videos: int = 0, num_frames: int = 0, start_frame: int = OCRB_START_FRAME,
+                 kinds: dict | None = None) -> dict:
+    """OCRB's metrics of one accumulator (eval_utils.compute_mot_metrics), in percent. With `kinds`
+    ((frame id, object or prediction id) -> `error_kinds` kind), also 'errors': the misses and the
+    false positives by kind, in percent of the ground-truth objects (they add up to 'miss' and
+    'false_positives')."""
     events = acc.mot_events
     events = events[~events.Type.isin(["RAW", "MIGRATE", "TRANSFER", "ASCEND"])]
-    kinds = events.Type.astype(str)
-    matches, switches = int((kinds == "MATCH").sum()), int((kinds == "SWITCH").sum())
-    misses, false_positives = int((kinds == "MISS").sum()), int((kinds == "FP").sum())
+    types = events.Type.astype(str)
+    matches, switches = int((types == "MATCH").sum()), int((types == "SWITCH").sum())
+    misses, false_positives = int((types == "MISS").sum()), int((types == "FP").sum())
     objects = matches + switches + misses
-    detected_pairs = events.loc[kinds.isin(["MATCH", "SWITCH"]), "D"].astype(float)
+    detected_pairs = events.loc[types.isin(["MATCH", "SWITCH"]), "D"].astype(float)
     frames = events.OId.value_counts()
-    tracked = events[kinds == "MATCH"].OId.value_counts().reindex(frames.index, fill_value=0)
-    detected = events[kinds != "MISS"].OId.value_counts().reindex(frames.index, fill_value=0)
+    tracked = events[types == "MATCH"].OId.value_counts().reindex(frames.index, fill_value=0)
+    detected = events[types != "MISS"].OId.value_counts().reindex(frames.index, fill_value=0)
     unique = len(frames)
     per_object = lambda n: 100.0 * n / objects if objects else float("nan")  # noqa: E731
     per_unique = lambda n: 100.0 * n / unique if unique else float("nan")    # noqa: E731
-    return {
+    summary = {
         "mota": 100.0 * (1 - (misses + false_positives + switches) / objects) if objects else float("nan"),
         "motp": 100.0 * (1 - float(detected_pairs.mean())) if len(detected_pairs) else float("nan"),
         "mostly_detected": per_unique(int((detected / frames >= LIFESPAN_RATIO).sum())),
@@ -384,6 +431,17 @@ def ocrb_summary(acc, num_videos: int = 0, num_frames: int = 0, start_frame: int
         "num_misses": misses, "num_false_positives": false_positives,
         "num_videos": num_videos, "num_frames": num_frames, "start_frame": start_frame,
     }
+    if kinds is not None:
+        frame_ids = events.index.get_level_values("FrameId")
+
+        def by_kind(event: str, column: str, names: tuple) -> dict:
+            rows = (types == event).to_numpy()
+            counted = Counter(kinds[(frame, int(key))] for frame, key in zip(frame_ids[rows], events[column][rows]))
+            return {name: per_object(counted[name]) for name in names}
+
+        summary["errors"] = {"miss": by_kind("MISS", "OId", MISS_KINDS),
+                             "false_positive": by_kind("FP", "HId", FALSE_POSITIVE_KINDS)}
+    return summary
 
 
 def ocrb_metrics(videos, **options) -> dict:

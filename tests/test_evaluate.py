@@ -589,6 +589,8 @@ def test_ocrb_protocol_end_to_end(tmp_path, checkpoint):
     if m["num_objects"]:
         assert m["match"] + m["miss"] + m["id_switches"] == pytest.approx(100.0)
         assert m["mota"] == pytest.approx(100 - m["miss"] - m["false_positives"] - m["id_switches"])
+        assert sum(m["errors"]["miss"].values()) == pytest.approx(m["miss"])       # the kinds add up
+        assert sum(m["errors"]["false_positive"].values()) == pytest.approx(m["false_positives"])
     assert report["tracking_mask"] is not None                                  # the default sections stay
     default = str(tmp_path / "default")
     assert ev.main(["--checkpoint", checkpoint, "--num-sequences", "1", "--out", default, "--device", "cpu"]) == 0

@@ -141,6 +141,34 @@ def test_iou_of_exactly_one_half_matches():
     assert math.isnan(m["motp"])
 
 
+def rectangle(x, y, w, h):
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    mask[y:y + h, x:x + w] = True
+    return mask
+
+
+def test_misses_and_false_positives_by_kind():
+    """One frame of seven objects: the misses and false positives split into error_kinds, which add up."""
+    a, b = rectangle(2, 2, 4, 4), rectangle(6, 2, 6, 4)     # one prediction spans both, matches b (IoU 0.6)
+    c, d = rectangle(14, 2, 4, 4), rectangle(18, 2, 4, 4)   # one spans both and matches neither (16 / 36)
+    e = rectangle(2, 20, 4, 4)                              # found 2 px off: IoU 8 / 24
+    f = rectangle(12, 20, 4, 4)                             # found twice
+    g = rectangle(22, 20, 4, 4)                             # not found
+    gt = [frame([1, 2, 3, 4, 5, 6, 7], [a, b, c, d, e, f, g])]
+    pred = [frame([11, 12, 13, 14, 15, 16], [a | b, c | d | rectangle(14, 6, 4, 1), rectangle(4, 20, 4, 4), f, f,
+                                             rectangle(26, 26, 4, 4)])]
+    m = mt.ocrb_metrics([(gt, pred)], start_frame=0)
+    assert (m["num_objects"], m["num_matches"], m["num_misses"], m["num_false_positives"]) == (7, 2, 5, 4)
+    check(m["errors"]["miss"], merged=100 * 3 / 7, inexact=100 / 7, unseen=100 / 7)
+    check(m["errors"]["false_positive"], merge=100 / 7, duplicate=100 / 7, inexact=100 / 7, other=100 / 7)
+    assert sum(m["errors"]["miss"].values()) == pytest.approx(m["miss"])
+    assert sum(m["errors"]["false_positive"].values()) == pytest.approx(m["false_positives"])
+    gt_kinds, pred_kinds = mt.error_kinds(gt[0][1], pred[0][1])
+    assert gt_kinds == ["merged", "merged", "merged", "merged", "inexact", "inexact", "unseen"]   # b and f: matched
+    assert pred_kinds == ["merge", "merge", "inexact", "duplicate", "duplicate", "other"]
+    assert mt.error_kinds(gt[0][1], np.zeros((0, SIZE, SIZE))) == (["unseen"] * 7, [])
+
+
 def test_predictions_on_the_background_are_left_out():
     gt_masks = [square(2 + t, 2) for t in range(4)]
     background = [~m for m in gt_masks]
