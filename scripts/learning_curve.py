@@ -124,9 +124,10 @@ def evaluate_minutes(out: Path, minutes: list, minutes_of: dict, checkpoints: li
         for kind in ("tracking_box_tight", "tracking_mask"):
             if report.get(kind):
                 row[f"mota_{kind[9:]}"] = report[kind]["mota"]
-        if report.get("tracking_ocrb"):
-            row.update({f"ocrb_{k}": report["tracking_ocrb"][k] for k in ("mota", "motp", "mostly_tracked",
-                                                                         "id_switches")})
+        ocrb = report.get("tracking_ocrb")
+        if ocrb:
+            row.update({f"ocrb_{k}": ocrb[k] for k in ("mota", "motp", "mostly_tracked", "id_switches")})
+            row["ocrb_miss_merged"] = ocrb["errors"]["miss"]["merged"]    # objects lost in a neighbour's mask
         rows.append(row)
     (out / "curve.json").write_text(json.dumps(rows, indent=1))
     keys = list(dict.fromkeys(k for row in rows for k in row))

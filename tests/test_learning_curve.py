@@ -70,10 +70,14 @@ def test_out_is_written_whole_and_a_failed_evaluation_leaves_the_old_one(tmp_pat
     shutil.copy(checkpoint, run / "checkpoints" / "ckpt_00001234.pt")
     out = tmp_path / "curve"
     flags = [str(run), "--minutes", "1", "--out", str(out)]
-    evaluate_flags = ["--", "--num-sequences", "2", "--batch-size", "2", "--device", "cpu"]
+    evaluate_flags = ["--", "--num-sequences", "2", "--batch-size", "2", "--device", "cpu", "--protocol", "ocrb",
+                      "--ocrb-start-frame", "1"]
     assert main(flags + evaluate_flags) == 0
     assert sorted(p.name for p in out.iterdir()) == ["curve.json", "min_1"]
-    assert [row["step"] for row in json.loads((out / "curve.json").read_text())] == [1234]
+    row, = json.loads((out / "curve.json").read_text())
+    report = json.loads((out / "min_1" / "report.json").read_text())["tracking_ocrb"]
+    assert row["step"] == 1234 and row["ocrb_mota"] == report["mota"]
+    assert row["ocrb_miss_merged"] == report["errors"]["miss"]["merged"]
     assert main(flags + evaluate_flags) == 2
     assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
     assert main(flags + ["--overwrite", "--", "--bogus-flag"]) == 2
