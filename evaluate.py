@@ -13,8 +13,9 @@ Usage:
 The first form runs the model on a test split and writes `report.json` (and prints a summary):
 sprite scenes drawn with seed 10000 for every run (`test_scene_seed`), Grand Central's last 10%
 of frames, or non-overlapping sequences of a folder of frames; data flags left out default to the
-training run's as its checkpoint records them (see `resolve_data`). The second form is an alias of
-`track.py` (whole videos in windows with the state handed across; see its docstring). Bad input (a missing or
+training run's as its checkpoint records them (see `resolve_data`). The second prints the mean +- std
+of every number over several report.json files; the third is an alias of `track.py` (whole videos in
+windows with the state handed across; see its docstring). Bad input (a missing or
 foreign checkpoint, missing data, a non-empty --out without --overwrite, an --out holding an input) prints one
 line and exits with status 2, writing nothing. The first form writes everything into a temporary folder beside
 --out and moves it into place at the end, so --out never holds a mix of two runs or a half-written file (an
