@@ -709,6 +709,9 @@ def write_outputs(tally: Tally, args, cfg, step: int, tau: float) -> dict | None
     return report
 
 
+REPORT_KEYS = ("step", "reconstruction")   # what every report.json of evaluate.py holds
+
+
 def aggregate_main(argv) -> int:
     """`--aggregate REPORT.json ...`: mean +- std of every number over several runs (e.g. seeds)."""
     p = argparse.ArgumentParser(description="Mean and standard deviation of several report.json files.")
@@ -725,13 +728,16 @@ def aggregate_main(argv) -> int:
                 reports.append(json.load(f))
             if not isinstance(reports[-1], dict):
                 raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
+            absent = [key for key in REPORT_KEYS if key not in reports[-1]]
+            if absent:
+                raise ValueError(f"no {', '.join(repr(k) for k in absent)}")
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             print(f"evaluate.py: error: '{path}' is not a report.json ({one_line(e)}): pass report.json files "
                   f"written by evaluate.py", file=sys.stderr)
             return 2
     try:
         print(aggregate_table(reports))
-    except AttributeError as e:
+    except (AttributeError, OverflowError) as e:
         print(f"evaluate.py: error: a report is not a report.json ({e})", file=sys.stderr)
         return 2
     return 0
@@ -739,7 +745,7 @@ def aggregate_main(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--aggregate" in argv:
+    if any(arg == "--aggregate" or arg.startswith("--aggregate=") for arg in argv):
         return aggregate_main(argv)
     if "--track" in argv:     # whole videos, one id per object: track.py
         import track

@@ -750,6 +750,8 @@ def prepare(argv):
     if args.score is not None and not any(os.path.isfile(os.path.join(args.score, f"{n}.txt")) for n in names):
         raise TrackError(f"--score '{args.score}' holds no ground truth for these videos: it needs <name>.txt files "
                          f"named as the tracks ({', '.join(n + '.txt' for n in names[:3])}{', ...' if len(names) > 3 else ''})")
+    if args.score is not None:
+        check_ground_truth(args.score, names)
     return args, model.to(device), payload, sources, names, device
 
 
@@ -853,8 +855,9 @@ def read_mot(path, ground_truth: bool = False) -> dict:
     """{frame (1-based): (ids (n,) int64, xywh (n, 4) float64)} of a MOTChallenge file
     `frame,id,x,y,w,h,conf,...`; ground truth: lines with conf 0 (MOTChallenge's 'ignore') are left out."""
     rows = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    with open(path, encoding="utf-8-sig") as f:     # a byte-order mark at the start is not part of line 1
+        lines = read_text_lines(f, path)
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             values = line.strip().split(",")
@@ -872,6 +875,25 @@ def read_mot(path, ground_truth: bool = False) -> dict:
             rows.setdefault(frame, []).append((obj_id, box))
     return {t: (np.array([i for i, _ in r], dtype=np.int64), np.array([b for _, b in r], dtype=np.float64))
             for t, r in rows.items()}
+
+
+def read_text_lines(f, path) -> list:
+    """The lines of an open text file; DataError (one line) when it is not UTF-8 text."""
+    try:
+        return f.readlines()
+    except UnicodeDecodeError:
+        raise DataError(f"'{path}' is not a UTF-8 text file: pass MOTChallenge .txt files") from None
+
+
+def check_ground_truth(gt_dir: str, names: list) -> None:
+    """DataError / TrackError (one line) unless gt_dir/<name>.txt of the given names read as MOTChallenge
+    ground truth holding at least one object: checked before tracking, so a bad file costs no run."""
+    paths = [os.path.join(gt_dir, f"{n}.txt") for n in names]
+    num_objects = sum(len(ids) for path in paths if os.path.isfile(path)
+                      for ids, _ in read_mot(path, ground_truth=True).values())
+    if num_objects == 0:
+        raise TrackError(f"the ground truth in '{gt_dir}' for these videos holds no objects (lines with conf 0 are "
+                         f"ignored): nothing to score; pass the ground truth of these videos")
 
 
 def mot_frames(rows: dict, num_frames: int) -> list:
@@ -902,6 +924,7 @@ def score_folder(pred_dir: str, gt_dir: str, names: list | None = None) -> dict:
     if not names:
         raise TrackError(f"no ground-truth <name>.txt files in '{gt_dir}' for the tracked videos: name them as the "
                          f"tracks in --out are named")
+    check_ground_truth(gt_dir, names)
     gt = [os.path.join(gt_dir, f"{n}.txt") for n in names]
     pred = [os.path.join(pred_dir, f"{n}.txt") for n in names]
     missing = [n for n, p in zip(names, pred) if not os.path.isfile(p)]

@@ -268,8 +268,10 @@ def test_aggregate_reports_mean_and_std(tmp_path, capsys):
     assert line.split()[1:] == ["92.0000", f"{math.sqrt(8):.4f}", "2"]
     assert ev.main(["--aggregate", str(tmp_path / "missing.json")]) == 2
     assert "no report" in capsys.readouterr().err
-    for bad in ('{"step": 5,', "[1, 2]"):                                   # not JSON; not a report
+    for bad in ('{"step": 5,', "[1, 2]", "{}", '{"checkpoint": "c.pt", "step": 5, "videos": {}}',
+                "[" * 100000 + "]" * 100000):    # not JSON; not an object; no report's keys (a track.json); too deep
         (tmp_path / "bad.json").write_text(bad)
         assert ev.main(["--aggregate", paths[0], str(tmp_path / "bad.json")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"'{tmp_path / 'bad.json'}' is not a report.json" in err
+    assert ev.main([f"--aggregate={paths[0]}"]) == 0 and "tracking_ocrb.mota" in capsys.readouterr().out

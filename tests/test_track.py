@@ -454,7 +454,8 @@ def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("problem", ["garbage_video", "empty_folder", "not_a_checkpoint", "other_architecture",
                                      "missing_video", "text_file", "no_ground_truth", "crop_outside",
-                                     "unwritable_out"])
+                                     "unwritable_out", "bad_ground_truth", "binary_ground_truth",
+                                     "empty_ground_truth"])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cfg, capsys, problem):
     frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "frames", 1)
     video, ckpt = str(frames), checkpoint
@@ -480,6 +481,11 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
         (tmp_path / "gt").mkdir()
         (tmp_path / "gt" / "other.txt").write_text("1,1,0,0,4,4,1,-1,-1,-1\n")
         flags = ["--score", str(tmp_path / "gt")]
+    if problem.endswith("_ground_truth") and problem != "no_ground_truth":   # found before any tracking
+        (tmp_path / "gt").mkdir()
+        (tmp_path / "gt" / "000000.txt").write_bytes({"bad": b"garbage,line\n", "binary": b"\xff\xfe1\x00,\x00",
+                                                      "empty": b"1,1,0,0,4,4,0,-1,-1,-1\n"}[problem.split("_")[0]])
+        flags = ["--score", str(tmp_path / "gt")]
     if problem == "crop_outside":
         flags = ["--crop", "10,10,60,20"]                                  # the frames are 64x64
     out = tmp_path / "out"
@@ -493,7 +499,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, checkpoint, tiny_cf
                 "not_a_checkpoint": "not a readable SCALOR checkpoint", "other_architecture": "another architecture",
                 "missing_video": "does not exist", "text_file": "is not a video file",
                 "no_ground_truth": "holds no ground truth for these videos", "crop_outside": "does not fit",
-                "unwritable_out": "cannot write into"}[problem]
+                "unwritable_out": "cannot write into", "bad_ground_truth": "line 1 is not a MOTChallenge line",
+                "binary_ground_truth": "is not a UTF-8 text file", "empty_ground_truth": "holds no objects"}[problem]
     assert expected in err
     if problem == "garbage_video":                                        # ffmpeg's reason, not its banner
         assert "ffmpeg version" not in err and "Invalid data" in err
@@ -643,6 +650,9 @@ def test_read_mot_and_score_known_answers(tmp_path):
                                 "3,9,40,40,10,10,0.8,-1,-1,-1\n")
     rows = track.read_mot(gt / "a.txt", ground_truth=True)
     assert sorted(rows) == [1, 2, 3] and rows[2][0].tolist() == [1]            # conf 0: ignored
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + (gt / "a.txt").read_bytes())   # a byte-order mark first
+    assert {t: v[0].tolist() for t, v in track.read_mot(tmp_path / "bom.txt", ground_truth=True).items()} == \
+        {t: v[0].tolist() for t, v in rows.items()}
     score = track.score_folder(str(pred), str(gt))["overall"]
     assert (score["matches"], score["id_switches"], score["false_positives"], score["misses"]) == (2, 1, 1, 0)   # the switch is not a MATCH
     assert score["mota"] == pytest.approx(1 - 2 / 3)
