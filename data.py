@@ -151,8 +151,8 @@ def load_rgb(path: Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise bomb_error(path, err) from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"frame '{path}' is truncated or corrupt ({one_line(err)}): remove or replace it "
-                        f"(found while decoding it; --skip-bad-frames drops only what the header check finds)") from err
+        raise DataError(f"frame '{path}' is truncated or corrupt ({one_line(err)}): remove or replace it, or pass "
+                        f"--skip-bad-frames (which decodes every frame first and leaves out those that fail)") from err
 
 
 @contextlib.contextmanager
@@ -383,6 +383,9 @@ class FrameFolder(Dataset):
                 self.short_videos.append(video_folder)
         if not self.items:
             longest = max(len(paths) for paths in self.videos)
+            if longest == 0:          # skip_bad_frames left nothing
+                raise DataError(f"every frame in '{self.folder}' is unreadable ({self.num_skipped} skipped by "
+                                f"--skip-bad-frames): replace them with readable images")
             span = (seq_len - 1) * frame_skip + 1
             raise DataError(f"'{self.folder}' holds at most {longest} frames per video but one sequence "
                             f"needs {span} (--seq-len {seq_len}, --frame-skip {frame_skip}): add frames "

@@ -309,6 +309,9 @@ def resolve_data(args, trained: dict) -> None:
                             "(or --dataset sprites)")
         else:
             args.dataset = "sprites"
+    unused = ("--frame-skip", args.frame_skip) if args.dataset == "sprites" else ("--preset", args.preset)
+    if unused[1] is not None:          # given, but this kind of data has no such choice
+        raise EvalError(f"{unused[0]} is not used with --dataset {args.dataset}: drop it")
     if args.preset is None:
         args.preset = trained.get("preset") if args.dataset == "sprites" and same("sprites") and trained.get("preset") else "easy"
     if args.frame_skip is None and same(args.dataset):
@@ -659,7 +662,14 @@ def load_model_for_inference(path: str, device, first_frame_rejection: bool | No
             return load_model(path, device, first_frame_rejection=True)
         except ConfigError:           # the checkpoint has rejection off: first-frame rejection needs it
             return load_model(path, device)
-    return load_model(path, device, first_frame_rejection=first_frame_rejection)
+    try:
+        return load_model(path, device, first_frame_rejection=first_frame_rejection)
+    except ConfigError as e:
+        if first_frame_rejection and not load_model(path, device)[0].cfg.phase_rejection:
+            raise ConfigError("first_frame_rejection (--first-frame-rejection) extends rejection to the first "
+                              "frame, and this checkpoint was trained without it (phase_rejection off): drop the "
+                              "flag") from e
+        raise
 
 
 def prepare(argv):

@@ -981,6 +981,9 @@ def evaluate_alias(argv: list) -> int:
         print(f"evaluate.py: error: {' '.join(rest)} not used with --track: run python track.py "
               f"(see python track.py --help)", file=sys.stderr)
         return 2
+    if a.gif < 0:
+        print(f"evaluate.py: error: --gif {a.gif} must not be negative (0: no gif)", file=sys.stderr)
+        return 2
     flags = [a.data_dir, "--checkpoint", a.checkpoint, "--out", a.out, "--device", a.device, "--seed", a.seed]
     flags += ["--skip-bad-frames"] * a.skip_bad_frames + ["--overwrite"] * a.overwrite + ["--video-out", "gif"] * (a.gif > 0)
     if a.first_frame_rejection is not None:

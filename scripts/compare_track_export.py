@@ -134,6 +134,8 @@ def check_args(args) -> list[float]:
         raise ConfigError(f"--thresholds '{args.thresholds}' must be comma-separated numbers, e.g. 0.5,0.7") from None
     if not all(0 < t < 1 for t in thresholds):
         raise ConfigError(f"--thresholds '{args.thresholds}': each must lie strictly between 0 and 1")
+    if not 0 <= args.duplicate_iou <= 1:
+        raise ConfigError(f"--duplicate-iou must lie in [0, 1] (0 keeps all objects), got {args.duplicate_iou}")
     ev.check_out(args)
     return thresholds
 

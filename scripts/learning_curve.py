@@ -29,6 +29,9 @@ class CurveError(Exception):
     """Bad input; the one-line message names the problem and the fix."""
 
 
+OWN_EVALUATE_FLAGS = ("--checkpoint", "--out", "--overwrite")   # evaluate.py flags this script sets
+
+
 def parse_minutes(text: str) -> list[float]:
     try:
         minutes = [float(m) for m in text.split(",")]
@@ -88,14 +91,25 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         minutes = parse_minutes(args.minutes)
+        owned = [flag for flag in extra if flag.split("=")[0] in OWN_EVALUATE_FLAGS]
+        if owned:
+            raise CurveError(f"'{owned[0]}' after -- is set by learning_curve.py itself (each checkpoint, into "
+                             f"OUT/min_<M>/): drop it")
         minutes_of, checkpoints = read_run(Path(args.run))
+        if not any(checkpoint_at(checkpoints, minutes_of, minute) for minute in minutes):
+            raise CurveError(f"no checkpoint of '{args.run}' was saved by minute {max(minutes):g}: pass later "
+                             f"--minutes or train with a lower --save-freq")
         data_dir = extra[extra.index("--data-dir") + 1] if "--data-dir" in extra[:-1] else None
         if problem := out_folder_problem(args.out, args.overwrite, [args.run, data_dir]):
             raise CurveError(problem)
+        try:
+            work, made = work_folder(args.out)
+        except OSError as e:
+            raise CurveError(f"cannot write --out '{args.out}' ({e.strerror or type(e).__name__}): pass an --out "
+                             f"in a writable folder") from None
     except CurveError as e:
         print(f"learning_curve.py: error: {e}", file=sys.stderr)
         return 2
-    work, made = work_folder(args.out)
     try:
         code = evaluate_minutes(Path(work), minutes, minutes_of, checkpoints, extra)
         if code == 0:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DataError, make_sprites, write_to_disk  # noqa: E402
 from evaluate import TEST_SEED, ground_truth_frames  # noqa: E402
 from track import ground_truth_file  # noqa: E402
-from utils import discard_work, move_into_place, out_folder_problem, work_folder  # noqa: E402
+from utils import discard_work, move_into_place, out_folder_problem, seed_arg, work_folder  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED + 666, index=3)
@@ -62,17 +62,20 @@ def write_demo(folder=DEMO_DIR) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write sprite videos (PNG frames) and MOTChallenge ground truth.")
+    p = argparse.ArgumentParser(prog="sprite_videos.py",
+                                description="Write sprite videos (PNG frames) and MOTChallenge ground truth.")
     p.add_argument("out", nargs="?", help="output folder (videos/ and gt/ inside)")
     p.add_argument("--demo", action="store_true", help="(re)write the repository's demo/ folder")
     p.add_argument("--preset", default="easy")
     p.add_argument("--num", type=int, default=4, help="videos")
     p.add_argument("--length", type=int, default=60, help="frames per video")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the preset's")
-    p.add_argument("--seed", type=int, default=TEST_SEED + 666)
+    p.add_argument("--seed", type=seed_arg, default=TEST_SEED + 666)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     args = p.parse_args(argv)
     if args.demo:
+        if args.out is not None:
+            p.error("--demo (re)writes the repository's demo/ folder: drop OUT")
         print(f"wrote {write_demo()}")
         return 0
     if args.out is None:
@@ -80,7 +83,12 @@ def main(argv=None) -> int:
     if problem := out_problem(args):
         print(f"sprite_videos.py: error: {problem}", file=sys.stderr)
         return 2
-    work, made = work_folder(args.out)
+    try:
+        work, made = work_folder(args.out)
+    except OSError as e:
+        print(f"sprite_videos.py: error: cannot write OUT '{args.out}' ({e.strerror or type(e).__name__}): pass an "
+              f"OUT in a writable folder", file=sys.stderr)
+        return 2
     try:
         written = write_sprite_videos(work, args.preset, args.num, args.length, args.size, args.seed)
         move_into_place(work, args.out)

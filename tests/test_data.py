@@ -209,6 +209,10 @@ def test_truncated_frame_raises_or_is_skipped(tmp_path):
     assert len(skipping) == 9 * 8
     folder_skipping = FrameFolder(folder, 4, 4, seq_len=2, skip_bad_frames=True)
     assert folder_skipping.num_skipped == 1 and len(folder_skipping) == 10
+    for frame in folder.iterdir():                                 # nothing readable left: said so
+        frame.write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"every frame in .* is unreadable \(12 skipped by --skip-bad-frames\)"):
+        FrameFolder(folder, 4, 4, seq_len=2, skip_bad_frames=True)
 
 
 def test_unreadable_file_and_mixed_sizes(tmp_path):

@@ -476,6 +476,7 @@ def test_first_frame_rejection_needs_rejection(tmp_path, tiny_cfg, capsys):
     assert ev.main(["--checkpoint", path, "--first-frame-rejection", "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "first_frame_rejection" in err and "phase_rejection" in err
+    assert "drop the flag" in err                                                # the fix, named
     assert not out.exists()
     assert ev.main(["--checkpoint", path, "--num-sequences", "1", "--out", str(out), "--device", "cpu"]) == 0
     with open(out / "report.json") as f:
@@ -509,6 +510,10 @@ def test_data_defaults_come_from_the_training_run():
     for trained, given in [(frames, {}), ({}, {"dataset": "grandcentral"}),
                            ({}, {"preset": "nope"})]:
         with pytest.raises(ev.EvalError):
+            ev.resolve_data(data_flags(**given), trained)
+    for trained, given, flag in [({}, {"data_dir": "/f", "preset": "spmot"}, "--preset"),   # a flag the data ignores
+                                 (sprites, {"frame_skip": 3}, "--frame-skip"), (gc, {"preset": "few"}, "--preset")]:
+        with pytest.raises(ev.EvalError, match=f"{flag} is not used with --dataset .*: drop it"):
             ev.resolve_data(data_flags(**given), trained)
 
 

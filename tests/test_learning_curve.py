@@ -37,20 +37,31 @@ def test_a_log_without_times_is_refused(tmp_path):
 
 @pytest.mark.parametrize("case, message", [("missing", "holds no summary/losses.jsonl"),
                                            ("no_checkpoints", "holds no checkpoints"),
-                                           ("bad_minutes", "--minutes '1,abc'"), ("no_times", "holds no times")])
+                                           ("bad_minutes", "--minutes '1,abc'"), ("no_times", "holds no times"),
+                                           ("too_early", "no checkpoint of"), ("own_flag", "'--out' after --"),
+                                           ("out_under_a_file", "cannot write --out")])
 def test_bad_input_is_one_line_exit_2_with_nothing_written(tmp_path, capsys, case, message):
     run = tmp_path / "run"
     if case != "missing":
         (run / "summary").mkdir(parents=True)
         (run / "checkpoints").mkdir()
         time = "" if case == "no_times" else ', "time": 5.0'
-        (run / "summary" / "losses.jsonl").write_text('{"step": 1, "loss": 1.0, "skipped": false%s}\n' % time)
+        lines = '{"step": 1, "loss": 1.0, "skipped": false%s}\n' % time
+        if case == "too_early":                                        # its only checkpoint: after 10 minutes
+            lines += '{"step": 2, "loss": 1.0, "skipped": false, "time": 605.0}\n'
+        (run / "summary" / "losses.jsonl").write_text(lines)
         if case != "no_checkpoints":
-            (run / "checkpoints" / "ckpt_00000001.pt").write_bytes(b"")
+            (run / "checkpoints" / f"ckpt_0000000{2 if case == 'too_early' else 1}.pt").write_bytes(b"")
     minutes = "1,abc" if case == "bad_minutes" else "1"
-    assert main([str(run), "--minutes", minutes, "--out", str(tmp_path / "curve")]) == 2
+    out = tmp_path / "curve"
+    if case == "out_under_a_file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "curve"
+    extra = ["--", "--preset", "spmot", "--out", "elsewhere"] if case == "own_flag" else []
+    assert main([str(run), "--minutes", minutes, "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not (tmp_path / "curve").exists()
+    assert not out.exists() and not (tmp_path / "elsewhere").exists()
 
 
 def test_each_minute_is_evaluated_once():

@@ -1,8 +1,10 @@
 """track.py: whole videos through the model in windows with the state handed across; tracks and masks in
 the video's pixels, read back and scored; bad input refused before anything is written."""
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -446,6 +448,8 @@ def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
     assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--out", str(out),
                     "--device", "cpu", "--gif", "1"]) == 0
     assert sorted(os.listdir(out)) == ["000000.gif", "000000.txt", "000000_masks.json", "track.json"]
+    assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--out", str(tmp_path / "neg"),
+                    "--gif", "-1"]) == 2 and not (tmp_path / "neg").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -611,8 +615,14 @@ def test_a_frame_corrupt_inside_leaves_no_out(tmp_path, checkpoint, capsys):
     (frames / "0003.png").write_bytes(bytes(data))
     out = tmp_path / "out"
     assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(out), "--device", "cpu"]) == 2
-    assert "0003.png' is truncated or corrupt" in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "0003.png' is truncated or corrupt" in err and "pass --skip-bad-frames" in err
     assert not out.exists() and not leftovers(tmp_path)
+    skipped = tmp_path / "skipped"                                  # the fix the message names works
+    assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(skipped), "--device", "cpu",
+                       "--skip-bad-frames"]) == 0
+    assert "skipped 1 unreadable frame" in capsys.readouterr().out
+    shutil.rmtree(skipped)
     nested = tmp_path / "new" / "deeper" / "out"                  # folders made for --out go too
     assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(nested), "--device", "cpu"]) == 2
     assert not (tmp_path / "new").exists()
@@ -632,12 +642,16 @@ def test_sprite_videos_script_writes_out_whole_and_refuses_bad_arguments(tmp_pat
     assert sprite_videos([str(out), "--num", "1", "--length", "2", "--overwrite"]) == 0  # replaced whole
     assert os.listdir(out / "videos") == ["000000"] and len(os.listdir(out / "videos" / "000000")) == 2
     assert os.listdir(out / "gt") == ["000000.txt"]
-    for flags, message in ((["--preset", "nope"], "unknown sprite preset 'nope'"),
-                           (["--num", "0"], "must be positive")):
-        assert sprite_videos([str(tmp_path / "bad"), *flags]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("sprite_videos.py: error: ") and err.count("\n") == 1 and message in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sv"]
+    (tmp_path / "afile").write_text("x")
+    for out, flags, message in (("bad", ["--preset", "nope"], "unknown sprite preset 'nope'"),
+                                ("bad", ["--num", "0"], "must be positive"),
+                                ("bad", ["--seed", "-1"], "must lie in [0, 2**32 - 1]"),
+                                ("afile/sub", [], "cannot write OUT")):
+        with pytest.raises(SystemExit) if "--seed" in flags else contextlib.nullcontext():   # argparse: exit 2
+            assert sprite_videos([str(tmp_path / out), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("sprite_videos.py: error: ") and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "sv"]
 
 
 def test_read_mot_and_score_known_answers(tmp_path):
@@ -707,6 +721,7 @@ def test_compare_script_out_under_a_file_is_one_line(tmp_path, checkpoint, capsy
 
 
 @pytest.mark.parametrize("flags, message", [(["--thresholds", "abc"], "--thresholds"), (["--num", "0"], "--num 0"),
+                                            (["--duplicate-iou", "nan"], "--duplicate-iou"),
                                             (["--length", "0"], "--length 0"), (["--preset", "bogus"], "bogus")])
 def test_compare_script_bad_arguments(tmp_path, checkpoint, capsys, flags, message):
     from scripts.compare_track_export import main as compare
