@@ -665,7 +665,7 @@ def load_model_for_inference(path: str, device, first_frame_rejection: bool | No
     try:
         return load_model(path, device, first_frame_rejection=first_frame_rejection)
     except ConfigError as e:
-        if first_frame_rejection and not load_model(path, device)[0].cfg.phase_rejection:
+        if first_frame_rejection and not read_checkpoint(path, map_location="cpu")["config"].phase_rejection:
             raise ConfigError("first_frame_rejection (--first-frame-rejection) extends rejection to the first "
                               "frame, and this checkpoint was trained without it (phase_rejection off): drop the "
                               "flag") from e
