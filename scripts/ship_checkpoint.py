@@ -8,6 +8,7 @@ The result loads in track.py and evaluate.py like any checkpoint (torch.load(wei
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,11 +25,30 @@ def ship(source: str, target: str) -> dict:
     return {"step": int(payload["step"]), **extra}
 
 
+def target_problem(source: str, target: str) -> str | None:
+    """What makes `target` unusable, in one line naming the fix; None if nothing: the source itself (its
+    optimizer and random states would be lost), a folder, or a path under a file."""
+    if os.path.exists(target) and os.path.exists(source) and os.path.samefile(source, target):
+        return f"the target '{target}' is the source: its optimizer and random states would be lost; pass another file"
+    if os.path.isdir(target):
+        return f"the target '{target}' is a folder: pass a file name, e.g. {os.path.join(target, 'model.pt')}"
+    parent = os.path.dirname(os.path.abspath(target))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"the target '{target}' lies under '{parent}', which is a file: pass a path in a folder"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Strip a checkpoint to config, weights, step and data description.")
     p.add_argument("source", help="a checkpoint written by train.py")
     p.add_argument("target", help="the file to write")
     args = p.parse_args(argv)
+    problem = target_problem(args.source, args.target)
+    if problem:
+        print(f"ship_checkpoint.py: error: {problem}", file=sys.stderr)
+        return 2
     try:
         kept = ship(args.source, args.target)
     except (CheckpointError, SaveError) as e:
