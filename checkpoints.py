@@ -487,14 +487,18 @@ def remove_stale_temporaries(ckpt_dir: Path) -> None:
         print(f"notice: removed {len(stale)} temporary files of unfinished checkpoint writes in '{ckpt_dir}'")
 
 
-def check_branch(ckpt_dir: Path, resumed_step: int | None) -> None:
+def check_branch(ckpt_dir: Path, resumed_step: int | None, resumed_path: Path | None = None) -> None:
     """ConfigError if the run would mix with another in `ckpt_dir`: a fresh run (resumed_step None)
-    where checkpoints lie, or a resumed one where newer checkpoints lie (keeping the newest would
-    delete this branch's, and --resume auto would later pick the other)."""
+    where checkpoints lie, a run resumed from a checkpoint outside `ckpt_dir` (`resumed_path`) where
+    checkpoints of another run lie, or a resumed one where newer checkpoints lie (keeping the newest
+    would delete this branch's, and --resume auto would later pick the other)."""
     found = list_checkpoints(ckpt_dir)
     if resumed_step is None and found:
         raise ConfigError(f"'{ckpt_dir}' already holds checkpoints: pass --resume auto to continue that run, "
                           f"or another --run-name (or both --ckpt-dir and --summary-dir: the loss log starts anew)")
+    if found and resumed_path is not None and Path(resumed_path).resolve().parent != Path(ckpt_dir).resolve():
+        raise ConfigError(f"'{ckpt_dir}' holds the checkpoints of another run than '{resumed_path}': pass another "
+                          f"--run-name for this one (or --resume auto to continue the run there)")
     newer = [p for p in found if resumed_step is not None and checkpoint_step(p) > resumed_step]
     if newer:
         raise ConfigError(f"'{ckpt_dir}' holds checkpoints newer than step {resumed_step} ({newer[-1].name}): "

@@ -288,10 +288,11 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     kind = dataset_kind(args.dataset, args.data_dir)
     if args.preset is not None and kind != "sprites" and ddp.main:
         print(f"notice: --preset applies only to the built-in sprite scenes; ignored with --dataset {kind}")
-    named = args.resume not in (None, "auto")          # --resume FILE: read first, its preset names the run
+    named = args.resume not in (None, "auto")          # --resume FILE: read first, its data names the run
     path = Path(args.resume) if named else None
     payload = read_checkpoint(str(path)) if named else None
-    run_name = args.run_name or default_run_name(args, kind, sprite_flags(args, kind, payload)[0])
+    kind, data_dir, frame_skip = run_data(args, kind, payload)
+    run_name = args.run_name or default_run_name(args, kind, data_dir, sprite_flags(args, kind, payload)[0])
     ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
     summary_dir = Path(args.summary_dir or Path("runs") / run_name / "summary")
     for folder, flag in ((ckpt_dir, "--ckpt-dir"), (summary_dir, "--summary-dir")):
@@ -301,17 +302,18 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     if not named:
         path = resume_path(args.resume, ckpt_dir)
         payload = read_checkpoint(str(path)) if path is not None else None
+        kind, data_dir, frame_skip = run_data(args, kind, payload)
     if payload is not None and args.small:
         print("notice: resuming, so the config comes from the checkpoint (flags given override it; --small is ignored)")
     cfg = make_config(args, payload["config"] if payload else None)
     preset, num_sprites = sprite_flags(args, kind, payload)
-    dataset = build_dataset(kind, cfg, train=True, data_dir=args.data_dir, preset=preset,
-                            num_sequences=num_sprites, frame_skip=args.frame_skip,
+    dataset = build_dataset(kind, cfg, train=True, data_dir=data_dir, preset=preset,
+                            num_sequences=num_sprites, frame_skip=frame_skip,
                             skip_bad_frames=args.skip_bad_frames, seed=cfg.seed)
     estimate = None   # data.estimate_background: read from the frames once, where needed
     if args.recipe and payload is None:
         cfg, estimate = recipe_for_data(args, cfg, dataset)
-    data_desc = dict(dataset=kind, data_dir=args.data_dir, preset=preset, frame_skip=args.frame_skip,
+    data_desc = dict(dataset=kind, data_dir=data_dir, preset=preset, frame_skip=frame_skip,
                      num_sequences=len(dataset))
     batches_per_epoch = TrainOrder(len(dataset), cfg, 0, 0, ddp).batches_per_epoch()
     if batches_per_epoch < 1:   # now, before anything is written
@@ -335,7 +337,7 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     start = Progress(step=0, epoch=0, batch_index=0, bad_steps=0, rng={})
     if payload is not None:
         start = load_training_state(model, optimizer, payload, path, args.allow_partial_load, cfg, data_desc, ddp)
-    check_branch(ckpt_dir, start.step if payload is not None else None)
+    check_branch(ckpt_dir, start.step if payload is not None else None, path if payload is not None else None)
     if start.batch_index >= batches_per_epoch:   # the checkpoint's epoch was longer (other data or batch size)
         start = dataclasses.replace(start, epoch=start.epoch + 1, batch_index=0)
     total_steps = args.epochs * batches_per_epoch if args.epochs else (args.steps or 100000)
@@ -359,9 +361,27 @@ def sprite_flags(args, kind: str, payload) -> tuple[str, int | None]:
     return preset, num
 
 
-def default_run_name(args, kind: str, preset: str) -> str:
+def run_data(args, kind: str, payload) -> tuple[str, str | None, int | None]:
+    """(dataset kind, data folder, frame skip) to train on: as the flags give them; where a resumed run's
+    flags leave them out, as its checkpoint records them, so that resuming trains on the same data: with
+    neither --dataset nor --data-dir, the checkpoint's frames; with its --data-dir, its kind (the file
+    names alone may suggest another); without --frame-skip, its frame skip for the same kind of data."""
+    trained = payload.get("data") if payload is not None and isinstance(payload.get("data"), dict) else {}
+    data_dir, frame_skip = args.data_dir, args.frame_skip
+    trained_kind, trained_dir = trained.get("dataset"), trained.get("data_dir")
+    if args.dataset is None and trained_kind in ("frames", "grandcentral") and trained_dir:
+        if data_dir is None:
+            kind, data_dir = trained_kind, trained_dir
+        elif os.path.realpath(data_dir) == os.path.realpath(trained_dir):
+            kind = trained_kind
+    if frame_skip is None and trained_kind == kind:
+        frame_skip = trained.get("frame_skip")
+    return kind, data_dir, frame_skip
+
+
+def default_run_name(args, kind: str, data_dir: str | None, preset: str) -> str:
     name = f"sprites-{preset}" if kind == "sprites" else \
-        "grandcentral" if kind == "grandcentral" else Path(args.data_dir).resolve().name
+        "grandcentral" if kind == "grandcentral" else Path(data_dir).resolve().name
     return name + ("-small" if args.small else "")
 
 

@@ -207,6 +207,30 @@ def test_resume_keeps_the_sprite_preset_and_size(tmp_path):
     assert run.data_desc["num_sequences"] == 100_000              # many scenes, so the model cannot fit them
 
 
+def test_resume_keeps_the_frames_it_was_trained_on(tmp_path, capsys):
+    """A run on a folder of frames resumed without --dataset / --data-dir / --frame-skip trains on the same
+    frames, as the same kind (numbered names would read as Grand Central) and with the same frame skip."""
+    folder = write_frames(tmp_path / "numbered", [(64, 64)] * 12)
+    for n in range(12):
+        (folder / f"f{n}.png").rename(folder / f"{n:04d}.png")
+    flags = [f for f in TINY if f not in ("--num-sprite-sequences", "8")]
+    run_folder = tmp_path / "run"
+    assert train.main(flags + run_dirs(run_folder, "--steps", "2", "--data-dir", str(folder), "--dataset", "frames",
+                                       "--frame-skip", "2")) == 0
+    trained = dict(dataset="frames", data_dir=str(folder), frame_skip=2)
+    for given in ([], ["--data-dir", str(folder)]):
+        run = train.setup(train.build_parser().parse_args(flags + run_dirs(run_folder, "--resume", "auto", *given)))
+        run.release()
+        assert {k: run.data_desc[k] for k in trained} == trained and run.start.step == 2
+        assert "the data position will not match" not in capsys.readouterr().out
+    elsewhere = tmp_path / "other"                                    # another run's folder: not mixed into
+    assert train.main(flags + run_dirs(elsewhere, "--steps", "1")) == 0
+    assert train.main(flags + run_dirs(elsewhere, "--resume", str(run_folder / "checkpoints" / "ckpt_00000002.pt"),
+                                       "--steps", "3")) == 2
+    assert "holds the checkpoints of another run" in capsys.readouterr().err
+    assert sorted(p.name for p in (elsewhere / "checkpoints").iterdir()) == ["ckpt_00000001.pt"]
+
+
 def test_resuming_the_shipped_checkpoint_says_why_the_random_streams_restart(tmp_path, capsys, monkeypatch):
     shipped = str(ROOT / "checkpoints" / "sprites_small.pt")
     args = train.build_parser().parse_args(["--resume", shipped, "--steps", "100", "--batch-size", "2", "--num-sprite-sequences", "4",
