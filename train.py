@@ -25,7 +25,7 @@ only tensors and plain values and are read with torch.load(weights_only=True): a
 run code is refused. A fresh start (no checkpoint resumed) starts losses.jsonl afresh.
 
 Exit codes: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 too many non-finite steps
-in a row (after a checkpoint of the last good state: the newest whose weights have not diverged);
+in a row (after a checkpoint of the newest state whose weights then gave a finite step);
 2 bad input (data, config, checkpoint, an unwritable or locked folder; a one-line message on
 stderr, nothing written) or a checkpoint that could not be written (disk full). A run stopped by an
 error before its first checkpoint and first logged step removes the folders it made (folders that
@@ -56,9 +56,9 @@ from tqdm import tqdm
 
 import utils
 import viz
-from checkpoints import (CheckpointError, Progress, SaveError, check_branch, claim_folders, list_checkpoints,
-                         load_training_state, open_loss_log, read_checkpoint, remove_unsaved_run, resume_path,
-                         rng_state, take_snapshot, weights_sane, write_checkpoint)
+from checkpoints import (CheckpointError, Progress, SaveError, check_branch, checkpoint_step, claim_folders,
+                         list_checkpoints, load_training_state, open_loss_log, read_checkpoint, remove_unsaved_run,
+                         resume_path, rng_state, take_snapshot, weights_sane, write_checkpoint)
 from common import RECIPES, Config, ConfigError, check_flags_at_least, flag_help, small_config
 from data import (DATASET_KINDS, SPRITE_PRESETS, DataError, SpriteSpec, build_dataset, dataset_kind, estimate_background,
                   iterate, make_loader)
@@ -506,10 +506,11 @@ def train(run: Run, args) -> int:
     data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin, ddp)
     good = run.start if run.start.rng else dataclasses.replace(run.start, rng=rng_state())
     step, bad_steps, bad_in_row, saved_at = good.step, good.bad_steps, 0, good.step
-    # the newest state known not to have diverged (weights_sane), a CPU copy: what a run that gives
-    # up on non-finite steps saves when the weights of its last finite step have diverged already.
-    # Taken at the start and at the finite logging steps (every print_freq), when the check passes.
-    kept = take_snapshot(run, good)
+    # CPU copies of the state, taken at the start and at the finite logging steps (every print_freq) whose
+    # weights pass weights_sane: `kept`, the newest, and `verified`, the newest whose weights then gave a
+    # finite step. A run that gives up on non-finite steps saves `verified`: the weights of its last finite
+    # step may be what makes every later step non-finite.
+    kept, verified = take_snapshot(run, good), None
     last_log = (time.time(), step)
     started = time.time()
     deadline = started + 60 * args.max_minutes if args.max_minutes else math.inf
@@ -551,6 +552,7 @@ def train(run: Run, args) -> int:
             ok = bool(result.finite)
             position = (epoch, index + 1) if index + 1 < run.batches_per_epoch else (epoch + 1, 0)
             if ok:
+                verified = kept                 # kept's weights (or later ones, after a finite step on them) gave this
                 bad_in_row = 0
                 good = Progress(step, *position, bad_steps, rng_state())
                 if log_now and weights_sane(model):
@@ -594,14 +596,16 @@ def train(run: Run, args) -> int:
                 bar.write(notice)
 
             if bad_in_row >= args.max_bad_steps:
-                diverged = not weights_sane(model)   # the weights of step good.step: used unless diverged
-                last = kept.progress if diverged else good
-                path = write_checkpoint(run, last, kept if diverged else None)
+                last = verified or kept          # none verified: no step was finite since the start
+                newer = [p.name for p in list_checkpoints(run.ckpt_dir) if checkpoint_step(p) > last.progress.step]
+                path = write_checkpoint(run, last.progress, last)
+                why = "" if weights_sane(model) else f" (the weights after step {good.step} had diverged)"
                 if ddp.main:
-                    why = f" (the weights after step {good.step} had diverged)" if diverged else ""
-                    bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved the last good "
-                              f"state (step {last.step}){why} to {path}; lower --lr or --cp and resume from it",
-                              file=sys.stderr)
+                    how = (f"resume from it in a new run (--resume {path} --run-name NEW): the newer {newer[0]}"
+                           f"{' ...' if len(newer) > 1 else ''} gave no finite step since") if newer else "resume from it"
+                    bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved the newest state "
+                              f"whose weights then gave a finite step (step {last.progress.step}){why} to {path}; lower "
+                              f"--lr or --cp and {how}", file=sys.stderr)
                 code = 1
                 break
             if ok and step % cfg.save_freq == 0:

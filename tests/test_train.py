@@ -363,13 +363,26 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_too_many_nan_steps_save_the_last_good_state_and_exit_1(tmp_path, monkeypatch, capsys):
+    """The saved state is the newest whose weights then gave a finite step: non-finite steps can come
+    from the weights of the last finite step (a learning rate too high), which no lower --lr repairs.
+    With steps 2 and 3 non-finite and a snapshot every 2 steps, the weights after step 1 gave none, the
+    start's gave step 1: the start is saved; with step 4 finite too, step 2's weights are."""
     inject_nan_at(monkeypatch, {2, 3, 4})
     assert train.main(TINY + run_dirs(tmp_path, "--steps", "6", "--max-bad-steps", "2", "--save-freq", "10")) == 1
-    assert "step 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step 3" in err and "(step 0)" in err
     assert len(losses(tmp_path)) == 3
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000001.pt"]
-    payload = read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000001.pt"))
-    assert (payload["step"], payload["epoch"], payload["batch_index"]) == (1, 0, 1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000000.pt"]
+    payload = read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000000.pt"))
+    assert (payload["step"], payload["epoch"], payload["batch_index"]) == (0, 0, 0)
+    monkeypatch.undo()                                                            # the cause removed: it resumes
+    assert train.main(TINY + run_dirs(tmp_path, "--resume", "auto", "--steps", "6", "--max-bad-steps", "2",
+                                      "--save-freq", "10")) == 0
+    inject_nan_at(monkeypatch, {5, 6, 7})
+    later = tmp_path / "later"
+    assert train.main(TINY + run_dirs(later, "--steps", "9", "--max-bad-steps", "2", "--save-freq", "3")) == 1
+    assert sorted(p.name for p in (later / "checkpoints").iterdir()) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+    assert "--run-name NEW): the newer ckpt_00000003.pt gave no finite step since" in capsys.readouterr().err
 
 
 def test_no_objects_notice_once_after_the_patience_and_only_with_a_background():
