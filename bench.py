@@ -33,7 +33,7 @@ from data import bench_batches
 from engine import TrainStep, make_optimizer
 from fast import SpeedOptions, compile_blocks, compile_frames, set_precision
 from scalor import SCALOR
-from utils import seed_everything
+from utils import Parser, seed_everything
 
 
 def build(cfg: Config, device, args, speed: SpeedOptions):
@@ -180,7 +180,7 @@ def weight_grad_table(speed: SpeedOptions):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--img-size", type=int, default=128)
     p.add_argument("--grid", type=int, default=8)

@@ -94,7 +94,7 @@ from metrics import (OCRB_START_FRAME, OcrbAccumulator, accumulate, aggregate_ta
 from modules import spatial_transform
 import viz
 from scalor import SCALOR
-from utils import (discard_work, interrupted_message, move_into_place, out_folder_problem, pick_device, seed_arg,
+from utils import (Parser, discard_work, interrupted_message, move_into_place, out_folder_problem, pick_device, seed_arg,
                    seed_everything, sigterm_as_interrupt, tau_at, unique_names, work_folder)
 
 MIN_GT_AREA = 5            # ground-truth objects with fewer visible pixels are ignored in a frame
@@ -592,7 +592,7 @@ def summary_table(report: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate a trained SCALOR checkpoint (metrics and exports).",
+    p = Parser(description="Evaluate a trained SCALOR checkpoint (metrics and exports).",
                                 epilog="Also: evaluate.py --aggregate REPORT.json [REPORT.json ...] prints the mean "
                                        "± std of every number over several runs (e.g. training seeds).",
                                 allow_abbrev=False)   # `--trac` must not stand for the --track alias main() dispatches
@@ -724,7 +724,7 @@ REPORT_KEYS = ("step", "reconstruction")   # what every report.json of evaluate.
 
 def aggregate_main(argv) -> int:
     """`--aggregate REPORT.json ...`: mean +- std of every number over several runs (e.g. seeds)."""
-    p = argparse.ArgumentParser(description="Mean and standard deviation of several report.json files.")
+    p = Parser(description="Mean and standard deviation of several report.json files.")
     p.add_argument("--aggregate", nargs="+", required=True, metavar="REPORT", help="report.json files")
     args = p.parse_args(argv)
     missing = [path for path in args.aggregate if not os.path.isfile(path)]

@@ -94,8 +94,8 @@ from evaluate import (MASK_THRESHOLD, MIN_GT_AREA, PRES_THRESHOLD, Objects, accu
                       prediction_entries, summarize, write_tracks)
 from checkpoints import CheckpointError
 from modules import spatial_transform
-from utils import (LOW_TRACKED_SHARE, discard_work, interrupted_message, move_into_place, out_folder_problem, pick_device,
-                   seed_arg, seed_everything, sigterm_as_interrupt, tau_at, unique_names, work_folder)
+from utils import (LOW_TRACKED_SHARE, Parser, discard_work, interrupted_message, move_into_place, out_folder_problem,
+                   pick_device, seed_arg, seed_everything, sigterm_as_interrupt, tau_at, unique_names, work_folder)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 PLACED_PIXELS = 1 << 24     # masks are placed this many pixels (objects x frame pixels) at a time
@@ -646,7 +646,7 @@ def parse_crop(text: str | None) -> Region | None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="track.py", description="Track the objects of whole videos with a trained SCALOR: MOTChallenge tracks "
         "and RLE masks in the video's pixels, one id per object for the whole video.",
         epilog="Options marked 'not in the reference' are inference rules the reference implementation lacks. "
@@ -962,7 +962,7 @@ def ground_truth_file(path, frames: list) -> None:
 def evaluate_alias(argv: list) -> int:
     """`evaluate.py --track --data-dir FRAMES --checkpoint CKPT --out DIR [--gif N] ...`: track.py on
     FRAMES (kept for old command lines; --gif N > 0 becomes --video-out gif for every video)."""
-    p = argparse.ArgumentParser(prog="evaluate.py --track", description="alias of track.py (see python track.py --help)")
+    p = Parser(prog="evaluate.py --track", description="alias of track.py (see python track.py --help)")
     p.add_argument("--track", action="store_true")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--checkpoint", required=True)

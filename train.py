@@ -68,7 +68,7 @@ from engine import TrainStep, make_optimizer
 from fast import SpeedOptions
 from modules import start_background_at
 from scalor import SCALOR
-from utils import LOW_TRACKED_SHARE, lr_at, seed_everything, tau_at, z_pres_prior_at
+from utils import LOW_TRACKED_SHARE, Parser, lr_at, seed_everything, tau_at, z_pres_prior_at
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ from utils import LOW_TRACKED_SHARE, lr_at, seed_everything, tau_at, z_pres_prio
 # ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train SCALOR.", allow_abbrev=False)
+    parser = Parser(description="Train SCALOR.", allow_abbrev=False)
     group = parser.add_argument_group("config (common.Config; only flags given override the defaults, "
                                       "the --small preset or a resumed checkpoint's config)")
     types = typing.get_type_hints(Config)

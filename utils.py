@@ -118,6 +118,14 @@ def unique_names(names: list[str]) -> list[str]:
 # Seeding
 # ------------------------------------------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: the error and where to read the flags, not the usage of
+    every flag (train.py has about a hundred)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def seed_arg(text: str) -> int:
     """argparse type of a --seed: an integer in NumPy's seed range [0, 2**32 - 1], as Config.seed."""
     try:

@@ -39,7 +39,7 @@ from common import ConfigError  # noqa: E402
 import track  # noqa: E402
 from data import DataError, check_preset, load_frame  # noqa: E402
 from scripts.sprite_videos import write_sprite_videos  # noqa: E402
-from utils import discard_work, move_into_place, pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
+from utils import Parser, discard_work, move_into_place, pick_device, seed_arg, seed_everything, tau_at, work_folder  # noqa: E402
 
 SCENE_SEED = 20_000
 
@@ -74,7 +74,7 @@ def internal_scores(model, payload, videos_dir: Path, truths: list, window: int,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="MOTA of track.py's exported files vs the internal scoring.")
+    p = Parser(description="MOTA of track.py's exported files vs the internal scoring.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--preset", default="easy")
     p.add_argument("--num", type=int, default=20, help="videos")

@@ -13,7 +13,6 @@ replaces it); a failed evaluation leaves nothing.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evaluate  # noqa: E402
 from checkpoints import list_checkpoints  # noqa: E402
-from utils import discard_work, move_into_place, out_folder_problem, work_folder  # noqa: E402
+from utils import Parser, discard_work, move_into_place, out_folder_problem, work_folder  # noqa: E402
 
 
 class CurveError(Exception):
@@ -81,7 +80,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description="evaluate.py on a run's checkpoints at given minutes of training.",
+    p = Parser(description="evaluate.py on a run's checkpoints at given minutes of training.",
                                 usage="%(prog)s RUN --out OUT [--minutes 1,2,4,8] [--overwrite] [-- EVALUATE-FLAGS ...]",
                                 epilog="Flags after -- go to every evaluate.py call (e.g. -- --preset spmot --protocol ocrb).")
     p.add_argument("run", help="the run folder (holding checkpoints/ and summary/)")

@@ -7,7 +7,6 @@ The result loads in track.py and evaluate.py like any checkpoint (torch.load(wei
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoints import CheckpointError, SaveError, read_checkpoint, save_checkpoint  # noqa: E402
+from utils import Parser  # noqa: E402
 
 
 def ship(source: str, target: str) -> dict:
@@ -41,7 +41,7 @@ def target_problem(source: str, target: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Strip a checkpoint to config, weights, step and data description.")
+    p = Parser(description="Strip a checkpoint to config, weights, step and data description.")
     p.add_argument("source", help="a checkpoint written by train.py")
     p.add_argument("target", help="the file to write")
     args = p.parse_args(argv)

@@ -12,7 +12,6 @@ arguments print one line and exit with status 2.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DataError, make_sprites, write_to_disk  # noqa: E402
 from evaluate import TEST_SEED, ground_truth_frames  # noqa: E402
 from track import ground_truth_file  # noqa: E402
-from utils import discard_work, move_into_place, out_folder_problem, seed_arg, work_folder  # noqa: E402
+from utils import Parser, discard_work, move_into_place, out_folder_problem, seed_arg, work_folder  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED + 666, index=3)
@@ -62,7 +61,7 @@ def write_demo(folder=DEMO_DIR) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="sprite_videos.py",
+    p = Parser(prog="sprite_videos.py",
                                 description="Write sprite videos (PNG frames) and MOTChallenge ground truth.")
     p.add_argument("out", nargs="?", help="output folder (videos/ and gt/ inside)")
     p.add_argument("--demo", action="store_true", help="(re)write the repository's demo/ folder")

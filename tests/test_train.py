@@ -84,6 +84,12 @@ def test_bool_flags_take_no_value(capsys):
         train.build_parser().parse_args(["--phase-conv-lstm", "False"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: False" in capsys.readouterr().err
+    for flags, message in ((["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+                           (["--recipe", "nope"], "argument --recipe: invalid choice: 'nope'")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.build_parser().parse_args(flags)
+        err = capsys.readouterr().err                        # one line, not the usage of every flag
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err and "--help)" in err
 
 
 def test_small_preset_then_flags_given():
