@@ -336,9 +336,10 @@ def weights_sane(model) -> bool:
     return bool(torch.isfinite(total))
 
 
-def write_checkpoint(run, progress: Progress, snapshot: Snapshot | None = None) -> Path:
+def write_checkpoint(run, progress: Progress, snapshot: Snapshot | None = None, prune: bool = True) -> Path:
     """Write a checkpoint (rank 0), with every process's RNG states; all processes must call it.
-    The weights are the model's now, or those of `snapshot` (whose progress is then `progress`)."""
+    The weights are the model's now, or those of `snapshot` (whose progress is then `progress`). Then
+    only the newest --keep-checkpoints are kept, unless `prune` is off (an older state written last)."""
     path = run.ckpt_dir / f"ckpt_{progress.step:08d}.pt"
     rng_ranks = gather_objects(progress.rng, run.ddp)
     if run.ddp.main:
@@ -347,7 +348,8 @@ def write_checkpoint(run, progress: Progress, snapshot: Snapshot | None = None) 
         save_checkpoint(str(path), run.model, run.optimizer, progress.step, run.cfg, **states, rng=progress.rng,
                         rng_ranks=rng_ranks, world_size=run.ddp.world, epoch=progress.epoch,
                         batch_index=progress.batch_index, bad_steps=progress.bad_steps, data=run.data_desc)
-        prune_checkpoints(run.ckpt_dir, run.keep_checkpoints)
+        if prune:
+            prune_checkpoints(run.ckpt_dir, run.keep_checkpoints)
     return path
 
 

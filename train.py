@@ -598,7 +598,7 @@ def train(run: Run, args) -> int:
             if bad_in_row >= args.max_bad_steps:
                 last = verified or kept          # none verified: no step was finite since the start
                 newer = [p.name for p in list_checkpoints(run.ckpt_dir) if checkpoint_step(p) > last.progress.step]
-                path = write_checkpoint(run, last.progress, last)
+                path = write_checkpoint(run, last.progress, last, prune=not newer)   # not pruned at once
                 why = "" if weights_sane(model) else f" (the weights after step {good.step} had diverged)"
                 if ddp.main:
                     how = (f"resume from it in a new run (--resume {path} --run-name NEW): the newer {newer[0]}"

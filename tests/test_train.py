@@ -387,7 +387,8 @@ def test_too_many_nan_steps_save_the_last_good_state_and_exit_1(tmp_path, monkey
                                       "--save-freq", "10")) == 0
     inject_nan_at(monkeypatch, {4, 5})
     later = tmp_path / "later"
-    assert train.main(TINY + run_dirs(later, "--steps", "9", "--max-bad-steps", "2", "--save-freq", "3")) == 1
+    assert train.main(TINY + run_dirs(later, "--steps", "9", "--max-bad-steps", "2", "--save-freq", "3",
+                                      "--keep-checkpoints", "1")) == 1           # the older one is kept too
     assert sorted(p.name for p in (later / "checkpoints").iterdir()) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
     assert "--run-name NEW): the newer ckpt_00000003.pt gave no finite step since" in capsys.readouterr().err
 
