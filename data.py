@@ -984,17 +984,19 @@ def data_notices(dataset, data_dir) -> list[str]:
 DATASET_KINDS = ("sprites", "grandcentral", "frames")
 
 
-def dataset_kind(kind: str | None, data_dir) -> str:
+def dataset_kind(kind: str | None, data_dir, notice: bool = True) -> str:
     """The kind of dataset to read: `kind` if given; else sprites without a data folder, Grand
-    Central (with a notice) if every frame in it is named by a number, else a folder of frames."""
+    Central (with a notice, unless `notice` is off) if every frame in it is named by a number, else a
+    folder of frames."""
     if kind is not None:
         return kind
     if data_dir is None:
         return "sprites"
     frames = [p for p in list_folder(check_folder(data_dir)) if is_frame_file(p)]
     if frames and all(is_number_name(p.stem) for p in frames):
-        print(f"notice: numbered frames in '{data_dir}' are read as Grand Central (8 crops, every 8th frame "
-              f"unless --frame-skip, the last 10% held out); pass --dataset frames for a video of your own")
+        if notice:
+            print(f"notice: numbered frames in '{data_dir}' are read as Grand Central (8 crops, every 8th frame "
+                  f"unless --frame-skip, the last 10% held out); pass --dataset frames for a video of your own")
         return "grandcentral"
     return "frames"
 

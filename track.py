@@ -855,24 +855,27 @@ def read_mot(path, ground_truth: bool = False) -> dict:
     """{frame (1-based): (ids (n,) int64, xywh (n, 4) float64)} of a MOTChallenge file
     `frame,id,x,y,w,h,conf,...`; ground truth: lines with conf 0 (MOTChallenge's 'ignore') are left out."""
     rows = {}
-    with open(path, encoding="utf-8-sig") as f:     # a byte-order mark at the start is not part of line 1
-        lines = read_text_lines(f, path)
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            values = line.strip().split(",")
-            try:
-                frame, obj_id = int(float(values[0])), int(float(values[1]))
-                box = [float(v) for v in values[2:6]]
-                conf = float(values[6]) if len(values) > 6 else 1.0
-            except (ValueError, IndexError):
-                raise DataError(f"'{path}' line {number} is not a MOTChallenge line frame,id,x,y,w,h,conf,...: "
-                                f"'{line.strip()[:60]}'") from None
-            if len(box) < 4 or frame < 1:
-                raise DataError(f"'{path}' line {number}: need frame >= 1 and four box values")
-            if ground_truth and conf == 0:
-                continue
-            rows.setdefault(frame, []).append((obj_id, box))
+    try:
+        with open(path, encoding="utf-8-sig") as f:     # a byte-order mark at the start is not part of line 1
+            lines = read_text_lines(f, path)
+    except OSError as e:
+        raise DataError(f"cannot read '{path}' ({e.strerror or type(e).__name__}): make it readable") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        values = line.strip().split(",")
+        try:
+            frame, obj_id = int(float(values[0])), int(float(values[1]))
+            box = [float(v) for v in values[2:6]]
+            conf = float(values[6]) if len(values) > 6 else 1.0
+        except (ValueError, IndexError):
+            raise DataError(f"'{path}' line {number} is not a MOTChallenge line frame,id,x,y,w,h,conf,...: "
+                            f"'{line.strip()[:60]}'") from None
+        if len(box) < 4 or frame < 1:
+            raise DataError(f"'{path}' line {number}: need frame >= 1 and four box values")
+        if ground_truth and conf == 0:
+            continue
+        rows.setdefault(frame, []).append((obj_id, box))
     return {t: (np.array([i for i, _ in r], dtype=np.int64), np.array([b for _, b in r], dtype=np.float64))
             for t, r in rows.items()}
 

@@ -285,13 +285,10 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     if args.cuda_graph and ddp.world > 1:
         raise ConfigError("--cuda-graph works in single-process runs only: drop it under torchrun")
     device = pick_device(args.device, ddp, small=args.small or args.recipe is not None or args.resume is not None)
-    kind = dataset_kind(args.dataset, args.data_dir)
-    if args.preset is not None and kind != "sprites" and ddp.main:
-        print(f"notice: --preset applies only to the built-in sprite scenes; ignored with --dataset {kind}")
     named = args.resume not in (None, "auto")          # --resume FILE: read first, its data names the run
     path = Path(args.resume) if named else None
     payload = read_checkpoint(str(path)) if named else None
-    kind, data_dir, frame_skip = run_data(args, kind, payload)
+    kind, data_dir, frame_skip = run_data(args, payload, notice=args.resume != "auto")   # auto: again below
     run_name = args.run_name or default_run_name(args, kind, data_dir, sprite_flags(args, kind, payload)[0])
     ckpt_dir = Path(args.ckpt_dir or Path("runs") / run_name / "checkpoints")
     summary_dir = Path(args.summary_dir or Path("runs") / run_name / "summary")
@@ -302,7 +299,10 @@ def setup(args, ddp: Dist = Dist()) -> Run:
     if not named:
         path = resume_path(args.resume, ckpt_dir)
         payload = read_checkpoint(str(path)) if path is not None else None
-        kind, data_dir, frame_skip = run_data(args, kind, payload)
+        if args.resume == "auto":
+            kind, data_dir, frame_skip = run_data(args, payload)
+    if args.preset is not None and kind != "sprites" and ddp.main:
+        print(f"notice: --preset applies only to the built-in sprite scenes; ignored with --dataset {kind}")
     if payload is not None and args.small:
         print("notice: resuming, so the config comes from the checkpoint (flags given override it; --small is ignored)")
     cfg = make_config(args, payload["config"] if payload else None)
@@ -354,6 +354,8 @@ def sprite_flags(args, kind: str, payload) -> tuple[str, int | None]:
     else the easy preset at its own size."""
     trained = payload.get("data", {}) if payload else {}
     same = kind == "sprites" and trained.get("dataset") == "sprites"
+    if kind != "sprites":                               # neither is used: recorded as every such run has them
+        return "easy", None
     preset = args.preset or (trained.get("preset") if same else None) or "easy"
     num = args.num_sprite_sequences
     if num is None and same and preset == trained.get("preset"):
@@ -361,19 +363,22 @@ def sprite_flags(args, kind: str, payload) -> tuple[str, int | None]:
     return preset, num
 
 
-def run_data(args, kind: str, payload) -> tuple[str, str | None, int | None]:
-    """(dataset kind, data folder, frame skip) to train on: as the flags give them; where a resumed run's
-    flags leave them out, as its checkpoint records them, so that resuming trains on the same data: with
-    neither --dataset nor --data-dir, the checkpoint's frames; with its --data-dir, its kind (the file
-    names alone may suggest another); without --frame-skip, its frame skip for the same kind of data."""
+def run_data(args, payload, notice: bool = True) -> tuple[str, str | None, int | None]:
+    """(dataset kind, data folder, frame skip) to train on: as the flags give them (`data.dataset_kind`,
+    its notice unless `notice` is off); where a resumed run's flags leave them out, as its checkpoint
+    records them, so that resuming trains on the same data: with no data flag at all (--dataset,
+    --data-dir, --preset, --num-sprite-sequences), the checkpoint's frames; with its --data-dir, its kind
+    (the file names alone may suggest another); without --frame-skip, its frame skip for the same kind."""
     trained = payload.get("data") if payload is not None and isinstance(payload.get("data"), dict) else {}
-    data_dir, frame_skip = args.data_dir, args.frame_skip
+    kind, data_dir, frame_skip = args.dataset, args.data_dir, args.frame_skip
     trained_kind, trained_dir = trained.get("dataset"), trained.get("data_dir")
-    if args.dataset is None and trained_kind in ("frames", "grandcentral") and trained_dir:
+    sprites_asked = args.preset is not None or args.num_sprite_sequences is not None
+    if kind is None and trained_kind in ("frames", "grandcentral") and trained_dir and not sprites_asked:
         if data_dir is None:
             kind, data_dir = trained_kind, trained_dir
         elif os.path.realpath(data_dir) == os.path.realpath(trained_dir):
             kind = trained_kind
+    kind = dataset_kind(kind, data_dir, notice)
     if frame_skip is None and trained_kind == kind:
         frame_skip = trained.get("frame_skip")
     return kind, data_dir, frame_skip
@@ -506,7 +511,7 @@ def train(run: Run, args) -> int:
     data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin, ddp)
     good = run.start if run.start.rng else dataclasses.replace(run.start, rng=rng_state())
     step, bad_steps, bad_in_row, saved_at = good.step, good.bad_steps, 0, good.step
-    # CPU copies of the state, taken at the start and at the finite logging steps (every print_freq) whose
+    # CPU copies of the state, taken at the start and at the finite logging and checkpoint steps whose
     # weights pass weights_sane: `kept`, the newest, and `verified`, the newest whose weights then gave a
     # finite step. A run that gives up on non-finite steps saves `verified`: the weights of its last finite
     # step may be what makes every later step non-finite.
@@ -601,17 +606,21 @@ def train(run: Run, args) -> int:
                 path = write_checkpoint(run, last.progress, last, prune=not newer)   # not pruned at once
                 why = "" if weights_sane(model) else f" (the weights after step {good.step} had diverged)"
                 if ddp.main:
-                    how = (f"resume from it in a new run (--resume {path} --run-name NEW): the newer {newer[0]}"
-                           f"{' ...' if len(newer) > 1 else ''} gave no finite step since") if newer else "resume from it"
-                    bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved the newest state "
-                              f"whose weights then gave a finite step (step {last.progress.step}){why} to {path}; lower "
-                              f"--lr or --cp and {how}", file=sys.stderr)
+                    what = "the newest state whose weights then gave a finite step" if verified else \
+                        "the state it started from (no step since was finite)"
+                    how = (f"resume from it as a new run (--resume {path} with another --run-name, or --ckpt-dir "
+                           f"and --summary-dir): the newer {newer[0]}{' ...' if len(newer) > 1 else ''} gave no "
+                           f"finite step") if newer else "resume from it"
+                    bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved {what} (step "
+                              f"{last.progress.step}){why} to {path}; lower --lr or --cp and {how}", file=sys.stderr)
                 code = 1
                 break
             if ok and step % cfg.save_freq == 0:
                 if weights_sane(model):
                     write_checkpoint(run, good)
                     saved_at = step
+                    if kept.progress.step != step:  # no checkpoint newer than `kept`: see the give-up above
+                        kept = take_snapshot(run, good)
                 elif ddp.main:
                     bar.write(f"step {step}: the weights have diverged (beyond ~1e19); no checkpoint written")
             if stop_any > 0:

@@ -228,7 +228,12 @@ def test_resume_keeps_the_frames_it_was_trained_on(tmp_path, capsys):
         run = train.setup(train.build_parser().parse_args(flags + run_dirs(run_folder, "--resume", "auto", *given)))
         run.release()
         assert {k: run.data_desc[k] for k in trained} == trained and run.start.step == 2
-        assert "the data position will not match" not in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "the data position will not match" not in out and "read as Grand Central" not in out
+    run = train.setup(train.build_parser().parse_args(flags + run_dirs(run_folder, "--resume", "auto", "--preset",
+                                                                       "few")))    # asks for sprites: given wins
+    run.release()
+    assert (run.data_desc["dataset"], run.data_desc["preset"]) == ("sprites", "few")
     elsewhere = tmp_path / "other"                                    # another run's folder: not mixed into
     assert train.main(flags + run_dirs(elsewhere, "--steps", "1")) == 0
     assert train.main(flags + run_dirs(elsewhere, "--resume", str(run_folder / "checkpoints" / "ckpt_00000002.pt"),
@@ -382,6 +387,10 @@ def test_too_many_nan_steps_save_the_last_good_state_and_exit_1(tmp_path, monkey
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000000.pt"]
     payload = read_checkpoint(str(tmp_path / "checkpoints" / "ckpt_00000000.pt"))
     assert (payload["step"], payload["epoch"], payload["batch_index"]) == (0, 0, 0)
+    monkeypatch.undo()
+    inject_nan_at(monkeypatch, {1, 2})                                            # no finite step at all
+    assert train.main(TINY + run_dirs(tmp_path / "never", "--steps", "3", "--max-bad-steps", "2")) == 1
+    assert "saved the state it started from (no step since was finite) (step 0)" in capsys.readouterr().err
     monkeypatch.undo()                                                            # the cause removed: it resumes
     assert train.main(TINY + run_dirs(tmp_path, "--resume", "auto", "--steps", "2", "--max-bad-steps", "2",
                                       "--save-freq", "10")) == 0
@@ -390,7 +399,8 @@ def test_too_many_nan_steps_save_the_last_good_state_and_exit_1(tmp_path, monkey
     assert train.main(TINY + run_dirs(later, "--steps", "9", "--max-bad-steps", "2", "--save-freq", "3",
                                       "--keep-checkpoints", "1")) == 1           # the older one is kept too
     assert sorted(p.name for p in (later / "checkpoints").iterdir()) == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
-    assert "--run-name NEW): the newer ckpt_00000003.pt gave no finite step since" in capsys.readouterr().err
+    assert "another --run-name, or --ckpt-dir and --summary-dir): the newer ckpt_00000003.pt gave no finite step" \
+        in capsys.readouterr().err
 
 
 def test_no_objects_notice_once_after_the_patience_and_only_with_a_background():
