@@ -375,6 +375,9 @@ def run_data(args, payload, notice: bool = True) -> tuple[str, str | None, int |
     sprites_asked = args.preset is not None or args.num_sprite_sequences is not None
     if kind is None and trained_kind in ("frames", "grandcentral") and trained_dir and not sprites_asked:
         if data_dir is None:
+            if not os.path.isdir(trained_dir):
+                raise DataError(f"the checkpoint was trained on '{trained_dir}' ({trained_kind}), which is not a "
+                                f"folder here: pass --data-dir (a relative path counts from where train.py runs)")
             kind, data_dir = trained_kind, trained_dir
         elif os.path.realpath(data_dir) == os.path.realpath(trained_dir):
             kind = trained_kind

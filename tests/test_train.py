@@ -240,6 +240,9 @@ def test_resume_keeps_the_frames_it_was_trained_on(tmp_path, capsys):
                                        "--steps", "3")) == 2
     assert "holds the checkpoints of another run" in capsys.readouterr().err
     assert sorted(p.name for p in (elsewhere / "checkpoints").iterdir()) == ["ckpt_00000001.pt"]
+    folder.rename(tmp_path / "moved")                                 # the recorded folder is gone: said so
+    assert train.main(flags + run_dirs(run_folder, "--resume", "auto", "--steps", "3")) == 2
+    assert f"the checkpoint was trained on '{folder}' (frames), which is not a folder here" in capsys.readouterr().err
 
 
 def test_resuming_the_shipped_checkpoint_says_why_the_random_streams_restart(tmp_path, capsys, monkeypatch):
