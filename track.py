@@ -857,9 +857,11 @@ def read_mot(path, ground_truth: bool = False) -> dict:
     rows = {}
     try:
         with open(path, encoding="utf-8-sig") as f:     # a byte-order mark at the start is not part of line 1
-            lines = read_text_lines(f, path)
+            lines = f.readlines()
     except OSError as e:
         raise DataError(f"cannot read '{path}' ({e.strerror or type(e).__name__}): make it readable") from None
+    except UnicodeDecodeError:
+        raise DataError(f"'{path}' is not a UTF-8 text file: pass MOTChallenge .txt files") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -878,14 +880,6 @@ def read_mot(path, ground_truth: bool = False) -> dict:
         rows.setdefault(frame, []).append((obj_id, box))
     return {t: (np.array([i for i, _ in r], dtype=np.int64), np.array([b for _, b in r], dtype=np.float64))
             for t, r in rows.items()}
-
-
-def read_text_lines(f, path) -> list:
-    """The lines of an open text file; DataError (one line) when it is not UTF-8 text."""
-    try:
-        return f.readlines()
-    except UnicodeDecodeError:
-        raise DataError(f"'{path}' is not a UTF-8 text file: pass MOTChallenge .txt files") from None
 
 
 def check_ground_truth(gt_dir: str, names: list) -> None:

@@ -172,6 +172,11 @@ def out_folder_problem(out: str, overwrite: bool, inputs: list = (), name: str =
     return None
 
 
+def unwritable_out(out: str, err: OSError, name: str = "--out") -> str:
+    """The one-line error of an output folder `out` that could not be made (`work_folder` raised `err`)."""
+    return f"cannot write {name} '{out}' ({err.strerror or type(err).__name__}): pass an {name} in a writable folder"
+
+
 @contextmanager
 def sigterm_as_interrupt():
     """Within: SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a tool's clean-up runs before it stops

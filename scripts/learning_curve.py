@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evaluate  # noqa: E402
 from checkpoints import list_checkpoints  # noqa: E402
-from utils import Parser, discard_work, move_into_place, out_folder_problem, work_folder  # noqa: E402
+from utils import Parser, discard_work, move_into_place, out_folder_problem, unwritable_out, work_folder  # noqa: E402
 
 
 class CurveError(Exception):
@@ -104,8 +104,7 @@ def main(argv=None) -> int:
         try:
             work, made = work_folder(args.out)
         except OSError as e:
-            raise CurveError(f"cannot write --out '{args.out}' ({e.strerror or type(e).__name__}): pass an --out "
-                             f"in a writable folder") from None
+            raise CurveError(unwritable_out(args.out, e)) from None
     except CurveError as e:
         print(f"learning_curve.py: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoints import CheckpointError, SaveError, read_checkpoint, save_checkpoint  # noqa: E402
-from utils import Parser  # noqa: E402
+from utils import Parser, missing_parents  # noqa: E402
 
 
 def ship(source: str, target: str) -> dict:
@@ -32,9 +32,8 @@ def target_problem(source: str, target: str) -> str | None:
         return f"the target '{target}' is the source: its optimizer and random states would be lost; pass another file"
     if os.path.isdir(target):
         return f"the target '{target}' is a folder: pass a file name, e.g. {os.path.join(target, 'model.pt')}"
-    parent = os.path.dirname(os.path.abspath(target))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    missing = missing_parents(target)                   # the nearest folder above that exists, or a file
+    parent = os.path.dirname(missing[0] if missing else os.path.abspath(target))
     if not os.path.isdir(parent):
         return f"the target '{target}' lies under '{parent}', which is a file: pass a path in a folder"
     return None

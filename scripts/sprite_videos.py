@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DataError, make_sprites, write_to_disk  # noqa: E402
 from evaluate import TEST_SEED, ground_truth_frames  # noqa: E402
 from track import ground_truth_file  # noqa: E402
-from utils import Parser, discard_work, move_into_place, out_folder_problem, seed_arg, work_folder  # noqa: E402
+from utils import (Parser, discard_work, move_into_place, out_folder_problem, seed_arg, unwritable_out,  # noqa: E402
+                   work_folder)
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED + 666, index=3)
@@ -85,8 +86,7 @@ def main(argv=None) -> int:
     try:
         work, made = work_folder(args.out)
     except OSError as e:
-        print(f"sprite_videos.py: error: cannot write OUT '{args.out}' ({e.strerror or type(e).__name__}): pass an "
-              f"OUT in a writable folder", file=sys.stderr)
+        print(f"sprite_videos.py: error: {unwritable_out(args.out, e, 'OUT')}", file=sys.stderr)
         return 2
     try:
         written = write_sprite_videos(work, args.preset, args.num, args.length, args.size, args.seed)
