@@ -488,6 +488,48 @@ def install_stop_handlers():
     return stop, previous
 
 
+def open_logs(run: Run):
+    """(TensorBoard writer, losses.jsonl file) of the run's summary folder (made, checked and locked by
+    setup). Events and losses of steps after the start (a killed run's, or a fresh start's predecessor
+    killed before its first checkpoint) are dropped: purge_step for TensorBoard."""
+    writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else 0)
+    if not run.resumed:
+        writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in run.cfg.to_dict().items()), 0)
+    return writer, open_loss_log(run.summary_dir, run.start.step, run.resumed)
+
+
+def announce(run: Run, step: int) -> None:
+    """The run's first line: parameters, device, data, steps, checkpoint folder, speed options."""
+    world = run.ddp.world
+    print(f"training {sum(p.numel() for p in run.model.parameters()):,} parameters on {run.device}"
+          f"{f' x {world} processes' if world > 1 else ''}, {run.data_desc['dataset']} "
+          f"({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, checkpoints in {run.ckpt_dir}; "
+          f"speed: {run.speed.describe(run.device)}",
+          flush=True)
+    if run.speed.compile:
+        print("notice: --compile: on a cold cache the first steps compile first (cached for later runs), "
+              "and a few graphs again once at the schedule's switches", flush=True)
+
+
+def give_up(run: Run, kept, verified, good: Progress, step: int, bad_in_row: int, bar) -> None:
+    """After too many non-finite steps in a row: save `verified` (the newest snapshot whose weights then
+    gave a finite step), else `kept` (the start's: no step since was finite), not pruned at once when
+    newer checkpoints lie beside it, and say so on stderr (rank 0)."""
+    last = verified or kept
+    newer = [p.name for p in list_checkpoints(run.ckpt_dir) if checkpoint_step(p) > last.progress.step]
+    path = write_checkpoint(run, last.progress, last, prune=not newer)
+    if not run.ddp.main:
+        return
+    why = "" if weights_sane(run.model) else f" (the weights after step {good.step} had diverged)"
+    what = "the newest state whose weights then gave a finite step" if verified else \
+        "the state it started from (no step since was finite)"
+    how = (f"resume from it as a new run (--resume {path} with another --run-name, or --ckpt-dir "
+           f"and --summary-dir): the newer {newer[0]}{' ...' if len(newer) > 1 else ''} gave no "
+           f"finite step") if newer else "resume from it"
+    bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved {what} (step "
+              f"{last.progress.step}){why} to {path}; lower --lr or --cp and {how}", file=sys.stderr)
+
+
 def train(run: Run, args) -> int:
     """Train from run.start to run.total_steps; returns the exit code.
 
@@ -501,14 +543,7 @@ def train(run: Run, args) -> int:
         forward = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     speed = run.speed
     step_fn = TrainStep(model, run.optimizer, precision=speed.precision, cuda_graph=speed.cuda_graph, forward=forward)
-    writer = losses = None
-    if ddp.main:   # the folders were made, checked and locked by setup
-        # events and losses of steps after the start (a killed run's, or a fresh start's predecessor
-        # killed before its first checkpoint) are dropped: purge_step for TensorBoard
-        writer = SummaryWriter(str(run.summary_dir), purge_step=run.start.step + 1 if run.resumed else 0)
-        if not run.resumed:
-            writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in cfg.to_dict().items()), 0)
-        losses = open_loss_log(run.summary_dir, run.start.step, run.resumed)
+    writer, losses = open_logs(run) if ddp.main else (None, None)
     stop, previous = install_stop_handlers()
     pin = run.device.type == "cuda"
     data = batches(run.dataset, cfg, run.start.epoch, run.start.batch_index, args.workers, pin, ddp)
@@ -524,14 +559,7 @@ def train(run: Run, args) -> int:
     deadline = started + 60 * args.max_minutes if args.max_minutes else math.inf
     time_share = 0.0                            # the share of --max-minutes used, agreed after each step
     if ddp.main:
-        print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {run.device}"
-              f"{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {run.data_desc['dataset']} "
-              f"({len(run.dataset)} sequences), steps {step + 1}..{run.total_steps}, checkpoints in {run.ckpt_dir}; "
-              f"speed: {run.speed.describe(run.device)}",
-              flush=True)
-        if speed.compile:
-            print("notice: --compile: on a cold cache the first steps compile first (cached for later runs), "
-                  "and a few graphs again once at the schedule's switches", flush=True)
+        announce(run, step)
     recent = collections.deque(maxlen=50)       # the last 50 steps' losses, for the progress bar
     last_with_objects = step                    # the last step whose batch kept any object
     last_tracking, told_tracking = step, False  # the last log whose objects were tracked across frames
@@ -604,18 +632,7 @@ def train(run: Run, args) -> int:
                 bar.write(notice)
 
             if bad_in_row >= args.max_bad_steps:
-                last = verified or kept          # none verified: no step was finite since the start
-                newer = [p.name for p in list_checkpoints(run.ckpt_dir) if checkpoint_step(p) > last.progress.step]
-                path = write_checkpoint(run, last.progress, last, prune=not newer)   # not pruned at once
-                why = "" if weights_sane(model) else f" (the weights after step {good.step} had diverged)"
-                if ddp.main:
-                    what = "the newest state whose weights then gave a finite step" if verified else \
-                        "the state it started from (no step since was finite)"
-                    how = (f"resume from it as a new run (--resume {path} with another --run-name, or --ckpt-dir "
-                           f"and --summary-dir): the newer {newer[0]}{' ...' if len(newer) > 1 else ''} gave no "
-                           f"finite step") if newer else "resume from it"
-                    bar.write(f"error: step {step}: {bad_in_row} non-finite steps in a row; saved {what} (step "
-                              f"{last.progress.step}){why} to {path}; lower --lr or --cp and {how}", file=sys.stderr)
+                give_up(run, kept, verified, good, step, bad_in_row, bar)
                 code = 1
                 break
             if ok and step % cfg.save_freq == 0:
