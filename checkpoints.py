@@ -203,7 +203,7 @@ def mismatch_message(path: str, own: dict, state: dict) -> str:
 
 def load_model_state(model, payload: dict, path: str = "checkpoint", allow_partial: bool = False) -> None:
     """Load weights strictly: a config or key mismatch names what differs; never a silent partial load.
-    CheckpointError (one line) when the weights do not fit the model."""
+    CheckpointError (one line) when the weights do not fit the model or are not finite."""
     diff = model.cfg.diff(payload["config"])
     arch = {k: v for k, v in diff.items() if k in ARCHITECTURE_FIELDS}
     if arch and not allow_partial:
@@ -221,6 +221,8 @@ def load_model_state(model, payload: dict, path: str = "checkpoint", allow_parti
     except RuntimeError as err:   # keys and shapes fit: e.g. a tensor that cannot be copied
         raise CheckpointError(f"'{path}' does not load into this model ({type(err).__name__}): pass a checkpoint "
                               f"written by this code's train.py, or train anew") from None
+    if not weights_sane(model):
+        raise CheckpointError(f"'{path}' holds non-finite or diverged weights: pass an earlier checkpoint of the run")
     if allow_partial and (result.missing_keys or result.unexpected_keys or mismatched):
         print(f"partial load from {path}: {len(mismatched)} tensors of another shape and "
               f"{len(result.missing_keys) - len(mismatched)} missing keys left as initialised, "

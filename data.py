@@ -281,9 +281,9 @@ class GrandCentral(Dataset):
         self.frame_size = sizes[0]  # (width, height)
         self.boxes = grand_central_boxes(self.frame_size[1], crop_size)
         for box in self.boxes:
-            check_box_fits(self.folder, box, self.frame_size, "pass a smaller "
+            check_box_fits(self.folder, box, self.frame_size, "train with a smaller "
                            "--train-station-cropping-origin (the reference uses 240 for 720x480 frames), "
-                           "or --dataset frames if these are not Grand Central frames")
+                           "or pass --dataset frames if these are not Grand Central frames")
         self.paths = self.split_paths(paths)
         self.num_starts = len(self.paths) - (seq_len * frame_skip - 1)
         self.num_data = self.num_starts if train else self.num_starts // seq_len
@@ -387,7 +387,7 @@ class FrameFolder(Dataset):
                 raise DataError(f"every frame in '{self.folder}' is unreadable ({self.num_skipped} skipped by "
                                 f"--skip-bad-frames): replace them with readable images")
             span = (seq_len - 1) * frame_skip + 1
-            raise DataError(f"'{self.folder}' holds at most {longest} frames per video but one sequence "
+            raise DataError(f"'{self.folder}' holds at most {longest} frame{'s' * (longest != 1)} per video but one sequence "
                             f"needs {span} (--seq-len {seq_len}, --frame-skip {frame_skip}): add frames "
                             f"or lower --seq-len or --frame-skip")
 
@@ -1014,8 +1014,8 @@ def build_dataset(kind: str, cfg, *, train: bool, data_dir=None, preset: str = "
                             num_sequences=num_sequences, seed=seed)
     if kind == "grandcentral":
         if cfg.img_h != cfg.img_w:
-            raise DataError(f"Grand Central's crops are square but the frames are {cfg.img_h}x{cfg.img_w}: set "
-                            f"--img-h and --img-w equal, or pass --dataset frames to read the whole frames")
+            raise DataError(f"Grand Central's crops are square but the frames are {cfg.img_h}x{cfg.img_w}: train "
+                            f"with --img-h equal to --img-w, or pass --dataset frames to read the whole frames")
         dataset = GrandCentral(data_dir, cfg.img_h, cfg.img_w, cfg.seq_len, train=train,
                                frame_skip=8 if frame_skip is None else frame_skip,
                                crop_size=cfg.train_station_cropping_origin, skip_bad_frames=skip_bad_frames)

@@ -213,12 +213,14 @@ def ground_truth_frames(gt: dict, min_area: int = MIN_GT_AREA) -> list:
 # Exports
 # ------------------------------------------------------------------------------------------------
 
-def write_tracks(path: str, frames: list) -> None:
-    """MOTChallenge layout, one line per object: frame (1-based), id, x, y, w, h, conf, -1, -1, -1."""
+def write_tracks(path: str, frames: list, numbers: list | None = None) -> None:
+    """MOTChallenge layout, one line per object: frame (1-based: `numbers`, else 1..N), id, x, y, w, h,
+    conf, -1, -1, -1."""
     with open(path, "w") as f:
         for t, obj in enumerate(frames):
+            number = numbers[t] if numbers is not None else t + 1
             for obj_id, (x, y, w, h), conf in zip(obj.ids.tolist(), obj.xywh.tolist(), obj.conf.tolist()):
-                f.write(f"{t + 1},{obj_id},{x:.2f},{y:.2f},{w:.2f},{h:.2f},{conf:.4f},-1,-1,-1\n")
+                f.write(f"{number},{obj_id},{x:.2f},{y:.2f},{w:.2f},{h:.2f},{conf:.4f},-1,-1,-1\n")
 
 
 def prediction_entries(frames: list) -> list:
@@ -633,9 +635,13 @@ def parse_args(argv):
                    help="ocrb: also score tracking as the object-centric representation benchmark does (argmax masks, "
                         "mask IoU >= 0.5, masks of > 5 pixels, frames from --ocrb-start-frame on, pooled over all "
                         "sequences, percent; report.json 'tracking_ocrb')")
-    p.add_argument("--ocrb-start-frame", type=int, default=OCRB_START_FRAME,
+    p.add_argument("--ocrb-start-frame", type=int, default=None,
                    help=f"first frame (0-based) OCRB scores [{OCRB_START_FRAME}, its eval_mot.py default]")
     args = p.parse_args(argv)
+    if args.ocrb_start_frame is not None and args.protocol != "ocrb":
+        raise EvalError("--ocrb-start-frame is used with --protocol ocrb only: drop it or add --protocol ocrb")
+    if args.ocrb_start_frame is None:
+        args.ocrb_start_frame = OCRB_START_FRAME
     for name in ("num_sequences", "seq_len", "batch_size", "frame_skip"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -720,12 +726,15 @@ def write_outputs(tally: Tally, args, cfg, step: int, tau: float) -> dict | None
 
 
 REPORT_KEYS = ("step", "reconstruction")   # what every report.json of evaluate.py holds
+# what --aggregate needs equal in every report: the test set
+TEST_SET_KEYS = ("dataset", "preset", "data_dir", "frame_skip", "num_sequences", "seq_len", "image_size")
 
 
 def aggregate_main(argv) -> int:
     """`--aggregate REPORT.json ...`: mean +- std of every number over several runs (e.g. seeds)."""
     p = Parser(description="Mean and standard deviation of several report.json files.")
-    p.add_argument("--aggregate", nargs="+", required=True, metavar="REPORT", help="report.json files")
+    p.add_argument("--aggregate", nargs="+", required=True, metavar="REPORT",
+                   help="report.json files of runs evaluated on the same test set")
     args = p.parse_args(argv)
     missing = [path for path in args.aggregate if not os.path.isfile(path)]
     if missing:
@@ -744,6 +753,14 @@ def aggregate_main(argv) -> int:
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             print(f"evaluate.py: error: '{path}' is not a report.json ({one_line(e)}): pass report.json files "
                   f"written by evaluate.py", file=sys.stderr)
+            return 2
+    for key in TEST_SET_KEYS:
+        values = [report.get(key) for report in reports]
+        if any(v != values[0] for v in values):
+            other = next(i for i, v in enumerate(values) if v != values[0])
+            print(f"evaluate.py: error: the reports were evaluated on different data ({key} {values[0]!r} in "
+                  f"'{args.aggregate[0]}', {values[other]!r} in '{args.aggregate[other]}'): aggregate runs "
+                  f"evaluated on the same test set", file=sys.stderr)
             return 2
     try:
         print(aggregate_table(reports))

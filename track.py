@@ -39,7 +39,8 @@ pixels is not written; `--masks alpha` writes each object's own thresholded alph
 Written per video <name> (names from the folder or file, made unique) into --out:
 
 - `<name>.txt`: MOTChallenge lines `frame,id,x,y,w,h,conf,-1,-1,-1`, frame 1..N over the whole
-  video, (x, y, w, h) in the video's pixels, conf = z_pres. The box is the tight box of the
+  video (a frame dropped by --skip-bad-frames leaves its number unused), (x, y, w, h) in the video's
+  pixels, conf = z_pres. The box is the tight box of the
   object's mask (whole pixels, `--box tight`, the default) or its glimpse box z_where (`--box glimpse`).
   Ids count 1, 2, ... in order of first appearance (`renumbered`: the model numbers every object it
   draws, those below the threshold too).
@@ -103,6 +104,7 @@ DEFAULT_OUT_FPS = 10.0      # --video-out frame rate for folders of frames
 VIDEO_MIN_SIDE = 256        # --video-out upscales (nearest) small videos to at least this many pixels a side
 CUT_OFF_SHARE = 0.9         # a video file decoding to fewer than this share of the frames its header announces is named
 DUPLICATE_IOU = 0.5         # --duplicate-iou: mask IoU from which a younger track is a duplicate of an older one
+MAX_MOT_FRAME = 10_000_000   # a MOTChallenge line's frame number above this is refused (a typo, not a video)
 COLOUR_MARGIN = 0.5         # --masks visible: a colour error (squared RGB distance) within this of the best counts as a match
 MASK_READINGS = ("visible", "alpha")   # --masks: the pixels where each object shows, or its own alpha > 0.5
 
@@ -125,6 +127,9 @@ class Source:
     frames: list | None = None      # frame files, in order
     num_frames: int | None = None   # exact for folders; an estimate (or None) for video files
     fps: float | None = None
+    numbers: list | None = None     # frames' 1-based numbers in the folder, gaps where --skip-bad-frames dropped
+                                    # one (None: 1..N)
+    length: int | None = None       # a folder's frames, dropped ones included (None: a video file)
 
     def read(self):
         """The frames in order as RGB PIL images, one at a time; DataError if one is corrupt."""
@@ -198,14 +203,19 @@ def probe_video_file(path: Path, name: str) -> Source:
 
 def frames_source(folder: Path, paths: list, name: str, skip_bad_frames: bool) -> Source:
     """A Source of a folder of frames, after the header checks data.py makes (size, completeness)."""
-    paths, sizes, skipped = check_frames(paths, skip_bad_frames)
+    good, sizes, skipped = check_frames(paths, skip_bad_frames)
     if skipped:
-        print(f"notice: skipped {skipped} unreadable frames in '{folder}'")
-    if not paths:
+        print(f"notice: skipped {skipped} unreadable frames in '{folder}' (their frame numbers "
+              f"stay unused in the tracks)")
+    if not good:
         raise DataError(f"every frame in '{folder}' is unreadable: check the files")
-    check_same_size(folder, paths, sizes)
-    return Source(path=folder, name=name, width=sizes[0][0], height=sizes[0][1], frames=paths,
-                  num_frames=len(paths))
+    check_same_size(folder, good, sizes)
+    numbers = None
+    if skipped:
+        position = {path: number for number, path in enumerate(paths, 1)}
+        numbers = [position[path] for path in good]
+    return Source(path=folder, name=name, width=sizes[0][0], height=sizes[0][1], frames=good,
+                  num_frames=len(good), numbers=numbers, length=len(paths))
 
 
 def is_video_file(path: Path) -> bool:
@@ -588,7 +598,7 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
                                                          source.height, previous=previous,
                                                          shared_iou=opts.duplicate_iou)
                 objects = renumbered(objects, numbers)
-                masks.add(len(frames), objects)
+                masks.add(frame_number(source, len(frames)) - 1, objects)
                 frames.append(boxed(objects, opts.box))
                 if video is not None:
                     video.add(image, frames[-1])
@@ -597,13 +607,19 @@ def track_video(model, source: Source, name: str, out_dir: str, opts, step: int,
         masks.close()
         if video is not None:
             video.close()
-    write_tracks(os.path.join(out_dir, f"{name}.txt"), frames)
+    write_tracks(os.path.join(out_dir, f"{name}.txt"), frames,
+                 [frame_number(source, t) for t in range(len(frames))])
     ids = sorted({int(i) for f in frames for i in f.ids})
     detections = [len(f.ids) for f in frames]
     return {"source": str(source.path), "width": source.width, "height": source.height, "frames": len(frames),
             "frames_announced": source.num_frames if source.frames is None else None,
             "detections": sum(detections), "objects": len(ids), "detections_after_first_frame": sum(detections[1:]),
             "continued_detections": continued_detections(frames)}
+
+
+def frame_number(source: Source, t: int) -> int:
+    """The 1-based MOTChallenge number of the video's t-th frame read (0-based)."""
+    return source.numbers[t] if source.numbers is not None else t + 1
 
 
 def cut_off_notice(video: dict) -> str | None:
@@ -696,7 +712,8 @@ def parse_args(argv):
                    help="score the tracks against MOTChallenge ground truth GT_DIR/<name>.txt (writes score.json); "
                         "without VIDEO: score the tracks already in --out")
     p.add_argument("--skip-bad-frames", action="store_true",
-                   help="drop unreadable frames of frame folders (found by the header check) instead of stopping")
+                   help="drop unreadable frames of frame folders (each decoded first) instead of stopping; their "
+                        "frame numbers stay unused in the tracks")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the model's sampling (set again for every video)")
     args = p.parse_args(argv)
@@ -751,7 +768,7 @@ def prepare(argv):
         raise TrackError(f"--score '{args.score}' holds no ground truth for these videos: it needs <name>.txt files "
                          f"named as the tracks ({', '.join(n + '.txt' for n in names[:3])}{', ...' if len(names) > 3 else ''})")
     if args.score is not None:
-        check_ground_truth(args.score, names)
+        check_ground_truth(args.score, names, {n: s.length for n, s in zip(names, sources) if s.length is not None})
     return args, model.to(device), payload, sources, names, device
 
 
@@ -765,7 +782,7 @@ def data_notice(payload, args) -> str | None:
         return ("notice: this model was trained on square crops of Grand Central frames; the whole frame is "
                 "resized to the model's input: pass --crop X,Y,W,H (e.g. --crop 240,240,240,240) to track a square region")
     if trained.get("frame_skip") not in (None, 1):
-        return (f"notice: this model was trained on every {trained['frame_skip']}th frame; track.py feeds every "
+        return (f"notice: this model was trained on one frame in {trained['frame_skip']}; track.py feeds every "
                 f"frame (pass a video subsampled the same way for motion like training's)")
     return None
 
@@ -840,7 +857,8 @@ def main(argv=None, prog: str = "track.py") -> int:
         print(notice)
     if args.score is not None:
         try:
-            return print_score(score_folder(args.out, args.score, names), args.out)
+            lengths = {n: s.length or summary["videos"][n]["frames"] for n, s in zip(names, sources)}
+            return print_score(score_folder(args.out, args.score, names, lengths), args.out)
         except (TrackError, DataError) as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
@@ -850,6 +868,14 @@ def main(argv=None, prog: str = "track.py") -> int:
 # ------------------------------------------------------------------------------------------------
 # Scoring MOTChallenge files
 # ------------------------------------------------------------------------------------------------
+
+def whole_number(text: str) -> int:
+    """The integer a MOTChallenge field holds ('3' or '3.0'); ValueError for anything else (2.5, inf, nan)."""
+    value = float(text)
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(text)
+    return int(value)
+
 
 def read_mot(path, ground_truth: bool = False) -> dict:
     """{frame (1-based): (ids (n,) int64, xywh (n, 4) float64)} of a MOTChallenge file
@@ -867,27 +893,41 @@ def read_mot(path, ground_truth: bool = False) -> dict:
             continue
         values = line.strip().split(",")
         try:
-            frame, obj_id = int(float(values[0])), int(float(values[1]))
+            frame, obj_id = whole_number(values[0]), whole_number(values[1])
             box = [float(v) for v in values[2:6]]
             conf = float(values[6]) if len(values) > 6 else 1.0
         except (ValueError, IndexError):
             raise DataError(f"'{path}' line {number} is not a MOTChallenge line frame,id,x,y,w,h,conf,...: "
                             f"'{line.strip()[:60]}'") from None
-        if len(box) < 4 or frame < 1:
-            raise DataError(f"'{path}' line {number}: need frame >= 1 and four box values")
+        if len(box) < 4 or not 1 <= frame <= MAX_MOT_FRAME or not abs(obj_id) < 2**63 \
+                or not all(map(math.isfinite, box)) or box[2] < 0 or box[3] < 0:
+            raise DataError(f"'{path}' line {number}: need a frame 1..{MAX_MOT_FRAME:,}, an integer id and four "
+                            f"finite box values x,y,w,h with w, h >= 0: '{line.strip()[:60]}'")
         if ground_truth and conf == 0:
             continue
+        if any(i == obj_id for i, _ in rows.get(frame, ())):
+            raise DataError(f"'{path}' line {number}: id {obj_id} appears twice in frame {frame}: one line per "
+                            f"object and frame")
         rows.setdefault(frame, []).append((obj_id, box))
     return {t: (np.array([i for i, _ in r], dtype=np.int64), np.array([b for _, b in r], dtype=np.float64))
             for t, r in rows.items()}
 
 
-def check_ground_truth(gt_dir: str, names: list) -> None:
+def check_ground_truth(gt_dir: str, names: list, lengths: dict | None = None) -> None:
     """DataError / TrackError (one line) unless gt_dir/<name>.txt of the given names read as MOTChallenge
-    ground truth holding at least one object: checked before tracking, so a bad file costs no run."""
-    paths = [os.path.join(gt_dir, f"{n}.txt") for n in names]
-    num_objects = sum(len(ids) for path in paths if os.path.isfile(path)
-                      for ids, _ in read_mot(path, ground_truth=True).values())
+    ground truth holding at least one object, none in a frame past its video's length (`lengths`: {name:
+    frames}, where known): checked before tracking, so a bad file costs no run."""
+    num_objects = 0
+    for name in names:
+        path = os.path.join(gt_dir, f"{name}.txt")
+        if not os.path.isfile(path):
+            continue
+        rows = read_mot(path, ground_truth=True)
+        num_objects += sum(len(ids) for ids, _ in rows.values())
+        length = (lengths or {}).get(name)
+        if length is not None and rows and max(rows) > length:
+            raise TrackError(f"'{path}' has objects up to frame {max(rows)}, but video '{name}' has {length} frames: "
+                             f"pass the ground truth of this video")
     if num_objects == 0:
         raise TrackError(f"the ground truth in '{gt_dir}' for these videos holds no objects (lines with conf 0 are "
                          f"ignored): nothing to score; pass the ground truth of these videos")
@@ -911,7 +951,7 @@ def score_files(gt_paths: list, pred_paths: list, names: list | None = None) -> 
     return summarize(accs, names)
 
 
-def score_folder(pred_dir: str, gt_dir: str, names: list | None = None) -> dict:
+def score_folder(pred_dir: str, gt_dir: str, names: list | None = None, lengths: dict | None = None) -> dict:
     """{"overall": metrics, "videos": {name: metrics}, "missing": [name]} of pred_dir/<name>.txt against
     gt_dir/<name>.txt, for the given names (default: every .txt in gt_dir); a missing track file counts as
     no detections (listed in "missing"); TrackError if every one is missing."""
@@ -921,7 +961,7 @@ def score_folder(pred_dir: str, gt_dir: str, names: list | None = None) -> dict:
     if not names:
         raise TrackError(f"no ground-truth <name>.txt files in '{gt_dir}' for the tracked videos: name them as the "
                          f"tracks in --out are named")
-    check_ground_truth(gt_dir, names)
+    check_ground_truth(gt_dir, names, lengths)
     gt = [os.path.join(gt_dir, f"{n}.txt") for n in names]
     pred = [os.path.join(pred_dir, f"{n}.txt") for n in names]
     missing = [n for n, p in zip(names, pred) if not os.path.isfile(p)]
@@ -965,8 +1005,8 @@ def evaluate_alias(argv: list) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", default="tracks")
     p.add_argument("--gif", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", default="0")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--skip-bad-frames", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--first-frame-rejection", action=argparse.BooleanOptionalAction, default=None)
@@ -981,7 +1021,7 @@ def evaluate_alias(argv: list) -> int:
     if a.gif < 0:
         print(f"evaluate.py: error: --gif {a.gif} must not be negative (0: no gif)", file=sys.stderr)
         return 2
-    flags = [a.data_dir, "--checkpoint", a.checkpoint, "--out", a.out, "--device", a.device, "--seed", a.seed]
+    flags = [a.data_dir, "--checkpoint", a.checkpoint, "--out", a.out, "--device", a.device, "--seed", str(a.seed)]
     flags += ["--skip-bad-frames"] * a.skip_bad_frames + ["--overwrite"] * a.overwrite + ["--video-out", "gif"] * (a.gif > 0)
     if a.first_frame_rejection is not None:
         flags.append("--first-frame-rejection" if a.first_frame_rejection else "--no-first-frame-rejection")

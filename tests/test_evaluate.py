@@ -581,6 +581,8 @@ def test_ocrb_protocol_needs_ground_truth_and_frames_to_score(tmp_path, checkpoi
                         "--num-sequences", "1", *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err and not out.exists()
+    assert ev.main(["--checkpoint", checkpoint, "--out", str(out), "--device", "cpu", "--ocrb-start-frame", "1"]) == 2
+    assert "--ocrb-start-frame is used with --protocol ocrb only" in capsys.readouterr().err and not out.exists()
 
 
 def test_ocrb_protocol_end_to_end(tmp_path, checkpoint):
@@ -619,3 +621,18 @@ def test_every_training_seed_is_scored_on_the_same_sprite_test_scenes_never_its_
     test = make_sprites("spmot", num_sequences=2, seed=ev.test_scene_seed(2))
     train = make_sprites("spmot", num_sequences=2, seed=2)
     assert not torch.equal(test[0], train[0]) and not torch.equal(test[1], train[1])
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path, checkpoint, capsys):
+    """NaN weights would give empty tracks and NaN metrics with exit 0: one line, exit 2, nothing written."""
+    import track
+    payload = torch.load(checkpoint, weights_only=True)
+    next(v for v in payload["model"].values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(payload, bad)
+    frames = write_to_disk(make_sprites("easy", seq_len=3, num_sequences=1), tmp_path / "frames", 1)
+    for main, flags in ((ev.main, ["--num-sequences", "1"]), (track.main, [str(frames)])):
+        out = tmp_path / "out"
+        assert main(["--checkpoint", str(bad), "--out", str(out), "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "nan.pt' holds non-finite or diverged weights" in err and "\n" not in err and not out.exists()

@@ -275,3 +275,7 @@ def test_aggregate_reports_mean_and_std(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"'{tmp_path / 'bad.json'}' is not a report.json" in err
     assert ev.main([f"--aggregate={paths[0]}"]) == 0 and "tracking_ocrb.mota" in capsys.readouterr().out
+    (tmp_path / "other.json").write_text(json.dumps(dict(reports[1], seq_len=20)))    # another test set
+    assert ev.main(["--aggregate", paths[0], str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evaluated on different data (seq_len None in" in err

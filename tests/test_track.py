@@ -3,6 +3,7 @@ the video's pixels, read back and scored; bad input refused before anything is w
 import contextlib
 import dataclasses
 import json
+import re
 import os
 import shutil
 import time
@@ -442,7 +443,7 @@ def test_video_files_are_tracked(tmp_path, checkpoint):
         assert next(reader)["size"] == (256, 256) and sum(1 for _ in reader) == 6     # 64x64 upscaled 4x
 
 
-def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
+def test_evaluate_track_is_an_alias(tmp_path, checkpoint, capsys):
     frames = write_to_disk(make_sprites("easy", seq_len=4, num_sequences=1), tmp_path / "frames", 1)
     out = tmp_path / "tracks"
     assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--out", str(out),
@@ -450,6 +451,8 @@ def test_evaluate_track_is_an_alias(tmp_path, checkpoint):
     assert sorted(os.listdir(out)) == ["000000.gif", "000000.txt", "000000_masks.json", "track.json"]
     assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--out", str(tmp_path / "neg"),
                     "--gif", "-1"]) == 2 and not (tmp_path / "neg").exists()
+    assert ev.main(["--track", "--data-dir", str(frames), "--checkpoint", checkpoint, "--seed", "abc"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("evaluate.py --track: error: argument --seed")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -622,6 +625,10 @@ def test_a_frame_corrupt_inside_leaves_no_out(tmp_path, checkpoint, capsys):
     assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(skipped), "--device", "cpu",
                        "--skip-bad-frames"]) == 0
     assert "skipped 1 unreadable frame" in capsys.readouterr().out
+    written = {t for t in track.read_mot(skipped / "frames.txt")}                 # the skipped frame's number stays unused
+    assert 4 not in written and written <= {1, 2, 3, 5}
+    masks = json.loads((skipped / "frames_masks.json").read_text())
+    assert [f["frame"] for f in masks["frames"]] == [0, 1, 2, 4]
     shutil.rmtree(skipped)
     nested = tmp_path / "new" / "deeper" / "out"                  # folders made for --out go too
     assert track.main([str(frames), "--checkpoint", checkpoint, "--out", str(nested), "--device", "cpu"]) == 2
@@ -673,6 +680,25 @@ def test_read_mot_and_score_known_answers(tmp_path):
     (pred / "a.txt").write_text("1,7,0,0,10\n")
     with pytest.raises(track.DataError, match="line 1"):
         track.score_folder(str(pred), str(gt))
+    with pytest.raises(track.TrackError, match="objects up to frame 3, but video 'a' has 2 frames"):
+        track.check_ground_truth(str(gt), ["a"], {"a": 2})
+    track.check_ground_truth(str(gt), ["a"], {"a": 3})
+
+
+@pytest.mark.parametrize("line, message", [("inf,1,0,0,10,10,1", "is not a MOTChallenge line"),
+                                           ("1.5,1,0,0,10,10,1", "is not a MOTChallenge line"),
+                                           ("1,1e20,0,0,10,10,1", "an integer id"),
+                                           ("1000000000,1,0,0,10,10,1", "a frame 1..10,000,000"),
+                                           ("1,1,nan,0,10,10,1", "four finite box values"),
+                                           ("1,1,0,0,-10,10,1", "w, h >= 0"),
+                                           ("1,1,0,0,10,10,1\n1,1,5,5,10,10,1", "id 1 appears twice in frame 1")])
+def test_read_mot_refuses_lines_no_video_has(tmp_path, line, message):
+    """Values that would crash scoring, exhaust memory or give impossible metrics are one-line errors."""
+    path = tmp_path / "a.txt"
+    path.write_text(line + "\n")
+    with pytest.raises(track.DataError, match=re.escape(message)) as err:
+        track.read_mot(path, ground_truth=True)
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------
