@@ -85,9 +85,16 @@ def list_folder(folder: Path) -> list[Path]:
 
 
 def frame_files(folder: Path) -> list[Path]:
-    """Frame files directly inside `folder`, in natural order of their names."""
-    frames = [p for p in list_folder(folder) if is_frame_file(p)]
-    return sorted(frames, key=lambda p: natural_key(p.name))
+    """Frame files directly inside `folder`, in natural order of their names; DataError when two differ
+    only in their extension (0001.png and 0001.jpg: each frame would be read twice)."""
+    frames = sorted((p for p in list_folder(folder) if is_frame_file(p)), key=lambda p: natural_key(p.name))
+    stems = {}
+    for path in frames:
+        other = stems.setdefault(path.stem.lower(), path)
+        if other is not path:
+            raise DataError(f"'{other.name}' and '{path.name}' in '{folder}' are two frames of one name: keep one "
+                            f"of them (move the other out of the folder)")
+    return frames
 
 
 def no_frames_error(folder: Path, where: str = "") -> DataError:

@@ -235,6 +235,11 @@ def find_sources(arg: str, skip_bad_frames: bool) -> list[Source]:
         return [probe_video_file(path, path.stem)]
     frames = frame_files(path)
     if frames:
+        others = [e.name for e in list_folder(path) if is_video_file(e) or (e.is_dir() and frame_files(e))]
+        if others:
+            print(f"notice: '{path}' is tracked as one video of its {len(frames)} frames; the videos and frame "
+                  f"folders beside them ({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''}) are not: "
+                  f"pass them as VIDEO arguments of their own")
         return [frames_source(path, frames, name, skip_bad_frames)]
     sources = []
     entries = sorted(list_folder(path), key=lambda p: natural_key(p.name))

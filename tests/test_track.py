@@ -792,3 +792,21 @@ def test_the_bundled_model_tracks_the_demo(tmp_path):
             np.zeros((0, 64, 64), bool)
         assert decoded.sum(axis=0).max(initial=0) <= 1
         assert ev.mask_boxes(decoded).tolist() == boxes.get(entry["frame"], [])
+
+
+def test_a_folder_of_frames_names_what_it_leaves_out_and_refuses_a_frame_twice(tmp_path, checkpoint, capsys):
+    """Frames with a frame folder beside them: the frames are the video, the folder is named in a notice;
+    0001.png with 0001.jpg (each frame read twice): exit 2, one line."""
+    from PIL import Image
+    folder = tmp_path / "video"
+    (folder / "sub").mkdir(parents=True)
+    for t in range(2):
+        Image.new("RGB", (64, 64)).save(folder / f"{t:04d}.png")
+        Image.new("RGB", (64, 64)).save(folder / "sub" / f"{t:04d}.png")
+    assert track.main([str(folder), "--checkpoint", checkpoint, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert "frame folders beside them (sub) are not: pass them as VIDEO arguments" in capsys.readouterr().out
+    Image.new("RGB", (64, 64)).save(folder / "0001.jpg")
+    assert track.main([str(folder), "--checkpoint", checkpoint, "--out", str(tmp_path / "out2"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'0001.jpg' and '0001.png' in" in err and "two frames of one name" in err and "\n" not in err
+    assert not (tmp_path / "out2").exists()
