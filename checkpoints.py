@@ -236,7 +236,7 @@ ARCHITECTURE_FIELDS = {
     "temporal_rnn_hid_dim", "temporal_rnn_inp_dim", "temporal_img_enc_hid_dim", "temporal_img_enc_dim",
     "z_where_transit_bias_net_hid_dim", "z_depth_transit_net_hid_dim", "z_pres_hid_dim",
     "z_what_from_temporal_hid_dim", "z_what_gate_hid_dim", "prior_rnn_inp_dim", "prior_rnn_hid_dim",
-    "bg_prior_rnn_hid_dim", "phase_conv_lstm", "phase_no_background", "using_bg_sbd",
+    "bg_prior_rnn_hid_dim", "phase_conv_lstm", "phase_no_background", "using_bg_sbd", "bg_group_norm",
 }
 
 

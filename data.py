@@ -334,13 +334,18 @@ class GrandCentral(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 def find_videos(folder: Path) -> list[tuple[Path, list[Path]]]:
-    """[(video folder, frames)]: the folder itself if it holds frames, else its subfolders."""
+    """[(video folder, frames)]: the folder itself if it holds frames, else its subfolders; DataError
+    when it holds both (the subfolders' videos would be left out without a word)."""
     frames = frame_files(folder)
-    if frames:
-        return [(folder, frames)]
     subfolders = sorted((p for p in list_folder(folder) if p.is_dir()), key=lambda p: natural_key(p.name))
     videos = [(sub, frame_files(sub)) for sub in subfolders]
     videos = [(sub, paths) for sub, paths in videos if paths]
+    if frames and videos:
+        raise DataError(f"'{folder}' holds {len(frames)} frames beside folders of frames ('{videos[0][0].name}'"
+                        f"{', ...' if len(videos) > 1 else ''}): move the loose frames into a folder of their own "
+                        f"(each folder is one video) or out")
+    if frames:
+        return [(folder, frames)]
     if not videos:
         raise no_frames_error(folder, " or its subfolders")
     return videos

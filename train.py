@@ -143,6 +143,9 @@ def check_run_args(args) -> None:
                           "or pick --dataset grandcentral or frames")
     if args.data_dir is None and args.dataset in ("grandcentral", "frames"):
         raise ConfigError(f"--dataset {args.dataset} needs --data-dir with a folder of frames")
+    if args.run_name is not None and (args.run_name in ("", ".", "..") or "/" in args.run_name or os.sep in args.run_name):
+        raise ConfigError(f"--run-name '{args.run_name}' must be a folder name under runs/, without '/': pass "
+                          f"--ckpt-dir and --summary-dir to write elsewhere")
 
 
 def given_config(args) -> dict:
@@ -298,7 +301,11 @@ def setup(args, ddp: Dist = Dist()) -> Run:
 
     if not named:
         path = resume_path(args.resume, ckpt_dir)
-        payload = read_checkpoint(str(path)) if path is not None else None
+        try:
+            payload = read_checkpoint(str(path)) if path is not None else None
+        except CheckpointError as e:      # the run's newest is damaged: say how to resume from the one before
+            raise CheckpointError(f"{e}; it is the newest checkpoint in '{ckpt_dir}': move it out of the folder to "
+                                  f"resume from the one before") from None
         if args.resume == "auto":
             kind, data_dir, frame_skip = run_data(args, payload)
     if args.preset is not None and kind != "sprites" and ddp.main:
@@ -600,7 +607,8 @@ def train(run: Run, args) -> int:
                 bar.write(f"step {step}: non-finite loss or gradient norm (loss {loss}); step skipped "
                           f"({bad_in_row} in a row)")
             if losses:
-                record = {"step": step, "loss": loss, "skipped": not ok, "time": round(time.time(), 3)}
+                record = {"step": step, "loss": loss if math.isfinite(loss) else None,     # JSON has no NaN
+                          "skipped": not ok, "time": round(time.time(), 3)}
                 losses.write(json.dumps(record) + "\n")
                 losses.flush()
             if log_now:

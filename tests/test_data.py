@@ -590,3 +590,15 @@ def test_measured_presets_draw_the_same_videos(preset, total, weighted):
     weights = torch.arange(frames.numel(), dtype=torch.float64).reshape(frames.shape) % 97
     assert frames.sum().item() == pytest.approx(total, rel=1e-9)
     assert (frames * weights).sum().item() == pytest.approx(weighted, rel=1e-9)
+
+
+def test_frames_beside_folders_of_frames_are_refused(tmp_path):
+    """Loose frames would make the folder one video and leave its subfolders' videos out without a word."""
+    from data import find_videos
+    for folder in (tmp_path, tmp_path / "a"):
+        folder.mkdir(exist_ok=True)
+        for t in range(3):
+            Image.new("RGB", (8, 8)).save(folder / f"{t:04d}.png")
+    with pytest.raises(DataError, match=r"holds 3 frames beside folders of frames \('a'\): move the loose frames"):
+        find_videos(tmp_path)
+    assert [(v.name, len(f)) for v, f in find_videos(tmp_path / "a")] == [("a", 3)]

@@ -40,8 +40,11 @@ def test_an_unwritable_target_is_one_line_and_exit_2(tmp_path, capsys):
     before = source.read_bytes()
     for target, message in ((tmp_path / "file" / "small.pt", "which is a file"),      # its folder is a file
                             (tmp_path, "is a folder: pass a file name"),
-                            (source, "is the source")):                              # would lose the training state
+                            (source, "is the source"),                               # would lose the training state
+                            (tmp_path / "file", "exists: pass --overwrite")):         # e.g. another run's checkpoint
         assert main([str(source), str(target)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("ship_checkpoint.py: error: ") and message in err and "\n" not in err
     assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "file"]
+    assert (tmp_path / "file").read_text() == "x"
+    assert main([str(source), str(tmp_path / "file"), "--overwrite"]) == 0 and read_checkpoint(str(tmp_path / "file"))["step"] == 3

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -370,6 +371,8 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     inject_nan_at(monkeypatch, {2, 3})
     assert train.main(TINY + run_dirs(tmp_path, "--max-bad-steps", "3")) == 0
     assert [r["skipped"] for r in losses(tmp_path)] == [False, True, True, False]
+    text = (tmp_path / "summary" / "losses.jsonl").read_text()
+    assert "NaN" not in text and [r["loss"] is None for r in losses(tmp_path)] == [False, True, True, False]  # strict JSON
     events = EventAccumulator(str(tmp_path / "summary"), size_guidance={"scalars": 0})
     events.Reload()
     assert {e.step: e.value for e in events.Scalars("train/bad_steps")} == {1: 0, 2: 1, 3: 2, 4: 2}
@@ -598,6 +601,24 @@ def test_allow_partial_load_loads_what_fits(short_run, tmp_path, capsys):
     assert train.main(flags) == 0
     out = capsys.readouterr().out
     assert "partial load from" in out and "tensors of another shape" in out
+    other = TINY + run_dirs(tmp_path / "gn", "--resume", ckpt, "--no-bg-group-norm", "--steps", "5")
+    assert train.main(other) == 2                          # a switch that changes the weights names itself
+    assert "bg_group_norm: model False vs checkpoint True" in capsys.readouterr().err
+    assert train.main(other + ["--allow-partial-load"]) == 0 and "partial load from" in capsys.readouterr().out
+
+
+def test_a_run_name_is_a_folder_name_and_a_damaged_newest_checkpoint_names_the_way_on(short_run, tmp_path, capsys):
+    """--run-name with '/' would write outside runs/; a damaged newest checkpoint of --resume auto says how to go
+    on from the one before."""
+    assert train.main(TINY + ["--run-name", "../escape"]) == 2
+    assert "--run-name '../escape' must be a folder name under runs/" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    newest = run / "checkpoints" / "ckpt_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert train.main(TINY + run_dirs(run, "--resume", "auto", "--steps", "5")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "it is the newest checkpoint in" in err and "move it out of the folder" in err and "\n" not in err
 
 
 def test_a_frame_found_corrupt_mid_run_ends_the_run_with_workers(tmp_path, capsys):
