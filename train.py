@@ -308,8 +308,12 @@ def setup(args, ddp: Dist = Dist()) -> Run:
                                   f"resume from the one before") from None
         if args.resume == "auto":
             kind, data_dir, frame_skip = run_data(args, payload)
-    if args.preset is not None and kind != "sprites" and ddp.main:
-        print(f"notice: --preset applies only to the built-in sprite scenes; ignored with --dataset {kind}")
+    if ddp.main:
+        for flag, given in (("--preset", args.preset), ("--num-sprite-sequences", args.num_sprite_sequences)):
+            if given is not None and kind != "sprites":
+                print(f"notice: {flag} applies only to the built-in sprite scenes; ignored with --dataset {kind}")
+        if args.frame_skip is not None and kind == "sprites":
+            print("notice: --frame-skip applies only to folders of frames; ignored with the built-in sprite scenes")
     if payload is not None and args.small:
         print("notice: resuming, so the config comes from the checkpoint (flags given override it; --small is ignored)")
     cfg = make_config(args, payload["config"] if payload else None)

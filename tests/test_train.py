@@ -691,3 +691,5 @@ def test_a_preset_given_with_a_data_dir_is_ignored_with_a_notice(dataset, tmp_pa
     assert "--preset" not in capsys.readouterr().out
     assert train.main(TINY + run_dirs(tmp_path / "sprites", "--preset", "spmot", "--steps", "1")) == 0
     assert "--preset applies only" not in capsys.readouterr().out
+    assert train.main(TINY + run_dirs(tmp_path / "skip", "--frame-skip", "3", "--steps", "1")) == 0    # the other way
+    assert "notice: --frame-skip applies only to folders of frames" in capsys.readouterr().out
