@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evaluate  # noqa: E402
 from checkpoints import list_checkpoints  # noqa: E402
-from utils import Parser, discard_work, move_into_place, out_folder_problem, unwritable_out, work_folder  # noqa: E402
+from utils import (Parser, discard_work, interrupted_message, move_into_place, out_folder_problem,  # noqa: E402
+                   sigterm_as_interrupt, unwritable_out, work_folder)
 
 
 class CurveError(Exception):
@@ -109,10 +110,14 @@ def main(argv=None) -> int:
         print(f"learning_curve.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        code = evaluate_minutes(Path(work), minutes, minutes_of, checkpoints, extra)
-        if code == 0:
-            move_into_place(work, args.out)
+        with sigterm_as_interrupt():
+            code = evaluate_minutes(Path(work), minutes, minutes_of, checkpoints, extra)
+            if code == 0:
+                move_into_place(work, args.out)
         return code
+    except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM (also while evaluate.py loads): one line, nothing written
+        print(interrupted_message("learning_curve.py", e, args.out), file=sys.stderr)
+        return 130
     finally:
         discard_work(work, made)     # gone already once moved into place
 

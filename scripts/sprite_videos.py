@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DataError, make_sprites, write_to_disk  # noqa: E402
 from evaluate import TEST_SEED, ground_truth_frames  # noqa: E402
 from track import ground_truth_file  # noqa: E402
-from utils import (Parser, discard_work, move_into_place, out_folder_problem, seed_arg, unwritable_out,  # noqa: E402
-                   work_folder)
+from utils import (Parser, discard_work, interrupted_message, move_into_place, out_folder_problem, seed_arg,  # noqa: E402
+                   sigterm_as_interrupt, unwritable_out, work_folder)
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DEMO = dict(preset="spmot", num=1, length=40, size=(64, 64), seed=TEST_SEED + 666, index=3)
@@ -89,12 +89,17 @@ def main(argv=None) -> int:
         print(f"sprite_videos.py: error: {unwritable_out(args.out, e, 'OUT')}", file=sys.stderr)
         return 2
     try:
-        written = write_sprite_videos(work, args.preset, args.num, args.length, args.size, args.seed)
-        move_into_place(work, args.out)
+        with sigterm_as_interrupt():
+            written = write_sprite_videos(work, args.preset, args.num, args.length, args.size, args.seed)
+            move_into_place(work, args.out)
     except DataError as e:                 # an unknown preset, a size the preset cannot draw
         discard_work(work, made)
         print(f"sprite_videos.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:         # Ctrl-C or SIGTERM: the work folder goes, nothing half-written
+        discard_work(work, made)
+        print(interrupted_message("sprite_videos.py", e, args.out).replace("--out", "OUT"), file=sys.stderr)
+        return 130
     except BaseException:
         discard_work(work, made)
         raise

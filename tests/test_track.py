@@ -810,3 +810,19 @@ def test_a_folder_of_frames_names_what_it_leaves_out_and_refuses_a_frame_twice(t
     err = capsys.readouterr().err.strip()
     assert "'0001.jpg' and '0001.png' in" in err and "two frames of one name" in err and "\n" not in err
     assert not (tmp_path / "out2").exists()
+
+
+def test_sprite_videos_script_stopped_by_sigterm_leaves_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sprite_videos.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "o"), "--num", "500", "--length", "50"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".o") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)                                         # its work folder exists: it is writing
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].strip()
+    assert proc.returncode == 130 and err == f"sprite_videos.py: interrupted (SIGTERM): nothing written to OUT '{tmp_path / 'o'}'"
+    assert list(tmp_path.iterdir()) == []
