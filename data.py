@@ -399,8 +399,8 @@ class FrameFolder(Dataset):
                 raise DataError(f"every frame in '{self.folder}' is unreadable ({self.num_skipped} skipped by "
                                 f"--skip-bad-frames): replace them with readable images")
             span = (seq_len - 1) * frame_skip + 1
-            raise DataError(f"'{self.folder}' holds at most {longest} frame{'s' * (longest != 1)} per video but one sequence "
-                            f"needs {span} (--seq-len {seq_len}, --frame-skip {frame_skip}): add frames "
+            raise DataError(f"'{self.folder}' holds at most {longest} frame{'s' * (longest != 1)} per video but "
+                            f"one sequence needs {span} (--seq-len {seq_len}, --frame-skip {frame_skip}): add frames "
                             f"or lower --seq-len or --frame-skip")
 
     def check_video(self, video_folder: Path, paths: list[Path], skip_bad_frames: bool) -> list[Path]:

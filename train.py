@@ -143,7 +143,8 @@ def check_run_args(args) -> None:
                           "or pick --dataset grandcentral or frames")
     if args.data_dir is None and args.dataset in ("grandcentral", "frames"):
         raise ConfigError(f"--dataset {args.dataset} needs --data-dir with a folder of frames")
-    if args.run_name is not None and (args.run_name in ("", ".", "..") or "/" in args.run_name or os.sep in args.run_name):
+    name = args.run_name
+    if name and (name in (".", "..") or "/" in name or os.sep in name):
         raise ConfigError(f"--run-name '{args.run_name}' must be a folder name under runs/, without '/': pass "
                           f"--ckpt-dir and --summary-dir to write elsewhere")
 
