@@ -101,9 +101,11 @@ def save_checkpoint(path: str, model=None, optimizer=None, step: int = 0, cfg: C
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:   # torch's zip writer reports a failed write as a RuntimeError
+    except BaseException as e:             # a failed write, or Ctrl-C in a script: no temporary file stays
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):   # torch's zip writer reports a failed write as RuntimeError
+            raise
         detail = one_line(e, 200)
         raise SaveError(f"cannot write checkpoint '{os.path.basename(path)}' in '{folder}': disk full / not "
                         f"writable ({type(e).__name__}: {detail}); any previous checkpoint is intact: free space "

@@ -267,6 +267,15 @@ def grand_central_boxes(frame_h: int, crop_size: int) -> list[tuple[int, int, in
     return [tuple(int(round(v)) for v in (x, y, x + crop_size, y + crop_size)) for x, y in corners]
 
 
+def largest_grand_central_crop(width: int, height: int) -> int:
+    """The largest crop side whose 8 boxes (`grand_central_boxes`) fit frames of width x height; 0: none."""
+    for side in range(min(width, height), 0, -1):
+        if all(0 <= left and 0 <= upper and right <= width and lower <= height
+               for left, upper, right, lower in grand_central_boxes(height, side)):
+            return side
+    return 0
+
+
 class GrandCentral(Dataset):
     """Grand Central Station frames with the reference's crops, split and indexing.
 
@@ -287,10 +296,12 @@ class GrandCentral(Dataset):
         check_same_size(self.folder, paths, sizes)
         self.frame_size = sizes[0]  # (width, height)
         self.boxes = grand_central_boxes(self.frame_size[1], crop_size)
+        largest = largest_grand_central_crop(*self.frame_size)
+        fix = (f"train with --train-station-cropping-origin {largest} or less (the reference uses 240 for 720x480 "
+               f"frames), or pass --dataset frames if these are not Grand Central frames") if largest else \
+            "no crop of Grand Central's layout fits these frames: pass --dataset frames"
         for box in self.boxes:
-            check_box_fits(self.folder, box, self.frame_size, "train with a smaller "
-                           "--train-station-cropping-origin (the reference uses 240 for 720x480 frames), "
-                           "or pass --dataset frames if these are not Grand Central frames")
+            check_box_fits(self.folder, box, self.frame_size, fix)
         self.paths = self.split_paths(paths)
         self.num_starts = len(self.paths) - (seq_len * frame_skip - 1)
         self.num_data = self.num_starts if train else self.num_starts // seq_len

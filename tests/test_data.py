@@ -106,6 +106,10 @@ def test_grand_central_general_crop_corners_and_crop_fit(tmp_path):
     assert torch.equal(item, expected_sequence([folder / "3.png", folder / "4.png"], (20, 10, 30, 20), 4, 6))
     with pytest.raises(DataError, match=r"crop 12x12 at \(0,10\) does not fit the 30x20 frames"):
         GrandCentral(folder, seq_len=2, frame_skip=1, crop_size=12)
+    with pytest.raises(DataError, match=r"train with --train-station-cropping-origin 10 or less"):   # the fix that fits
+        GrandCentral(folder, seq_len=2, frame_skip=1, crop_size=12)
+    from data import largest_grand_central_crop
+    assert (largest_grand_central_crop(720, 480), largest_grand_central_crop(64, 64)) == (240, 0)   # 0: no crop fits
     with pytest.raises(DataError, match=r"holds 12 frames, 11 in the train split, but one train sequence needs 80"):
         GrandCentral(folder, crop_size=10)
 

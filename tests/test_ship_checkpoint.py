@@ -48,3 +48,16 @@ def test_an_unwritable_target_is_one_line_and_exit_2(tmp_path, capsys):
     assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "file"]
     assert (tmp_path / "file").read_text() == "x"
     assert main([str(source), str(tmp_path / "file"), "--overwrite"]) == 0 and read_checkpoint(str(tmp_path / "file"))["step"] == 3
+
+
+def test_ctrl_c_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """save_checkpoint writes a temporary file and renames it: Ctrl-C in the middle removes it and goes on up."""
+    import pytest
+    cfg = small_config(seq_len=2, observe_frames=1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path / "ckpt.pt"), SCALOR(cfg), step=3, cfg=cfg)
+    assert list(tmp_path.iterdir()) == []
