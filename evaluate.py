@@ -756,8 +756,8 @@ def aggregate_main(argv) -> int:
             return 2
     for key in TEST_SET_KEYS:
         values = [report.get(key) for report in reports]
-        if any(v != values[0] for v in values):
-            other = next(i for i, v in enumerate(values) if v != values[0])
+        other = next((i for i, v in enumerate(values) if v != values[0]), None)
+        if other is not None:
             print(f"evaluate.py: error: the reports were evaluated on different data ({key} {values[0]!r} in "
                   f"'{args.aggregate[0]}', {values[other]!r} in '{args.aggregate[other]}'): aggregate runs "
                   f"evaluated on the same test set", file=sys.stderr)

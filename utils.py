@@ -115,7 +115,7 @@ def unique_names(names: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Seeding
+# Command lines and seeding
 # ------------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
@@ -142,6 +142,10 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
+
+# ------------------------------------------------------------------------------------------------
+# Output folders: checked first, written whole, nothing left behind on failure
+# ------------------------------------------------------------------------------------------------
 
 def input_inside(out: str, inputs: list) -> str | None:
     """The first of the `inputs` paths that is `out` or lies inside it (an output folder that would
@@ -230,9 +234,10 @@ def move_into_place(work: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def interrupted_message(prog: str, err: KeyboardInterrupt, out: str) -> str:
-    """The line a tool prints when Ctrl-C (or SIGTERM, sigterm_as_interrupt) stopped it before `out` was written."""
-    return f"{prog}: interrupted ({err.args[0] if err.args else 'SIGINT'}): nothing written to --out '{out}'"
+def interrupted_message(prog: str, err: KeyboardInterrupt, out: str, name: str = "--out") -> str:
+    """The line a tool prints when Ctrl-C (or SIGTERM, sigterm_as_interrupt) stopped it before `out` (its
+    output named `name`) was written."""
+    return f"{prog}: interrupted ({err.args[0] if err.args else 'SIGINT'}): nothing written to {name} '{out}'"
 
 
 def missing_parents(out: str) -> list[str]:

@@ -62,8 +62,7 @@ def write_demo(folder=DEMO_DIR) -> Path:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="sprite_videos.py",
-                                description="Write sprite videos (PNG frames) and MOTChallenge ground truth.")
+    p = Parser(prog="sprite_videos.py", description="Write sprite videos (PNG frames) and MOTChallenge ground truth.")
     p.add_argument("out", nargs="?", help="output folder (videos/ and gt/ inside)")
     p.add_argument("--demo", action="store_true", help="(re)write the repository's demo/ folder")
     p.add_argument("--preset", default="easy")
@@ -93,16 +92,13 @@ def main(argv=None) -> int:
             written = write_sprite_videos(work, args.preset, args.num, args.length, args.size, args.seed)
             move_into_place(work, args.out)
     except DataError as e:                 # an unknown preset, a size the preset cannot draw
-        discard_work(work, made)
         print(f"sprite_videos.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:         # Ctrl-C or SIGTERM: the work folder goes, nothing half-written
-        discard_work(work, made)
-        print(interrupted_message("sprite_videos.py", e, args.out).replace("--out", "OUT"), file=sys.stderr)
+    except KeyboardInterrupt as e:         # Ctrl-C or SIGTERM: nothing half-written
+        print(interrupted_message("sprite_videos.py", e, args.out, "OUT"), file=sys.stderr)
         return 130
-    except BaseException:
-        discard_work(work, made)
-        raise
+    finally:
+        discard_work(work, made)           # gone already once moved into place
     out = Path(args.out)
     print(f"wrote {len(written['names'])} videos to {out / 'videos'} and their ground truth to {out / 'gt'}")
     return 0
